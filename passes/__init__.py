@@ -1,0 +1,1 @@
+"""Graph passes over captured decoder graphs (installed as ``shadowfx.passes``)."""

@@ -1,0 +1,168 @@
+"""Reading a captured decoder graph: who owns a node, which nodes are projections, walks along the data flow.
+
+Shared by the passes; nothing here names an architecture. Module paths are relative to the user's model (the
+capture wrapper's attribute is stripped).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from shadowfx.capture import WRAPPED_MODEL_ATTR
+from shadowfx.structure import Projection
+
+aten = torch.ops.aten
+
+_PREFIX = WRAPPED_MODEL_ATTR + "."
+
+# Ops that only move or relabel data: walks pass through them when looking for the op that computes something.
+LAYOUT_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.contiguous.default, aten.clone.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.dropout.default, aten.alias.default,
+    aten.t.default, aten.flatten.using_ints,
+}
+NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rsqrt.default, aten.rms_norm.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+
+
+def strip_wrapper(path: str) -> str:
+    return path[len(_PREFIX):] if path.startswith(_PREFIX) else path
+
+
+def owner(node: Node) -> str:
+    """Path of the innermost module that produced ``node`` ('' for the model itself)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return "" if path == WRAPPED_MODEL_ATTR else strip_wrapper(path)
+
+
+def module_paths(node: Node) -> list[str]:
+    """Paths of every module enclosing ``node``, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [strip_wrapper(path) for path, _ in stack.values() if path != WRAPPED_MODEL_ATTR]
+
+
+def shape(node: Node) -> tuple:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"node {node.name} carries no tensor metadata")
+    return tuple(value.shape)
+
+
+def is_call(node: object, targets: Iterable) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in set(targets)
+
+
+@dataclass(frozen=True)
+class GraphParameters:
+    """Maps the placeholders of an ExportedProgram to the parameter names of the user's model."""
+
+    names: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, program: ExportedProgram) -> GraphParameters:
+        names = {ph: strip_wrapper(fqn) for ph, fqn in program.graph_signature.inputs_to_parameters.items()}
+        shapes = {}
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name in names:
+                shapes[node.name] = tuple(int(d) for d in shape(node))
+        return cls(names=names, shapes=shapes)
+
+    def name(self, arg: object) -> str | None:
+        return self.names.get(arg.name) if isinstance(arg, Node) and arg.op == "placeholder" else None
+
+
+def projection_of(node: Node, params: GraphParameters) -> Projection | None:
+    """The Projection computed by ``node``, or None when ``node`` is not a parameterised linear map."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.linear.default:
+        weight = params.name(node.args[1])
+        if weight is None:
+            return None
+        bias = params.name(node.args[2]) if len(node.args) > 2 else None
+        out_features, in_features = params.shapes[node.args[1].name]
+        layout = "out_in"
+    elif node.target == aten.addmm.default:  # Conv1D: bias + x @ W with W stored [in, out]
+        weight = params.name(node.args[2])
+        if weight is None:
+            return None
+        bias = params.name(node.args[0])
+        in_features, out_features = params.shapes[node.args[2].name]
+        layout = "in_out"
+    elif node.target in (aten.mm.default, aten.matmul.default):
+        weight = params.name(node.args[1])
+        if weight is None or len(params.shapes[node.args[1].name]) != 2:
+            return None
+        bias = None
+        in_features, out_features = params.shapes[node.args[1].name]
+        layout = "in_out"
+    else:
+        return None
+    return Projection(
+        module=owner(node), weight=weight, bias=bias, in_features=in_features, out_features=out_features,
+        weight_layout=layout, node=node.name,
+    )
+
+
+def projection_input(node: Node) -> Node:
+    """The activation operand of a projection node."""
+    return node.args[1] if node.target == aten.addmm.default else node.args[0]
+
+
+def entry_node(node: Node) -> Node:
+    """The node outside the projection's own module that feeds it (skipping the module's internal reshapes)."""
+    module = owner(node)
+    current = projection_input(node)
+    while owner(current) == module and current.op == "call_function" and current.target in LAYOUT_OPS:
+        current = current.args[0]
+    return current
+
+
+def walk(
+    start: Iterable[Node],
+    step: Callable[[Node], Iterable[Node]],
+    *,
+    within: Callable[[Node], bool],
+    stop: Callable[[Node], bool],
+) -> tuple[list[Node], set[Node]]:
+    """Breadth-first walk from ``start``; returns (nodes where ``stop`` held, every node visited).
+
+    The walk does not continue past a stop node nor into nodes outside ``within``.
+    """
+    stops: list[Node] = []
+    seen: set[Node] = set()
+    queue = deque(start)
+    while queue:
+        node = queue.popleft()
+        if node in seen or not within(node):
+            continue
+        seen.add(node)
+        if stop(node):
+            stops.append(node)
+            continue
+        queue.extend(step(node))
+    return stops, seen
+
+
+def inputs(node: Node) -> list[Node]:
+    return list(node.all_input_nodes)
+
+
+def users(node: Node) -> list[Node]:
+    return list(node.users)
+
+
+def scalar_args(node: Node) -> list[float]:
+    return [float(a) for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]

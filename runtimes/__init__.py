@@ -1,0 +1,1 @@
+"""Runtimes that execute rewritten graphs (installed as ``shadowfx.runtimes``)."""

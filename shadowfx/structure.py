@@ -1,0 +1,272 @@
+"""``DecoderStructure``: the one description of a decoder that every shadowfx stage reads.
+
+It is found from the captured graph by ``shadowfx.passes.discover_structure`` and says, per layer, where the
+attention and MLP parameters are, how many heads and KV heads there are, what the MLP computes, and which graph
+nodes carry the per-head attention context (the predictor's input at layer 0) and the MLP intermediate. Module and
+parameter names are relative to the user's model (``model.layers.3.mlp.up_proj``); node names refer to the prefill
+graph it was discovered from.
+
+The ``fingerprint`` covers the architecture and a strided sample of every weight, so a predictor or trace made for
+one checkpoint is refused by another (see :func:`check_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+MLPKind = Literal["plain", "gated"]
+AttentionCore = Literal["sdpa", "eager"]
+
+
+class StructureError(ValueError):
+    """The captured graph does not have a shape the passes can rewrite."""
+
+
+class FingerprintMismatch(ValueError):
+    """An artifact (predictor, traces) was made for another model."""
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A linear map ``y = x W^T + b`` held by one module.
+
+    ``weight_layout`` is ``"out_in"`` for ``nn.Linear`` and ``"in_out"`` for GPT-2's ``Conv1D``; ``rows`` selects
+    the slice of output features that belongs to this role when one module computes several (a fused QKV).
+    """
+
+    module: str
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    weight_layout: Literal["out_in", "in_out"]
+    node: str
+    rows: tuple[int, int] | None = None
+
+    @property
+    def width(self) -> int:
+        """Output features of this role (the slice width for a fused projection)."""
+        return self.rows[1] - self.rows[0] if self.rows else self.out_features
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding as the graph applies it (``rotate_half`` convention)."""
+
+    cos_node: str
+    sin_node: str
+    rotary_dim: int
+
+
+@dataclass(frozen=True)
+class AttentionStructure:
+    module: str
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    core: AttentionCore
+    core_node: str
+    mask_node: str | None
+    context_node: str
+    rotary: Rotary | None
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q.module == self.k.module == self.v.module
+
+    @property
+    def kv_group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class MLPStructure:
+    kind: MLPKind
+    up: Projection
+    gate: Projection | None
+    down: Projection
+    activation: str
+    intermediate_size: int
+    intermediate_node: str
+
+
+@dataclass(frozen=True)
+class LayerStructure:
+    index: int
+    module: str
+    attention: AttentionStructure
+    mlp: MLPStructure
+
+
+@dataclass(frozen=True)
+class DecoderStructure:
+    model_class: str
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    layers_module: str
+    layers: tuple[LayerStructure, ...]
+    embedding: str
+    position_embedding: str | None
+    final_norm: str | None
+    lm_head: Projection
+    weights_digest: str | None
+    fingerprint: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def predictor_input_node(self) -> str:
+        """Node carrying layer 0's attention context before its output projection: the shadow predictor's input."""
+        return self.layers[0].attention.context_node
+
+    @property
+    def predictor_input_size(self) -> int:
+        return self.layers[0].attention.o.in_features
+
+    # ---- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderStructure:
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"DecoderStructure format version {version!r} is not {FORMAT_VERSION}; re-run discovery")
+        data["layers"] = tuple(_layer_from_dict(layer) for layer in data["layers"])
+        data["lm_head"] = _projection_from_dict(data["lm_head"])
+        structure = cls(**data)
+        if structure.fingerprint != compute_fingerprint(structure):
+            raise ValueError("DecoderStructure fingerprint does not match its contents; the file was edited or damaged")
+        return structure
+
+    @classmethod
+    def from_json(cls, text: str) -> DecoderStructure:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)  # never leave a half-written file behind
+
+    @classmethod
+    def load(cls, path: str | Path) -> DecoderStructure:
+        return cls.from_json(Path(path).read_text())
+
+    # ---- human summary -------------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        lines = [
+            f"{self.model_class} ({self.model_type}): {self.num_layers} layers, hidden {self.hidden_size}, "
+            f"vocab {self.vocab_size}",
+            f"  fingerprint {self.fingerprint[:16]}  weights {'sampled' if self.weights_digest else 'none (config only)'}",
+            f"  embedding {self.embedding}"
+            + (f", positions {self.position_embedding}" if self.position_embedding else "")
+            + (f", final norm {self.final_norm}" if self.final_norm else "")
+            + f", lm_head {self.lm_head.module}",
+            f"  predictor input: {self.layers_module}.0 attention context ({self.predictor_input_size} features, "
+            f"node {self.predictor_input_node})",
+            "  layer  attention                                             mlp",
+        ]
+        for layer in self.layers:
+            a, m = layer.attention, layer.mlp
+            qkv = "fused qkv" if a.fused_qkv else "q/k/v"
+            rope = " rope" if a.rotary else ""
+            lines.append(
+                f"  {layer.index:5d}  {a.num_heads:3d} heads / {a.num_kv_heads:3d} kv x {a.head_dim:4d} "
+                f"{qkv:9s} {a.core:5s}{rope:5s}  "
+                f"{m.kind:5s} {m.activation:10s} {m.intermediate_size:6d} neurons"
+            )
+        return "\n".join(lines)
+
+
+def _projection_from_dict(data: dict[str, Any]) -> Projection:
+    rows = data.get("rows")
+    return Projection(**{**data, "rows": tuple(rows) if rows is not None else None})
+
+
+def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
+    attn = dict(data["attention"])
+    for role in ("q", "k", "v", "o"):
+        attn[role] = _projection_from_dict(attn[role])
+    attn["rotary"] = Rotary(**attn["rotary"]) if attn.get("rotary") else None
+    mlp = dict(data["mlp"])
+    for role in ("up", "down"):
+        mlp[role] = _projection_from_dict(mlp[role])
+    mlp["gate"] = _projection_from_dict(mlp["gate"]) if mlp.get("gate") else None
+    return LayerStructure(
+        index=data["index"],
+        module=data["module"],
+        attention=AttentionStructure(**attn),
+        mlp=MLPStructure(**mlp),
+    )
+
+
+# Graph-specific fields (node names, the attention kernel chosen) do not change what a predictor means for a model.
+_CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "context_node", "intermediate_node", "cos_node",
+                        "sin_node", "fingerprint"}
+
+
+def _architecture_view(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _architecture_view(v) for k, v in sorted(value.items()) if k not in _CAPTURE_ONLY_FIELDS}
+    if isinstance(value, (list, tuple)):
+        return [_architecture_view(v) for v in value]
+    return value
+
+
+def compute_fingerprint(structure: DecoderStructure) -> str:
+    """sha256 over the architecture (without capture-specific node names) and the weight digest."""
+    view = _architecture_view({f.name: getattr(structure, f.name) for f in fields(structure)} | {
+        "layers": [asdict(layer) for layer in structure.layers],
+        "lm_head": asdict(structure.lm_head),
+    })
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
+
+
+def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str | None:
+    """sha256 of each parameter's name, shape, dtype and an evenly strided sample of its values.
+
+    Sampling keeps this cheap on billion-parameter models while any retrained or fine-tuned checkpoint changes it.
+    Returns None for a model on the meta device (built from a config only).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.is_meta:
+            return None
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_fingerprint(expected: str, structure: DecoderStructure, *, what: str) -> None:
+    """Raise :class:`FingerprintMismatch` when ``what`` was made for a model other than ``structure``'s."""
+    if expected != structure.fingerprint:
+        raise FingerprintMismatch(
+            f"{what} was made for a model with fingerprint {expected[:16]}, but this model "
+            f"({structure.model_class}, {structure.num_layers} layers) has fingerprint {structure.fingerprint[:16]}; "
+            "re-run calibration and predictor training for this model"
+        )

@@ -71,6 +71,7 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
             "attn_implementation='sdpa' or 'eager'"
         )
     layers_module, layer_of_core = _layer_container(cores)
+    _require_causal(captured, layer_of_core[0])
     nodes_by_layer: dict[int, list[Node]] = defaultdict(list)
     for node in graph.nodes:
         index = _layer_index(node, layers_module)
@@ -102,6 +103,36 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
         fingerprint="",
     )
     return replace(structure, fingerprint=compute_fingerprint(structure))
+
+
+# ---- causality -------------------------------------------------------------------------------------------------------
+_CAUSAL_MASK_OPS = {aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.tril.default, aten.triu.default}
+
+
+def _require_causal(captured: CapturedDecoder, core: Node) -> None:
+    """Refuse bidirectional models (e.g. BERT behind an LM head): the method predicts from a prefix.
+
+    With weights, the check is behavioural: changing the last token must leave earlier logits unchanged. Without
+    (a config-only model on the meta device), the mask must be built by comparing query and key positions.
+    """
+    model = captured.model
+    name = type(model).__name__
+    if any(p.is_meta for p in model.parameters()):
+        causal = core.kwargs.get("is_causal", False) or any(
+            is_call(n, _CAUSAL_MASK_OPS)
+            for n in walk(inputs(core), inputs, within=lambda n: True, stop=lambda n: False)[1]
+        )
+    else:
+        input_ids = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+        changed = input_ids.clone()
+        changed[0, -1] = 1
+        mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            run = captured.module()
+            causal = torch.allclose(run(input_ids, mask)[:, :-1], run(changed, mask)[:, :-1], rtol=1e-5, atol=1e-6)
+    if not causal:
+        raise StructureError(f"{name} is not a causal decoder: its attention lets a token see later tokens; shadowfx "
+                             "rewrites decoder-only causal LMs (for BERT-like models set is_decoder=True)")
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------------

@@ -1,1 +1,16 @@
 """shadowfx: contextual sparsity for Hugging Face decoders, as compiler passes over a captured graph."""
+
+from shadowfx import ops  # noqa: F401  (registers the shadowfx:: custom ops)
+from shadowfx.api import discover
+from shadowfx.capture import CapturedDecoder, CaptureError, capture
+from shadowfx.structure import DecoderStructure, FingerprintMismatch, StructureError
+
+__all__ = [
+    "CaptureError",
+    "CapturedDecoder",
+    "DecoderStructure",
+    "FingerprintMismatch",
+    "StructureError",
+    "capture",
+    "discover",
+]

@@ -207,6 +207,7 @@ def capture(
                 prefer_deferred_runtime_asserts_over_guards=True,
             )
             return CapturedDecoder(program=program, step="prefill", model=model)
+        _cache_keyword(model)
         num_layers = _num_layers(model)
         keys, values = _example_cache(model, example_batch, example_length)
         if len(keys) != num_layers:

@@ -10,11 +10,13 @@ Conventions (the contract):
   weights are ``[in, out]`` and are transposed by the caller.
 - Activations are batch-first: ``[B, S, E]``.
 - A selection is an int64 index tensor, ``[k]`` (shared by every batch row) or ``[B, k]`` (one per batch row), of
-  distinct in-range indices in any order. Results follow the order of the selection; ``topk_indices`` returns
-  ascending indices, which keeps weight gathers contiguous.
+  distinct in-range indices in any order (a returned KV cache lists its heads in selection order);
+  ``topk_indices`` returns ascending indices, which keeps weight gathers contiguous.
 - ``gathered_mlp`` equals the dense MLP whose unselected intermediate neurons are zeroed before the down projection.
   ``gathered_attention`` equals the dense attention whose unselected query heads' context is zeroed before the
   output projection; selection is by whole KV groups (see ``gathered_attention``). Output biases are always kept.
+- Inference only: no autograd formula is registered, so run under ``torch.no_grad()`` / ``torch.inference_mode()``
+  (``torch.compile`` with parameters that require grad traces a backward and fails).
 """
 
 from functools import partial
@@ -42,7 +44,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def _check_tensor(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    torch._check_value(t.dim() == len(shape), lambda: f"{name} must have {len(shape)} dims, got shape {tuple(t.shape)}")
+    torch._check_value(t.dim() == len(shape), lambda: f"{name} must have {len(shape)} dims, got {tuple(t.shape)}")
     for got, want in zip(t.shape, shape):
         torch._check_value(got == want, lambda: f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     torch._check_value(t.dtype == dtype, lambda: f"{name} must have dtype {dtype}, got {t.dtype}")
@@ -70,7 +72,7 @@ def _check_selection_values(idx: Tensor, name: str, size: int) -> None:
 
 
 def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
-    """``x @ weight[rows].T + bias[rows]``: only the selected output features, shared ([n]) or per batch row ([B, n])."""
+    """``x @ weight[rows].T + bias[rows]``: only the selected output features; rows [n] or per batch row [B, n]."""
     y = x @ weight[rows].transpose(-1, -2)
     # bias[rows] is [n] or [B, n]; the unsqueeze broadcasts it over the sequence dim in both cases
     return y if bias is None else y + bias[rows].unsqueeze(-2)
@@ -309,7 +311,9 @@ def gathered_attention(
     head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. cos/sin [B or 1, S, rot] apply
     RoPE (rotate_half convention) to the first rot dims of each head of q and k. past_key/past_value
     [B, g, P, D] hold the kept heads' cache and come before the new keys. attention_mask: None (causal),
-    bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. The returned key/value are the
+    bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. A query with no key to attend
+    to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of
+    HF's finite float mask otherwise; never NaN. Scores and softmax are float32. The returned key/value are the
     present cache of the kept KV heads (key after RoPE).
     """
     _check_attention_args(

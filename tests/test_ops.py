@@ -321,7 +321,7 @@ def run_reference(
 def test_gathered_attention_matches_masked_dense(
     heads: tuple[int, int, int], rot: int, bias: bool, per_row: bool, dtype: torch.dtype
 ) -> None:
-    for batch, seq in [(1, 1), (3, 5)]:
+    for batch, seq in [(1, 1), (3, 5), (2, 9)]:
         c = attention_case(heads, batch, seq, rot, bias, per_row, dtype)
         out, key, value = run_op(c, c.hidden, c.rope)
         ref_out, ref_key, ref_value = run_reference(c, c.hidden, c.rope)
@@ -335,7 +335,8 @@ def test_gathered_attention_matches_masked_dense(
 @pytest.mark.parametrize("past", [0, 4], ids=["prefill", "with_past"])
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 def test_gathered_attention_left_padding(heads: tuple[int, int, int], past: int) -> None:
-    batch, seq, pads = 3, 5, [0, 3, 6]  # the last row's padding reaches into the new tokens only past 4
+    # row 2 is padding up to position 5: all of its new tokens without a past, its first two after 4 past tokens
+    batch, seq, pads = 3, 5, [0, 3, 6]
     c = attention_case(heads, batch, seq, HEAD_DIM, bias=True, per_row=True, dtype=torch.float32, start=past)
     bool_mask = padding_mask(pads, seq, past)
     dense_past = (torch.randn(batch, heads[1], past, HEAD_DIM), torch.randn(batch, heads[1], past, HEAD_DIM))
@@ -393,7 +394,8 @@ def test_gathered_attention_all_heads_equals_dense() -> None:
 def _attention_call(**changes: object) -> Callable[[], tuple[Tensor, Tensor, Tensor]]:
     batch, seq, heads, kv_heads = 2, 3, 4, 2
     args: dict[str, object] = dict(
-        hidden=torch.randn(batch, seq, EMBED), **random_attention(EMBED, heads, kv_heads, HEAD_DIM, True, torch.float32),
+        hidden=torch.randn(batch, seq, EMBED),
+        **random_attention(EMBED, heads, kv_heads, HEAD_DIM, bias=True, dtype=torch.float32),
         kv_head_idx=torch.tensor([1]), cos=None, sin=None, attention_mask=None, past_key=None, past_value=None,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scaling=1.0,
     )  # fmt: skip
@@ -437,7 +439,7 @@ def _tiny(arch: str) -> nn.Module:
         config_cls, model_cls, kv_heads = {
             "llama": (LlamaConfig, LlamaForCausalLM, 2),
             "mistral": (MistralConfig, MistralForCausalLM, 2),
-            "qwen2": (Qwen2Config, Qwen2ForCausalLM, 1),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM, 2),
         }[arch]
         config = config_cls(**common, intermediate_size=128, num_key_value_heads=kv_heads)
         model = model_cls._from_config(config, attn_implementation="sdpa")
@@ -644,8 +646,8 @@ def test_export_gathered_mlp_dynamic_batch_and_seq() -> None:
 class _Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.w = nn.ParameterDict({k: nn.Parameter(v) for k, v in random_attention(EMBED, 8, 2, HEAD_DIM, True,
-                                                                                     torch.float32).items()})  # fmt: skip
+        weights = random_attention(EMBED, 8, 2, HEAD_DIM, bias=True, dtype=torch.float32)
+        self.w = nn.ParameterDict({name: nn.Parameter(t) for name, t in weights.items()})
 
     def forward(
         self,
@@ -676,7 +678,7 @@ def _attention_inputs(batch: int, seq: int, past: int, masked: bool) -> tuple[Op
     )
 
 
-@pytest.mark.parametrize("past", [0, 3], ids=["prefill_bool_mask", "decode_with_cache"])
+@pytest.mark.parametrize("past", [0, 3], ids=["prefill_bool_mask", "with_cache"])
 def test_export_gathered_attention_dynamic_shapes(past: int) -> None:
     module, batch, seq, past_len = _Attention().eval(), Dim("batch"), Dim("seq"), Dim("past")
     masked = past == 0  # a [B, 1, S, P+S] mask has no Dim expression; the cached case uses the causal default
@@ -715,6 +717,7 @@ def test_export_rejects_bad_arguments_at_trace_time() -> None:
         torch.export.export(Bad(), (torch.randn(2, 3, 8), torch.tensor([1])), strict=False)
 
 
+@torch.no_grad()  # the ops have no autograd formula; with grad on, compile would trace a backward and fail
 def test_compile_gathered_mlp() -> None:
     module = _MLP().eval()
     compiled = torch.compile(module, fullgraph=True)

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from shadowfx.capture import capture
+from shadowfx.families import FAMILIES, build_small
+from shadowfx.passes.discover_structure import discover_structure
+
+ATTENTIONS = ("sdpa", "eager")
+
+
+@functools.cache
+def small_model(family: str, attn: str = "sdpa", num_layers: int = 3):
+    return build_small(family, attn_implementation=attn, num_layers=num_layers)
+
+
+@functools.cache
+def captured(family: str, attn: str = "sdpa", step: str = "prefill"):
+    return capture(small_model(family, attn), step=step)
+
+
+@functools.cache
+def structure(family: str, attn: str = "sdpa"):
+    return discover_structure(captured(family, attn))
+
+
+def padded_batch(batch: int, length: int, vocab: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids with a different amount of left padding in every row (row 0 unpadded)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(1, batch):
+        attention_mask[row, : min(row * 2, length - 1)] = 0
+    return input_ids, attention_mask
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(params=ATTENTIONS)
+def attn(request):
+    return request.param

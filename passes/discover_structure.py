@@ -59,9 +59,11 @@ _SCORE_OPS = LAYOUT_OPS | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, at
 
 
 def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
-    """Describe the decoder captured in ``captured`` (a prefill graph)."""
-    if captured.step != "prefill":
-        raise ValueError("discover_structure reads the prefill graph; capture(model) without step='decode'")
+    """Describe the decoder captured in ``captured``; node names refer to that graph.
+
+    Module names, widths and the fingerprint are the same whichever step was captured; a model that is not causal
+    is refused when a prefill graph is read.
+    """
     graph = captured.program.graph
     params = GraphParameters.of(captured.program)
     cores = [n for n in graph.nodes if is_call(n, _SDPA | SOFTMAX_OPS)]
@@ -71,7 +73,8 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
             "attn_implementation='sdpa' or 'eager'"
         )
     layers_module, layer_of_core = _layer_container(cores)
-    _require_causal(captured, layer_of_core[0])
+    if captured.step != "decode":
+        _require_causal(captured, layer_of_core[0])
     nodes_by_layer: dict[int, list[Node]] = defaultdict(list)
     for node in graph.nodes:
         index = _layer_index(node, layers_module)
@@ -129,7 +132,11 @@ def _require_causal(captured: CapturedDecoder, core: Node) -> None:
         mask = torch.ones_like(input_ids)
         with torch.no_grad():
             run = captured.module()
-            causal = torch.allclose(run(input_ids, mask)[:, :-1], run(changed, mask)[:, :-1], rtol=1e-5, atol=1e-6)
+            empty_cache = ((), ()) if captured.step == "prefill_cache" else ()
+            before, after = run(input_ids, mask, *empty_cache), run(changed, mask, *empty_cache)
+            if captured.step == "prefill_cache":
+                before, after = before[0], after[0]
+            causal = torch.allclose(before[:, :-1], after[:, :-1], rtol=1e-5, atol=1e-6)
     if not causal:
         raise StructureError(f"{name} is not a causal decoder: its attention lets a token see later tokens; shadowfx "
                              "rewrites decoder-only causal LMs (for BERT-like models set is_decoder=True)")

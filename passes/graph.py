@@ -166,3 +166,84 @@ def users(node: Node) -> list[Node]:
 
 def scalar_args(node: Node) -> list[float]:
     return [float(a) for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+
+
+# ---- editing ---------------------------------------------------------------------------------------------------------
+SELECTION_META = "shadowfx_selection"  # node.meta tag: ("kv_heads" | "neurons", layer index)
+
+
+def editable_module(program: ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a GraphModule with flat positional inputs/outputs and without export's input-shape guards.
+
+    The guards describe the dense graph; the rewritten one takes smaller KV caches and extra inputs.
+    """
+    gm = program.module()
+    gm._forward_pre_hooks.clear()  # export's check of inputs against the original (nested) signature
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    gm.graph.set_codegen(torch.fx.graph.CodeGen())
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, Node]:
+    return {node.name: node for node in gm.graph.nodes}
+
+
+def placeholders(gm: torch.fx.GraphModule) -> list[Node]:
+    return [node for node in gm.graph.nodes if node.op == "placeholder"]
+
+
+def output_node(gm: torch.fx.GraphModule) -> Node:
+    return next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+
+
+def graph_outputs(gm: torch.fx.GraphModule) -> list:
+    return list(output_node(gm).args[0])
+
+
+def set_graph_outputs(gm: torch.fx.GraphModule, values: list) -> None:
+    output_node(gm).args = (tuple(values),)
+
+
+def selection_nodes(gm: torch.fx.GraphModule) -> dict[tuple[str, int], Node]:
+    """The nodes that carry the kept indices of each later layer, keyed by ("kv_heads"|"neurons", layer)."""
+    return {node.meta[SELECTION_META]: node for node in gm.graph.nodes if SELECTION_META in node.meta}
+
+
+def exit_node(projection: Node) -> Node:
+    """The last node of a projection's module (GPT-2's Conv1D reshapes its addmm back to [B, S, out])."""
+    module = owner(projection)
+    current = projection
+    while len(current.users) == 1:
+        (user,) = current.users
+        if owner(user) != module or not is_call(user, LAYOUT_OPS):
+            break
+        current = user
+    return current
+
+
+def weight_and_bias(gm: torch.fx.GraphModule, projection: Node, rows: tuple[int, int] | None) -> tuple[Node, Node | None]:
+    """Nodes giving the projection's weight in [out, in] layout and its bias, narrowed to ``rows`` if fused.
+
+    New nodes are inserted at the current insertion point.
+    """
+    graph = gm.graph
+    if projection.target == aten.linear.default:
+        weight, bias = projection.args[1], projection.args[2] if len(projection.args) > 2 else None
+    elif projection.target == aten.addmm.default:
+        weight, bias = graph.call_function(aten.t.default, (projection.args[2],)), projection.args[0]
+    else:
+        weight, bias = graph.call_function(aten.t.default, (projection.args[1],)), None
+    if rows is not None:
+        weight = graph.call_function(aten.slice.Tensor, (weight, 0, rows[0], rows[1]))
+        if bias is not None:
+            bias = graph.call_function(aten.slice.Tensor, (bias, 0, rows[0], rows[1]))
+    return weight, bias
+
+
+def inserting_after(node: Node):
+    """Insertion point right after ``node`` that keeps several new nodes in creation order."""
+    return node.graph.inserting_before(node.next)

@@ -2,13 +2,120 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
-from shadowfx.capture import capture
+from shadowfx.capture import capture, max_positions
+from shadowfx.passes.base import run_passes
+from shadowfx.passes.cleanup import Cleanup
 from shadowfx.passes.discover_structure import discover_structure
-from shadowfx.structure import DecoderStructure
+from shadowfx.passes.graph import editable_module
+from shadowfx.passes.insert_shadow import InsertShadowPredictor
+from shadowfx.passes.selection_inputs import AddSelectionInputs
+from shadowfx.passes.sparsify_attention import SparsifyAttention
+from shadowfx.passes.sparsify_mlp import SparsifyMLP
+from shadowfx.predictor import PredictorError, Scores, ShadowPredictor, SparseShape
+from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder
+from shadowfx.selection import Scope, Selector, SparsityConfig
+from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
+
+GRANULARITIES = ("prompt",)
+RUNTIMES = ("eager", "compile")
 
 
 def discover(model: nn.Module) -> DecoderStructure:
     """Capture ``model``'s prefill graph and describe its layers, heads and MLPs."""
     return discover_structure(capture(model))
+
+
+def _checkpoint_directory(model: nn.Module) -> Path | None:
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def _resolve_predictor(model: nn.Module, predictor: nn.Module | None, structure: DecoderStructure) -> nn.Module:
+    if predictor is None:
+        directory = _checkpoint_directory(model)
+        if directory is None:
+            raise PredictorError(
+                "no predictor given, and the model was not loaded from a local directory where one could be saved; "
+                "pass predictor=... (e.g. ShadowPredictor.for_structure(shadowfx.discover(model)) for an untrained "
+                "one), or save a trained predictor next to the checkpoint"
+            )
+        return ShadowPredictor.load(directory, structure)
+    fingerprint = getattr(predictor, "fingerprint", None)
+    if not isinstance(fingerprint, str):
+        raise PredictorError("the predictor carries no `fingerprint` of the model it was made for; set "
+                             "predictor.fingerprint = shadowfx.discover(model).fingerprint when building it")
+    check_fingerprint(fingerprint, structure, what="the predictor")
+    expected = SparseShape.of(structure)
+    with torch.inference_mode():
+        probe = predictor(torch.zeros(1, expected.input_size, dtype=next(model.parameters()).dtype))
+    if not isinstance(probe, tuple) or len(probe) != 2:
+        raise PredictorError("the predictor must return (head_scores, neuron_scores)")
+    heads, neurons = Scores(*probe)
+    want = ((1, expected.sparse_layers, expected.num_heads), (1, expected.sparse_layers, expected.intermediate_size))
+    if (tuple(heads.shape), tuple(neurons.shape)) != want:
+        raise PredictorError(f"the predictor returns scores of shapes {tuple(heads.shape)} and {tuple(neurons.shape)}, "
+                             f"but this model needs {want[0]} and {want[1]} (layers 1..L-1)")
+    return predictor
+
+
+def _require_all(report: dict, structure: DecoderStructure, graph: str) -> None:
+    later = structure.num_layers - 1
+    for name in ("sparsify_mlp", "sparsify_attention"):
+        if report[name].total != later:
+            raise StructureError(f"{name} rewrote {report[name].total} of {later} layers in the {graph} graph; "
+                                 "refusing a half-sparsified model")
+
+
+def transform(
+    model: nn.Module,
+    predictor: nn.Module | None = None,
+    *,
+    sparsity: float = 0.5,
+    heads_sparsity: float | None = None,
+    neurons_sparsity: float | None = None,
+    scope: Scope = "global",
+    granularity: Granularity = "prompt",
+    runtime: Runtime = "eager",
+) -> SparseDecoder:
+    """Rewrite ``model`` so that a shadow predictor picks the heads and neurons each later layer computes.
+
+    ``sparsity`` is the fraction of KV-head groups and MLP neurons of layers 1..L-1 to skip (``heads_sparsity`` and
+    ``neurons_sparsity`` override it per kind); layer 0 stays dense. ``scope`` ranks units across layers ("global")
+    or within each layer ("per_layer"). With ``predictor=None`` the predictor saved next to the checkpoint is loaded.
+    """
+    config = SparsityConfig.from_arguments(sparsity, heads_sparsity, neurons_sparsity, scope)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    model.eval()
+    prefill_capture = capture(model, step="prefill_cache")
+    structure = discover_structure(prefill_capture)
+    predictor = _resolve_predictor(model, predictor, structure).eval()
+    decode_capture = capture(model, step="decode")
+    decode_structure = discover_structure(decode_capture)
+
+    prefill = editable_module(prefill_capture.program)
+    prefill_report = run_passes(prefill, [
+        InsertShadowPredictor(structure, predictor, Selector(structure, config)),
+        SparsifyMLP(structure),
+        SparsifyAttention(structure, cache=True),
+        Cleanup(structure),
+    ])
+    decode = editable_module(decode_capture.program)
+    decode_report = run_passes(decode, [
+        AddSelectionInputs(decode_structure),
+        SparsifyMLP(decode_structure),
+        SparsifyAttention(decode_structure, cache=True),
+        Cleanup(decode_structure),
+    ])
+    _require_all(prefill_report, structure, "prefill")
+    _require_all(decode_report, decode_structure, "decode")
+    return SparseDecoder(model, structure, predictor, config, prefill, decode,
+                         RewriteReport(prefill=prefill_report, decode=decode_report),
+                         granularity=granularity, runtime=runtime, max_positions=max_positions(model))

@@ -1,8 +1,9 @@
 """Capture a causal-LM decoder as a ``torch.export`` graph.
 
-Two graphs can be captured from one model:
+Three graphs can be captured from one model:
 
 * ``prefill``: ``(input_ids [B, S], attention_mask [B, S]) -> logits [B, S, V]`` with dynamic ``B`` and ``S``;
+* ``prefill_cache``: the same, returning ``(logits, keys, values)``: the KV cache a generation starts from;
 * ``decode``: one new token against a KV cache,
   ``(input_ids [B, 1], attention_mask [B, P + 1], past_keys, past_values) -> (logits [B, 1, V], keys, values)``
   with dynamic ``B`` and past length ``P``; keys/values are tuples with one ``[B, H_kv, P, D]`` tensor per layer, so
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-Step = Literal["prefill", "decode"]
+Step = Literal["prefill", "prefill_cache", "decode"]
 
 # Attribute under which the wrapper holds the user's model; node module paths start with it and discovery strips it.
 WRAPPED_MODEL_ATTR = "lm"
@@ -84,7 +85,7 @@ class PrefillStep(nn.Module):
 
 
 class DecodeStep(nn.Module):
-    """One-token decode with the KV cache as explicit per-layer tensors."""
+    """A step against the KV cache as explicit per-layer tensors (an empty cache for a prefill)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -124,7 +125,7 @@ class CapturedDecoder:
     program: ExportedProgram
     step: Step
     model: nn.Module
-    num_layers: int | None = None  # decode graphs only: how many (key, value) pairs the cache holds
+    num_layers: int | None = None  # graphs with a cache: how many (key, value) pairs it holds
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -184,11 +185,12 @@ def capture(
 ) -> CapturedDecoder:
     """Capture ``model`` (a causal-LM decoder) with ``torch.export`` (non-strict), dynamic batch and length.
 
-    ``step="prefill"`` gives the ``(input_ids, attention_mask) -> logits`` graph; ``step="decode"`` the one-token
-    step with an explicit KV cache. The model is put in eval mode (dropout off), which is what both graphs compute.
+    ``step="prefill"`` gives the ``(input_ids, attention_mask) -> logits`` graph, ``"prefill_cache"`` the same with
+    the KV cache as extra outputs, ``"decode"`` the one-token step with an explicit KV cache. The model is put in
+    eval mode (dropout off), which is what all graphs compute.
     """
-    if step not in ("prefill", "decode"):
-        raise ValueError(f"step must be 'prefill' or 'decode', got {step!r}")
+    if step not in ("prefill", "prefill_cache", "decode"):
+        raise ValueError(f"step must be 'prefill', 'prefill_cache' or 'decode', got {step!r}")
     if example_batch < 2 or example_length < 3:
         raise ValueError("example_batch must be >= 2 and example_length >= 3 so that batch and length stay dynamic")
     model.eval()
@@ -196,17 +198,18 @@ def capture(
     length_max = limit if limit is not None else 1 << 16
     batch_dim = Dim("batch", min=1, max=1 << 16)
     try:
-        if step == "prefill":
+        if step in ("prefill", "prefill_cache"):
             input_ids, attention_mask = _example_inputs(model, example_batch, example_length)
             seq_dim = Dim("seq", min=1, max=length_max)
-            program = torch.export.export(
-                PrefillStep(model),
-                (input_ids, attention_mask),
-                dynamic_shapes={"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: seq_dim}},
-                strict=False,
-                prefer_deferred_runtime_asserts_over_guards=True,
-            )
-            return CapturedDecoder(program=program, step="prefill", model=model)
+            shapes = {"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: seq_dim}}
+            if step == "prefill":
+                wrapper, args, num_layers = PrefillStep(model), (input_ids, attention_mask), None
+            else:
+                wrapper, args, num_layers = DecodeStep(model), (input_ids, attention_mask, (), ()), _num_layers(model)
+                shapes |= {"past_keys": (), "past_values": ()}
+            program = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+            return CapturedDecoder(program=program, step=step, model=model, num_layers=num_layers)
         _cache_keyword(model)
         num_layers = _num_layers(model)
         keys, values = _example_cache(model, example_batch, example_length)

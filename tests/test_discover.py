@@ -123,9 +123,11 @@ def test_config_only_model_on_meta_device():
     assert [l.attention.num_kv_heads for l in found.layers] == [2, 2, 2]
 
 
-def test_decode_graph_is_refused():
-    with pytest.raises(ValueError, match="prefill graph"):
-        discover_structure(captured("opt", "sdpa", "decode"))
+@pytest.mark.parametrize("step", ["prefill_cache", "decode"])
+def test_every_step_describes_the_same_model(family, step):
+    other = discover_structure(captured(family, "sdpa", step))
+    assert other.fingerprint == structure(family).fingerprint
+    assert [l.attention.num_kv_heads for l in other.layers] == [l.attention.num_kv_heads for l in structure(family).layers]
 
 
 class _ThreeLayerMLP(nn.Module):

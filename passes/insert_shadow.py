@@ -1,0 +1,56 @@
+"""Pass: insert the shadow predictor and the selection node after layer 0's attention context.
+
+The predictor reads the context of the last position (prompts are left-padded, so it is every row's last prompt
+token) and its scores go through the selection node, whose per-layer index tensors the sparsifying passes consume.
+The indices are also appended to the graph outputs, so a runtime can reuse a prompt's selection while decoding.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.graph import SELECTION_META, inserting_after, graph_outputs, nodes_by_name, set_graph_outputs
+from shadowfx.structure import DecoderStructure
+
+PREDICTOR_ATTR = "shadow_predictor"
+SELECTOR_ATTR = "shadow_selector"
+
+
+class InsertShadowPredictor(GraphPass):
+    name = "insert_shadow"
+
+    def __init__(self, structure: DecoderStructure, predictor: nn.Module, selector: nn.Module) -> None:
+        self.structure = structure
+        self.predictor = predictor
+        self.selector = selector
+
+    def run(self, gm: GraphModule) -> PassResult:
+        context = nodes_by_name(gm)[self.structure.predictor_input_node]
+        gm.add_submodule(PREDICTOR_ATTR, self.predictor)
+        gm.add_submodule(SELECTOR_ATTR, self.selector)
+        graph = gm.graph
+        later = [layer.index for layer in self.structure.layers[1:]]
+        with inserting_after(context):
+            last = graph.call_function(torch.ops.aten.select.int, (context, 1, -1))
+        with inserting_after(last):
+            scores = graph.call_module(PREDICTOR_ATTR, (last,))
+        with inserting_after(scores):
+            head_scores = graph.call_function(operator.getitem, (scores, 0))
+        with inserting_after(head_scores):
+            neuron_scores = graph.call_function(operator.getitem, (scores, 1))
+        with inserting_after(neuron_scores):
+            selected = graph.call_module(SELECTOR_ATTR, (head_scores, neuron_scores))
+        indices = []
+        anchor = selected
+        for position, tag in enumerate([("kv_heads", i) for i in later] + [("neurons", i) for i in later]):
+            with inserting_after(anchor):
+                anchor = graph.call_function(operator.getitem, (selected, position))
+            anchor.meta[SELECTION_META] = tag
+            indices.append(anchor)
+        set_graph_outputs(gm, graph_outputs(gm) + indices)
+        return PassResult(gm, True, {0: 1})

@@ -1,0 +1,72 @@
+"""Pass: replace the attention of every later layer with ``shadowfx::gathered_attention`` on the selected KV groups.
+
+The op takes the layer's hidden input, its q/k/v/o weights (a fused QKV is sliced per role), the rotary cos/sin and
+the attention mask the model built, and computes only the kept KV groups. In graphs with a KV cache the layer's
+present keys/values become the op's (compact: kept heads only), and in a decode graph its past comes from the cache
+inputs, which then hold only the kept heads too.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule
+
+from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.graph import (
+    inserting_after,
+    entry_node,
+    exit_node,
+    graph_outputs,
+    nodes_by_name,
+    placeholders,
+    selection_nodes,
+    set_graph_outputs,
+    weight_and_bias,
+)
+from shadowfx.structure import DecoderStructure
+
+
+class SparsifyAttention(GraphPass):
+    name = "sparsify_attention"
+
+    def __init__(self, structure: DecoderStructure, *, cache: bool) -> None:
+        """``cache``: the graph returns the KV cache after the logits (keys of every layer, then values)."""
+        self.structure = structure
+        self.cache = cache
+
+    def run(self, gm: GraphModule) -> PassResult:
+        nodes = nodes_by_name(gm)
+        indices = selection_nodes(gm)
+        graph = gm.graph
+        num_layers = self.structure.num_layers
+        past = {node.name: node for node in placeholders(gm)}
+        outputs = graph_outputs(gm)
+        rewritten = {}
+        for layer in self.structure.layers[1:]:
+            attention = layer.attention
+            q, k, v, o = (nodes[p.node] for p in (attention.q, attention.k, attention.v, attention.o))
+            hidden, last = entry_node(q), exit_node(o)
+            rotary = attention.rotary
+            with inserting_after(last):
+                weights = []
+                for projection, node in ((attention.q, q), (attention.k, k), (attention.v, v), (attention.o, o)):
+                    weights.extend(weight_and_bias(gm, node, projection.rows))
+                op = graph.call_function(
+                    torch.ops.shadowfx.gathered_attention.default,
+                    (hidden, *weights, indices[("kv_heads", layer.index)],
+                     nodes[rotary.cos_node] if rotary else None, nodes[rotary.sin_node] if rotary else None,
+                     nodes[attention.mask_node] if attention.mask_node else None,
+                     past.get(f"past_keys_{layer.index}"), past.get(f"past_values_{layer.index}"),
+                     attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.scaling),
+                )
+                out, key, value = (graph.call_function(operator.getitem, (op, i)) for i in range(3))
+            out.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))
+            last.replace_all_uses_with(out)
+            if self.cache:
+                outputs[1 + layer.index] = key
+                outputs[1 + num_layers + layer.index] = value
+            rewritten[layer.index] = 1
+        set_graph_outputs(gm, outputs)
+        return PassResult(gm, bool(rewritten), rewritten)

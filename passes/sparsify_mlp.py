@@ -1,0 +1,60 @@
+"""Pass: replace the MLP of every later layer with ``shadowfx::gathered_mlp`` on the selected neurons."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.graph import (
+    inserting_after,
+    entry_node,
+    exit_node,
+    nodes_by_name,
+    placeholders,
+    selection_nodes,
+    shape,
+    weight_and_bias,
+)
+from shadowfx.structure import DecoderStructure
+
+aten = torch.ops.aten
+
+
+class SparsifyMLP(GraphPass):
+    name = "sparsify_mlp"
+
+    def __init__(self, structure: DecoderStructure) -> None:
+        self.structure = structure
+
+    def run(self, gm: GraphModule) -> PassResult:
+        nodes = nodes_by_name(gm)
+        indices = selection_nodes(gm)
+        graph = gm.graph
+        tokens = placeholders(gm)[0]  # input_ids [B, S]
+        rewritten = {}
+        for layer in self.structure.layers[1:]:
+            mlp = layer.mlp
+            up, down = nodes[mlp.up.node], nodes[mlp.down.node]
+            x, last = entry_node(up), exit_node(down)
+            hidden = self.structure.hidden_size
+            with inserting_after(last):
+                flat = len(shape(x)) == 2  # some models (OPT) run the MLP on [B * S, E]
+                if flat:
+                    size = [graph.call_function(aten.sym_size.int, (tokens, d)) for d in (0, 1)]
+                    x = graph.call_function(aten.view.default, (x, [*size, hidden]))
+                up_weight, up_bias = weight_and_bias(gm, up, mlp.up.rows)
+                gate_weight, gate_bias = (weight_and_bias(gm, nodes[mlp.gate.node], mlp.gate.rows)
+                                          if mlp.gate else (None, None))
+                down_weight, down_bias = weight_and_bias(gm, down, mlp.down.rows)
+                out = graph.call_function(
+                    torch.ops.shadowfx.gathered_mlp.default,
+                    (x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias,
+                     indices[("neurons", layer.index)], mlp.activation),
+                )
+                if flat:
+                    out = graph.call_function(aten.view.default, (out, [-1, hidden]))
+            out.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))
+            last.replace_all_uses_with(out)
+            rewritten[layer.index] = 1
+        return PassResult(gm, bool(rewritten), rewritten)

@@ -1,0 +1,204 @@
+"""From predicted scores to the fixed-size index sets the sparse ops take, and what that selection skips.
+
+Heads are selected by whole KV groups (a group's score is the mean of its query heads' scores), so every layer's
+K/V projections and cache shrink with its query heads and shapes stay static. Layer 0 is always dense (the
+predictor reads it). With ``scope="per_layer"`` every later layer keeps the same number of units; with
+``scope="global"`` the budget is ranked across layers (as ShadowLLM does; its per-layer-normalised targets make
+scores comparable), and in a batch each layer keeps the most any row asked for, so every row keeps at least its
+own selection and the batch stays rectangular. A minimum per layer keeps a layer from vanishing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from shadowfx.ops import topk_indices
+from shadowfx.predictor import Scores
+from shadowfx.structure import DecoderStructure
+
+Scope = Literal["global", "per_layer"]
+
+
+class SparsityError(ValueError):
+    """A sparsity setting that cannot be applied."""
+
+
+def _fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise SparsityError(f"{name} must be a number in [0, 1) (the fraction of units skipped), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Fractions of KV-head groups and MLP neurons to skip in layers 1..L-1, and how to rank them."""
+
+    heads: float
+    neurons: float
+    scope: Scope = "global"
+    min_kv_heads: int = 1
+    min_neuron_fraction: float = 1 / 32
+
+    def __post_init__(self) -> None:
+        _fraction("heads sparsity", self.heads)
+        _fraction("neurons sparsity", self.neurons)
+        if self.scope not in ("global", "per_layer"):
+            raise SparsityError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
+        if self.min_kv_heads < 1:
+            raise SparsityError(f"min_kv_heads must be >= 1, got {self.min_kv_heads}")
+        if not 0.0 < self.min_neuron_fraction <= 1.0:
+            raise SparsityError(f"min_neuron_fraction must be in (0, 1], got {self.min_neuron_fraction}")
+
+    @classmethod
+    def from_arguments(cls, sparsity: float, heads_sparsity: float | None, neurons_sparsity: float | None,
+                       scope: Scope) -> SparsityConfig:
+        _fraction("sparsity", sparsity)
+        return cls(heads=sparsity if heads_sparsity is None else heads_sparsity,
+                   neurons=sparsity if neurons_sparsity is None else neurons_sparsity, scope=scope)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Per later layer (1..L-1): kept KV heads ``[B, g_l]`` and kept MLP neurons ``[B, k_l]``, ascending."""
+
+    kv_heads: tuple[torch.Tensor, ...]
+    neurons: tuple[torch.Tensor, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.kv_heads[0].shape[0]
+
+
+def _keep(total: int, sparsity: float, minimum: int) -> int:
+    return min(total, max(minimum, total - math.floor(sparsity * total + 1e-9)))
+
+
+def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: int) -> tuple[torch.Tensor, ...]:
+    """scores [B, L', N] -> per layer int64 [B, k_l] indices of the kept units."""
+    batch, layers, units = scores.shape
+    if scope == "per_layer":
+        keep = [_keep(units, sparsity, minimum)] * layers
+    else:
+        budget = _keep(layers * units, sparsity, minimum * layers)
+        top = torch.topk(scores.reshape(batch, -1).float(), budget, dim=-1).indices
+        per_row = torch.zeros(batch, layers, dtype=torch.long, device=scores.device)
+        per_row.scatter_add_(1, top // units, torch.ones_like(top))
+        keep = per_row.amax(dim=0).clamp(min=minimum).tolist()
+    return tuple(topk_indices(scores[:, layer].float().contiguous(), k) for layer, k in enumerate(keep))
+
+
+def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) -> Selection:
+    """Turn predicted scores into the kept KV heads and neurons of every later layer."""
+    later = structure.layers[1:]
+    attention = later[0].attention
+    groups = scores.heads.unflatten(-1, (attention.num_kv_heads, attention.kv_group_size)).mean(-1)
+    min_neurons = max(1, math.ceil(config.min_neuron_fraction * later[0].mlp.intermediate_size))
+    return Selection(
+        kv_heads=_select_units(groups, config.heads, config.scope, min(config.min_kv_heads, attention.num_kv_heads)),
+        neurons=_select_units(scores.neurons, config.neurons, config.scope, min_neurons),
+    )
+
+
+def full_selection(structure: DecoderStructure, batch: int, device: torch.device | None = None) -> Selection:
+    """Every unit of every later layer kept (what sparsity 0 selects)."""
+    later = structure.layers[1:]
+    return Selection(
+        kv_heads=tuple(torch.arange(l.attention.num_kv_heads, device=device).expand(batch, -1) for l in later),
+        neurons=tuple(torch.arange(l.mlp.intermediate_size, device=device).expand(batch, -1) for l in later),
+    )
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    layer: int
+    kv_heads_kept: int
+    kv_heads: int
+    heads_kept: int
+    heads: int
+    neurons_kept: int
+    neurons: int
+    weight_bytes_kept: int
+    weight_bytes: int
+
+
+@dataclass(frozen=True)
+class EffectiveSparsity:
+    """What a selection actually skips, over all layers (layer 0 counted dense), as fractions and bytes."""
+
+    layers: tuple[LayerSparsity, ...]
+    heads: float
+    neurons: float
+    weight_bytes: float
+    kv_bytes: float
+    weight_bytes_skipped: int
+    kv_bytes_per_token_skipped: int
+
+    def to_dict(self) -> dict:
+        return {
+            "heads": self.heads, "neurons": self.neurons, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
+            "weight_bytes_skipped": self.weight_bytes_skipped,
+            "kv_bytes_per_token_skipped": self.kv_bytes_per_token_skipped,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+def effective_sparsity(structure: DecoderStructure, selection: Selection, *, element_bytes: int,
+                       kv_cache_shrinks: bool) -> EffectiveSparsity:
+    """Fractions of heads, neurons, layer weight bytes and KV-cache bytes that ``selection`` skips.
+
+    ``kv_cache_shrinks`` is true when skipped KV heads are not cached (a per-prompt selection); a per-token selection
+    keeps the cache complete.
+    """
+    rows = []
+    kv_total = kv_kept = 0
+    for layer in structure.layers:
+        attention, mlp = layer.attention, layer.mlp
+        if layer.index == 0:
+            groups, neurons = attention.num_kv_heads, mlp.intermediate_size
+        else:
+            groups = selection.kv_heads[layer.index - 1].shape[-1]
+            neurons = selection.neurons[layer.index - 1].shape[-1]
+        attention_bytes = (2 * attention.num_heads + 2 * attention.num_kv_heads) * attention.head_dim
+        attention_bytes *= structure.hidden_size * element_bytes
+        mlp_bytes = (3 if mlp.gate else 2) * mlp.intermediate_size * structure.hidden_size * element_bytes
+        kept = attention_bytes * groups // attention.num_kv_heads + mlp_bytes * neurons // mlp.intermediate_size
+        rows.append(LayerSparsity(
+            layer=layer.index, kv_heads_kept=groups, kv_heads=attention.num_kv_heads,
+            heads_kept=groups * attention.kv_group_size, heads=attention.num_heads,
+            neurons_kept=neurons, neurons=mlp.intermediate_size,
+            weight_bytes_kept=kept, weight_bytes=attention_bytes + mlp_bytes,
+        ))
+        per_head = 2 * attention.head_dim * element_bytes
+        kv_total += attention.num_kv_heads * per_head
+        kv_kept += (groups if kv_cache_shrinks else attention.num_kv_heads) * per_head
+    weight_total = sum(r.weight_bytes for r in rows)
+    weight_kept = sum(r.weight_bytes_kept for r in rows)
+    return EffectiveSparsity(
+        layers=tuple(rows),
+        heads=1 - sum(r.heads_kept for r in rows) / sum(r.heads for r in rows),
+        neurons=1 - sum(r.neurons_kept for r in rows) / sum(r.neurons for r in rows),
+        weight_bytes=1 - weight_kept / weight_total,
+        kv_bytes=1 - kv_kept / kv_total,
+        weight_bytes_skipped=weight_total - weight_kept,
+        kv_bytes_per_token_skipped=kv_total - kv_kept,
+    )
+
+
+class Selector(torch.nn.Module):
+    """The selection node of a rewritten graph: scores in, the flat tuple of per-layer index tensors out.
+
+    Output order: kept KV heads of layers 1..L-1, then kept neurons of layers 1..L-1.
+    """
+
+    def __init__(self, structure: DecoderStructure, config: SparsityConfig) -> None:
+        super().__init__()
+        self.structure = structure
+        self.config = config
+
+    def forward(self, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        selection = select(Scores(head_scores, neuron_scores), self.structure, self.config)
+        return selection.kv_heads + selection.neurons

@@ -1,0 +1,216 @@
+"""`shadowfx.transform`: graph equivalence against the dense model and an independent hook-based reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import shadowfx
+from shadowfx.capture import PrefillStep
+from shadowfx.passes.graph import output_node
+from shadowfx.predictor import PredictorError, ShadowPredictor
+from shadowfx.runtimes.pytorch import InputError
+from shadowfx.selection import SparsityError
+from shadowfx.structure import FingerprintMismatch
+from conftest import padded_batch, small_model, structure
+from masked_reference import MaskedReference
+
+gathered_mlp = torch.ops.shadowfx.gathered_mlp.default
+gathered_attention = torch.ops.shadowfx.gathered_attention.default
+dense_cores = {torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.softmax.int}
+
+
+@functools.cache
+def predictor(family: str) -> ShadowPredictor:
+    return ShadowPredictor.for_structure(structure(family), hidden=32, seed=1)
+
+
+@functools.cache
+def transformed(family: str, sparsity: float, scope: str = "global", attn: str = "sdpa"):
+    return shadowfx.transform(small_model(family, attn), predictor(family), sparsity=sparsity, scope=scope)
+
+
+def reference_selection(sparse) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    chosen = sparse.last_selection
+    return ({i + 1: t for i, t in enumerate(chosen.kv_heads)}, {i + 1: t for i, t in enumerate(chosen.neurons)})
+
+
+def test_sparsity_zero_equals_dense(family, attn):
+    model = small_model(family, attn)
+    sparse = transformed(family, 0.0, attn=attn)
+    for batch, length in [(1, 6), (3, 11)]:
+        input_ids, attention_mask = padded_batch(batch, length, 512, seed=length)
+        with torch.no_grad():
+            dense = PrefillStep(model)(input_ids, attention_mask)
+        torch.testing.assert_close(sparse(input_ids, attention_mask), dense, rtol=0, atol=1e-5)
+    effective = sparse.effective_sparsity()
+    assert effective.heads == effective.neurons == effective.weight_bytes == effective.kv_bytes == 0
+
+
+def test_sparsity_zero_generates_like_hf(family):
+    model = small_model(family)
+    input_ids, attention_mask = padded_batch(3, 7, 512, seed=3)
+    ours = transformed(family, 0.0).generate(input_ids, attention_mask, max_new_tokens=6)
+    hf = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
+                        pad_token_id=model.generation_config.eos_token_id or 0)
+    assert torch.equal(ours, hf)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_half_sparsity_equals_masked_reference(family, attn, scope):
+    model = small_model(family, attn)
+    sparse = transformed(family, 0.5, scope, attn)
+    input_ids, attention_mask = padded_batch(3, 10, 512, seed=11)
+    logits = sparse(input_ids, attention_mask)
+    with MaskedReference(model, structure(family)) as reference:
+        reference.set_selection(*reference_selection(sparse))
+        expected = reference.logits(input_ids, attention_mask)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits, PrefillStep(model)(input_ids, attention_mask), atol=1e-3)
+
+
+def test_rows_get_their_own_selection(family):
+    sparse = transformed(family, 0.5)
+    input_ids, attention_mask = padded_batch(4, 9, 512, seed=5)
+    sparse(input_ids, attention_mask)
+    chosen = sparse.last_selection
+    stacked = torch.cat([torch.cat(chosen.kv_heads, -1), torch.cat(chosen.neurons, -1)], -1)
+    assert len({tuple(row.tolist()) for row in stacked}) > 1
+
+
+def test_decode_with_cache_equals_reference_and_recompute(family):
+    model = small_model(family)
+    sparse = transformed(family, 0.5)
+    input_ids, attention_mask = padded_batch(3, 8, 512, seed=21)
+    tokens, logits = sparse.generate(input_ids, attention_mask, max_new_tokens=5, eos_token_id=[],
+                                     return_logits=True)
+    with MaskedReference(model, structure(family)) as reference:
+        reference.set_selection(*reference_selection(sparse))
+        expected_tokens, expected_logits = reference.generate_greedy(input_ids, attention_mask, 5, return_logits=True)
+        recomputed = reference.logits_recomputed(tokens[:, :-1], attention_mask)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, recomputed[:, input_ids.shape[1] - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_rewrite_counts_are_exact(family):
+    sparse = transformed(family, 0.5)
+    later = structure(family).num_layers - 1
+    counts = sparse.rewrites.counts()
+    assert counts["prefill"]["insert_shadow"] == 1
+    assert counts["prefill"]["sparsify_mlp"] == counts["prefill"]["sparsify_attention"] == later
+    assert counts["decode"]["sparsify_mlp"] == counts["decode"]["sparsify_attention"] == later
+    assert counts["decode"]["selection_inputs"] == 2 * later
+    for graph, predictors in ((sparse.prefill_graph, 1), (sparse.decode_graph, 0)):
+        targets = [n.target for n in graph.graph.nodes]
+        assert targets.count(gathered_mlp) == later and targets.count(gathered_attention) == later
+        assert targets.count("shadow_predictor") == predictors
+        assert sum(t in dense_cores for t in targets) == 1  # only layer 0 keeps its dense attention
+        graph.graph.lint()
+    assert len(output_node(sparse.prefill_graph).args[0]) == 1 + 2 * structure(family).num_layers + 2 * later
+
+
+def test_kv_cache_of_later_layers_holds_only_kept_heads():
+    sparse = transformed("llama", 0.5, "per_layer")
+    input_ids, attention_mask = padded_batch(2, 6, 512, seed=2)
+    sparse(input_ids, attention_mask)
+    outputs = sparse.prefill_graph(input_ids, attention_mask)
+    layers = structure("llama").num_layers
+    keys = outputs[1:1 + layers]
+    assert keys[0].shape[1] == 2 and all(k.shape[1] == 1 for k in keys[1:])
+    effective = sparse.effective_sparsity()
+    assert effective.kv_bytes == pytest.approx(1 - (2 + 1 + 1) / 6)
+    assert [layer.kv_heads_kept for layer in effective.layers] == [2, 1, 1]
+    assert [layer.neurons_kept for layer in effective.layers] == [192, 96, 96]
+
+
+def test_separate_head_and_neuron_sparsity():
+    sparse = shadowfx.transform(small_model("opt"), predictor("opt"), heads_sparsity=0.75, neurons_sparsity=0.25,
+                                scope="per_layer")
+    sparse(*padded_batch(1, 5, 512, seed=0))
+    effective = sparse.effective_sparsity()
+    assert [layer.heads_kept for layer in effective.layers] == [4, 1, 1]
+    assert [layer.neurons_kept for layer in effective.layers] == [256, 192, 192]
+
+
+def test_compile_runtime_equals_eager():
+    model = small_model("llama")
+    eager = transformed("llama", 0.5, "per_layer")
+    compiled = shadowfx.transform(model, predictor("llama"), sparsity=0.5, scope="per_layer", runtime="compile")
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=4)
+    torch.testing.assert_close(compiled(input_ids, attention_mask), eager(input_ids, attention_mask),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.generate(input_ids, attention_mask, max_new_tokens=3),
+                       eager.generate(input_ids, attention_mask, max_new_tokens=3))
+
+
+def test_sampling_is_reproducible_and_within_top_k():
+    sparse = transformed("qwen2", 0.5)
+    input_ids, attention_mask = padded_batch(2, 5, 512, seed=9)
+    first = sparse.generate(input_ids, attention_mask, max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9,
+                            generator=torch.Generator().manual_seed(0), eos_token_id=[])
+    second = sparse.generate(input_ids, attention_mask, max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9,
+                             generator=torch.Generator().manual_seed(0), eos_token_id=[])
+    assert torch.equal(first, second) and first.shape == (2, 9)
+    logits = sparse(first[:, :-1], torch.cat([attention_mask, torch.ones(2, 3, dtype=torch.long)], 1))
+    top5 = logits[:, -1].topk(5).indices
+    assert all(first[row, -1] in top5[row] for row in range(2))
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [1.0, -0.1, 1.5, "0.5", True])
+def test_bad_sparsity_is_refused_before_any_work(value):
+    with pytest.raises(SparsityError, match=r"in \[0, 1\)"):
+        shadowfx.transform(small_model("opt"), predictor("opt"), sparsity=value)
+
+
+def test_bad_scope_granularity_runtime():
+    with pytest.raises(SparsityError, match="scope"):
+        shadowfx.transform(small_model("opt"), predictor("opt"), scope="layerwise")
+    with pytest.raises(ValueError, match="granularity"):
+        shadowfx.transform(small_model("opt"), predictor("opt"), granularity="sentence")
+    with pytest.raises(ValueError, match="runtime"):
+        shadowfx.transform(small_model("opt"), predictor("opt"), runtime="tensorrt")
+
+
+def test_predictor_for_another_model_is_refused():
+    with pytest.raises(FingerprintMismatch, match="re-run calibration"):
+        shadowfx.transform(small_model("llama"), predictor("mistral"))
+
+
+def test_predictor_with_wrong_output_shape_is_refused():
+    class WrongShape(torch.nn.Module):
+        fingerprint = structure("opt").fingerprint
+
+        def forward(self, context):
+            return torch.zeros(1, 2, 3), torch.zeros(1, 2, 256)
+
+    with pytest.raises(PredictorError, match="needs"):
+        shadowfx.transform(small_model("opt"), WrongShape())
+
+
+def test_missing_predictor_says_how_to_make_one(tmp_path):
+    with pytest.raises(PredictorError, match="pass predictor="):
+        shadowfx.transform(small_model("opt"))
+    build = shadowfx.families.build_small("gpt2")
+    build.save_pretrained(tmp_path)
+    loaded = type(build).from_pretrained(tmp_path).eval()
+    with pytest.raises(PredictorError, match="no shadow predictor in"):
+        shadowfx.transform(loaded)
+    ShadowPredictor.for_structure(shadowfx.discover(loaded), hidden=16).save(tmp_path)
+    sparse = shadowfx.transform(loaded, sparsity=0.5)
+    assert sparse(*padded_batch(1, 4, 512, seed=1)).shape == (1, 4, 512)
+
+
+def test_bad_inputs_at_call_time():
+    sparse = transformed("gpt2", 0.5)
+    with pytest.raises(InputError, match="empty batch"):
+        sparse(torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(InputError, match="left-padded"):
+        sparse(torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    with pytest.raises(InputError, match="exceed the model's 256 positions"):
+        sparse.generate(torch.ones(1, 250, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(InputError, match="integer tensor"):
+        sparse(torch.ones(2, 4))

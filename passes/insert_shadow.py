@@ -1,8 +1,9 @@
 """Pass: insert the shadow predictor and the selection node after layer 0's attention context.
 
-The predictor reads the context of the last position (prompts are left-padded, so it is every row's last prompt
-token) and its scores go through the selection node, whose per-layer index tensors the sparsifying passes consume.
-The indices are also appended to the graph outputs, so a runtime can reuse a prompt's selection while decoding.
+Per prompt, the predictor reads the context of the last position (prompts are left-padded, so it is every row's last
+prompt token) and one selection serves the whole sequence. Per token, it reads every position's context and each
+token gets its own selection. The selection node's per-layer index tensors feed the sparsifying passes and are also
+appended to the graph outputs, so a runtime can reuse a prompt's selection while decoding and report what it skipped.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ SELECTOR_ATTR = "shadow_selector"
 class InsertShadowPredictor(GraphPass):
     name = "insert_shadow"
 
-    def __init__(self, structure: DecoderStructure, predictor: nn.Module, selector: nn.Module) -> None:
+    def __init__(self, structure: DecoderStructure, predictor: nn.Module, selector: nn.Module, *,
+                 per_token: bool = False) -> None:
         self.structure = structure
         self.predictor = predictor
         self.selector = selector
+        self.per_token = per_token
 
     def run(self, gm: GraphModule) -> PassResult:
         context = nodes_by_name(gm)[self.structure.predictor_input_node]
@@ -35,15 +38,19 @@ class InsertShadowPredictor(GraphPass):
         gm.add_submodule(SELECTOR_ATTR, self.selector)
         graph = gm.graph
         later = [layer.index for layer in self.structure.layers[1:]]
+        aten = torch.ops.aten
         with inserting_after(context):
-            last = graph.call_function(torch.ops.aten.select.int, (context, 1, -1))
-        with inserting_after(last):
-            scores = graph.call_module(PREDICTOR_ATTR, (last,))
-        with inserting_after(scores):
+            if self.per_token:  # every position: [B, S, E] -> [B * S, E], scores back to [B, S, ...]
+                size = [graph.call_function(aten.sym_size.int, (context, d)) for d in (0, 1)]
+                reads = graph.call_function(aten.flatten.using_ints, (context, 0, 1))
+            else:
+                reads = graph.call_function(aten.select.int, (context, 1, -1))
+            scores = graph.call_module(PREDICTOR_ATTR, (reads,))
             head_scores = graph.call_function(operator.getitem, (scores, 0))
-        with inserting_after(head_scores):
             neuron_scores = graph.call_function(operator.getitem, (scores, 1))
-        with inserting_after(neuron_scores):
+            if self.per_token:
+                head_scores = graph.call_function(aten.unflatten.int, (head_scores, 0, size))
+                neuron_scores = graph.call_function(aten.unflatten.int, (neuron_scores, 0, size))
             selected = graph.call_module(SELECTOR_ATTR, (head_scores, neuron_scores))
         indices = []
         anchor = selected

@@ -1,9 +1,10 @@
-"""Pass: replace the attention of every later layer with ``shadowfx::gathered_attention`` on the selected KV groups.
+"""Pass: replace the attention of every later layer with a head-sparse op on the selected KV groups.
 
 The op takes the layer's hidden input, its q/k/v/o weights (a fused QKV is sliced per role), the rotary cos/sin and
-the attention mask the model built, and computes only the kept KV groups. In graphs with a KV cache the layer's
-present keys/values become the op's (compact: kept heads only), and in a decode graph its past comes from the cache
-inputs, which then hold only the kept heads too.
+the attention mask the model built. Per prompt (``shadowfx::gathered_attention``) it computes only the kept KV
+groups, and the layer's KV cache holds only the kept heads: the graph's present keys/values become the op's, and a
+decode graph's past comes from cache inputs of that size. Per token (``shadowfx::token_sparse_attention``) every
+token keeps its own groups' queries and outputs while K/V of all heads are computed, so the cache stays complete.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from shadowfx.structure import DecoderStructure
 class SparsifyAttention(GraphPass):
     name = "sparsify_attention"
 
-    def __init__(self, structure: DecoderStructure, *, cache: bool) -> None:
+    def __init__(self, structure: DecoderStructure, *, cache: bool, per_token: bool = False) -> None:
         """``cache``: the graph returns the KV cache after the logits (keys of every layer, then values)."""
         self.structure = structure
         self.cache = cache
+        self.op = (torch.ops.shadowfx.token_sparse_attention.default if per_token
+                   else torch.ops.shadowfx.gathered_attention.default)
 
     def run(self, gm: GraphModule) -> PassResult:
         nodes = nodes_by_name(gm)
@@ -54,7 +57,7 @@ class SparsifyAttention(GraphPass):
                 for projection, node in ((attention.q, q), (attention.k, k), (attention.v, v), (attention.o, o)):
                     weights.extend(weight_and_bias(gm, node, projection.rows))
                 op = graph.call_function(
-                    torch.ops.shadowfx.gathered_attention.default,
+                    self.op,
                     (hidden, *weights, indices[("kv_heads", layer.index)],
                      nodes[rotary.cos_node] if rotary else None, nodes[rotary.sin_node] if rotary else None,
                      nodes[attention.mask_node] if attention.mask_node else None,

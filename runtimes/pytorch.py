@@ -1,9 +1,13 @@
 """Run rewritten decoder graphs in PyTorch (eagerly or through ``torch.compile``), with a generation loop.
 
-The module returned by :func:`shadowfx.transform` holds two rewritten graphs: the prefill, which runs layer 0, the
-shadow predictor and the selection, then the sparse layers and returns the logits, the KV cache and the selection;
-and the one-token decode step, which reuses the prompt's selection and a KV cache that holds only the kept heads of
-layers >= 1.
+The module returned by :func:`shadowfx.transform` holds rewritten graphs. The prefill runs layer 0, the shadow
+predictor and the selection, then the sparse layers, and returns the logits, the KV cache and the selection.
+
+* Per prompt, the decode step reuses the prompt's selection, and the KV cache of layers >= 1 holds only the kept
+  heads. The kept weights are gathered once after the prefill and every step runs dense matmuls on them; when that
+  copy would exceed ``max_gathered_bytes`` (large batches whose rows chose differently), the step gathers from the
+  full weights on every call instead, which needs no extra memory.
+* Per token, the decode step runs the predictor on the new token and selects again; the KV cache stays complete.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from shadowfx.compact import compact_weights
 from shadowfx.passes.base import PassResult
 from shadowfx.selection import EffectiveSparsity, Selection, SparsityConfig, effective_sparsity
 from shadowfx.structure import DecoderStructure
 
-Granularity = Literal["prompt"]
+Granularity = Literal["prompt", "token"]
 Runtime = Literal["eager", "compile"]
+DecodePath = Literal["pregathered", "gather_per_call", "per_token"]
 
 
 class InputError(ValueError):
@@ -29,40 +35,61 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class RewriteReport:
-    """What the passes changed in each graph: pass name -> per-layer counts."""
+    """What the passes changed in each graph: graph name -> pass name -> result (per-layer counts)."""
 
-    prefill: dict[str, PassResult]
-    decode: dict[str, PassResult]
+    graphs: dict[str, dict[str, PassResult]]
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {graph: {name: result.total for name, result in results.items()}
-                for graph, results in (("prefill", self.prefill), ("decode", self.decode))}
+                for graph, results in self.graphs.items()}
+
+
+@dataclass
+class DecodeState:
+    """A generation in progress: next-token logits [B, V], the KV cache, the mask, and the decode step to run."""
+
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    run: Callable
+    inputs: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SparseGraphs:
+    prefill: torch.fx.GraphModule
+    decode: torch.fx.GraphModule  # per prompt: gathers from the full weights every step; per token: selects too
+    decode_pregathered: torch.fx.GraphModule | None  # per prompt only: reads the prompt's compact weights
 
 
 class SparseDecoder(nn.Module):
     """A drop-in for the model's forward (logits for ``input_ids`` + ``attention_mask``) with ``generate``."""
 
     def __init__(self, model: nn.Module, structure: DecoderStructure, predictor: nn.Module, config: SparsityConfig,
-                 prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule, rewrites: RewriteReport, *,
-                 granularity: Granularity, runtime: Runtime, max_positions: int | None) -> None:
+                 graphs: SparseGraphs, rewrites: RewriteReport, *, granularity: Granularity, runtime: Runtime,
+                 max_positions: int | None, max_gathered_bytes: int) -> None:
         super().__init__()
+        self.model = model
         self.structure = structure
         self.predictor = predictor
         self.config = config
-        self.prefill_graph = prefill
-        self.decode_graph = decode
+        self.graphs = graphs
         self.rewrites = rewrites
         self.granularity = granularity
         self.runtime = runtime
         self.max_positions = max_positions
+        self.max_gathered_bytes = max_gathered_bytes
         self.generation_config = getattr(model, "generation_config", None)
         self._dtype = next(model.parameters()).dtype
-        self._run_prefill: Callable = prefill
-        self._run_decode: Callable = decode
-        if runtime == "compile":
-            self._run_prefill = torch.compile(prefill, dynamic=True)
-            self._run_decode = torch.compile(decode, dynamic=True)
+        run = (lambda gm: torch.compile(gm, dynamic=True)) if runtime == "compile" else (lambda gm: gm)
+        self._prefill: Callable = run(graphs.prefill)
+        self._decode: Callable = run(graphs.decode)
+        self._decode_pregathered: Callable | None = (run(graphs.decode_pregathered)
+                                                     if graphs.decode_pregathered is not None else None)
         self.last_selection: Selection | None = None
+        self.last_decode_path: DecodePath | None = None
+        self.last_gathered_bytes = 0
 
     # ---- inputs ------------------------------------------------------------------------------------------------------
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -86,19 +113,20 @@ class SparseDecoder(nn.Module):
                              f"{self.max_positions} positions")
         return attention_mask.to(input_ids.dtype)
 
-    def _unpack(self, outputs: tuple) -> tuple[torch.Tensor, list, list, Selection]:
+    def _unpack(self, outputs: tuple) -> tuple[torch.Tensor, list, list, Selection | None]:
+        """(logits, keys, values, selection or None when the graph does not select)."""
         layers = self.structure.num_layers
         later = layers - 1
         logits, cache = outputs[0], outputs[1:1 + 2 * layers]
         chosen = outputs[1 + 2 * layers:]
-        selection = Selection(kv_heads=tuple(chosen[:later]), neurons=tuple(chosen[later:2 * later]))
+        selection = Selection(kv_heads=tuple(chosen[:later]), neurons=tuple(chosen[later:])) if chosen else None
         return logits, list(cache[:layers]), list(cache[layers:]), selection
 
     # ---- running -----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         attention_mask = self._check(input_ids, attention_mask)
-        logits, _, _, self.last_selection = self._unpack(self._run_prefill(input_ids, attention_mask))
+        logits, _, _, self.last_selection = self._unpack(self._prefill(input_ids, attention_mask))
         return logits
 
     @torch.inference_mode()
@@ -115,32 +143,66 @@ class SparseDecoder(nn.Module):
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
-        attention_mask = self._check(input_ids, attention_mask, max_new_tokens)
+        self._check(input_ids, attention_mask, max_new_tokens)
         eos = self._eos(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self._default_pad(eos)
-        logits, keys, values, selection = self._unpack(self._run_prefill(input_ids, attention_mask))
-        self.last_selection = selection
-        tokens, mask = input_ids, attention_mask
+        state = self.start(input_ids, attention_mask, decode=max_new_tokens > 1)
+        tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         chosen_from = []
         for step in range(max_new_tokens):
-            chosen_from.append(logits[:, -1])
-            next_token = self._choose(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            chosen_from.append(state.logits)
+            next_token = self._choose(state.logits, do_sample, temperature, top_k, top_p, generator)
             if eos:
                 next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
                 finished |= torch.isin(next_token, torch.tensor(eos, device=next_token.device))
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            outputs = self._run_decode(next_token[:, None], mask, *keys, *values, *selection.kv_heads,
-                                       *selection.neurons)
-            logits = outputs[0]
-            layers = self.structure.num_layers
-            keys, values = list(outputs[1:1 + layers]), list(outputs[1 + layers:1 + 2 * layers])
+            self.step(state, next_token)
         if return_logits:
-            return tokens, torch.stack(chosen_from, dim=1) if chosen_from else logits[:, :0]
+            return tokens, (torch.stack(chosen_from, dim=1) if chosen_from
+                            else state.logits.new_empty(state.logits.shape[0], 0, state.logits.shape[-1]))
         return tokens
+
+    @torch.inference_mode()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+              decode: bool = True) -> DecodeState:
+        """Prefill the prompt; the state holds the next-token logits and what :meth:`step` needs.
+
+        For a per-prompt selection this is where the kept weights are gathered (``decode=False`` skips that).
+        """
+        attention_mask = self._check(input_ids, attention_mask)
+        logits, keys, values, selection = self._unpack(self._prefill(input_ids, attention_mask))
+        self.last_selection = selection
+        run, inputs = self._decode_step(selection) if decode else (self._decode, [])
+        return DecodeState(logits[:, -1], keys, values, attention_mask, run, inputs)
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState, next_token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``[B]``; returns (and keeps in ``state``) the logits for the token after it."""
+        if self.max_positions is not None and state.mask.shape[1] >= self.max_positions:
+            raise InputError(f"the sequence already fills the model's {self.max_positions} positions")
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        logits, state.keys, state.values, stepped = self._unpack(
+            state.run(next_token[:, None], state.mask, *state.keys, *state.values, *state.inputs))
+        if stepped is not None:
+            self.last_selection = stepped
+        state.logits = logits[:, -1]
+        return state.logits
+
+    def _decode_step(self, selection: Selection) -> tuple[Callable, list[torch.Tensor]]:
+        """The decode graph for this generation and the inputs it takes besides the token, mask and cache."""
+        if self.granularity == "token":
+            self.last_decode_path, self.last_gathered_bytes = "per_token", 0
+            return self._decode, []
+        if self._decode_pregathered is not None:
+            compact = compact_weights(self.model, self.structure, selection)
+            if compact.gathered_bytes <= self.max_gathered_bytes:
+                self.last_decode_path, self.last_gathered_bytes = "pregathered", compact.gathered_bytes
+                return self._decode_pregathered, compact.tensors
+        self.last_decode_path, self.last_gathered_bytes = "gather_per_call", 0
+        return self._decode, [*selection.kv_heads, *selection.neurons]
 
     def _eos(self, eos_token_id: int | list[int] | None) -> list[int]:
         if eos_token_id is None and self.generation_config is not None:

@@ -13,15 +13,16 @@ from shadowfx.passes.cleanup import Cleanup
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.passes.graph import editable_module
 from shadowfx.passes.insert_shadow import InsertShadowPredictor
+from shadowfx.passes.pregathered_weights import PregatheredWeights
 from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
 from shadowfx.predictor import PredictorError, Scores, ShadowPredictor, SparseShape
-from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder
+from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder, SparseGraphs
 from shadowfx.selection import Scope, Selector, SparsityConfig
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
 
-GRANULARITIES = ("prompt",)
+GRANULARITIES = ("prompt", "token")
 RUNTIMES = ("eager", "compile")
 
 
@@ -63,6 +64,17 @@ def _resolve_predictor(model: nn.Module, predictor: nn.Module | None, structure:
     return predictor
 
 
+def _layer_weight_bytes(structure: DecoderStructure, model: nn.Module) -> int:
+    """Bytes of the attention and MLP weights of layers 1..L-1 (the default bound on a prompt's gathered copy)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = 0
+    for layer in structure.layers[1:]:
+        projections = {p.weight for p in (layer.attention.q, layer.attention.k, layer.attention.v, layer.attention.o,
+                                          layer.mlp.up, layer.mlp.down) + ((layer.mlp.gate,) if layer.mlp.gate else ())}
+        total += sum(params[name].numel() * params[name].element_size() for name in projections)
+    return total
+
+
 def _require_all(report: dict, structure: DecoderStructure, graph: str) -> None:
     later = structure.num_layers - 1
     for name in ("sparsify_mlp", "sparsify_attention"):
@@ -81,41 +93,66 @@ def transform(
     scope: Scope = "global",
     granularity: Granularity = "prompt",
     runtime: Runtime = "eager",
+    max_gathered_bytes: int | None = None,
 ) -> SparseDecoder:
     """Rewrite ``model`` so that a shadow predictor picks the heads and neurons each later layer computes.
 
     ``sparsity`` is the fraction of KV-head groups and MLP neurons of layers 1..L-1 to skip (``heads_sparsity`` and
     ``neurons_sparsity`` override it per kind); layer 0 stays dense. ``scope`` ranks units across layers ("global")
-    or within each layer ("per_layer"). With ``predictor=None`` the predictor saved next to the checkpoint is loaded.
+    or within each layer ("per_layer"). ``granularity`` "prompt" selects once per sequence (the KV cache of later
+    layers keeps only the kept heads, and decoding reuses weights gathered once); "token" selects for every token
+    (the KV cache stays complete). ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
+    of the later layers' weights); beyond it decoding gathers on every step instead. With ``predictor=None`` the
+    predictor saved next to the checkpoint is loaded.
     """
     config = SparsityConfig.from_arguments(sparsity, heads_sparsity, neurons_sparsity, scope)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if max_gathered_bytes is not None and max_gathered_bytes < 0:
+        raise ValueError(f"max_gathered_bytes must be >= 0, got {max_gathered_bytes}")
     model.eval()
     prefill_capture = capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     predictor = _resolve_predictor(model, predictor, structure).eval()
     decode_capture = capture(model, step="decode")
     decode_structure = discover_structure(decode_capture)
+    per_token = granularity == "token"
 
+    def selector() -> Selector:
+        return Selector(structure, config)
+
+    reports = {}
     prefill = editable_module(prefill_capture.program)
-    prefill_report = run_passes(prefill, [
-        InsertShadowPredictor(structure, predictor, Selector(structure, config)),
+    reports["prefill"] = run_passes(prefill, [
+        InsertShadowPredictor(structure, predictor, selector(), per_token=per_token),
         SparsifyMLP(structure),
-        SparsifyAttention(structure, cache=True),
+        SparsifyAttention(structure, cache=True, per_token=per_token),
         Cleanup(structure),
     ])
     decode = editable_module(decode_capture.program)
-    decode_report = run_passes(decode, [
-        AddSelectionInputs(decode_structure),
+    select_inputs = (InsertShadowPredictor(decode_structure, predictor, selector(), per_token=True) if per_token
+                     else AddSelectionInputs(decode_structure))
+    reports["decode"] = run_passes(decode, [
+        select_inputs,
         SparsifyMLP(decode_structure),
-        SparsifyAttention(decode_structure, cache=True),
+        SparsifyAttention(decode_structure, cache=True, per_token=per_token),
         Cleanup(decode_structure),
     ])
-    _require_all(prefill_report, structure, "prefill")
-    _require_all(decode_report, decode_structure, "decode")
-    return SparseDecoder(model, structure, predictor, config, prefill, decode,
-                         RewriteReport(prefill=prefill_report, decode=decode_report),
-                         granularity=granularity, runtime=runtime, max_positions=max_positions(model))
+    decode_pregathered = None
+    if not per_token:
+        decode_pregathered = editable_module(decode_capture.program)
+        reports["decode_pregathered"] = run_passes(decode_pregathered, [
+            AddSelectionInputs(decode_structure),
+            SparsifyMLP(decode_structure),
+            SparsifyAttention(decode_structure, cache=True),
+            PregatheredWeights(decode_structure),
+            Cleanup(decode_structure),
+        ])
+    for graph, report in reports.items():
+        _require_all(report, structure, graph)
+    limit = max_gathered_bytes if max_gathered_bytes is not None else _layer_weight_bytes(structure, model)
+    return SparseDecoder(model, structure, predictor, config, SparseGraphs(prefill, decode, decode_pregathered),
+                         RewriteReport(reports), granularity=granularity, runtime=runtime,
+                         max_positions=max_positions(model), max_gathered_bytes=limit)

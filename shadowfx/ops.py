@@ -1,4 +1,4 @@
-"""The ``shadowfx::`` custom ops: gathered sparse MLP, gathered sparse attention and top-k selection.
+"""The ``shadowfx::`` custom ops: gathered sparse MLP, gathered and per-token sparse attention, top-k selection.
 
 Each op is a ``torch.library.custom_op`` with a fake implementation, so ``torch.export`` and ``torch.compile`` keep
 it as one opaque node. The eager implementations here are the reference semantics; a faster kernel registered later
@@ -9,12 +9,27 @@ Conventions (the contract):
 - Weights are in ``nn.Linear`` layout ``[out_features, in_features]``; biases are optional. GPT-2's ``Conv1D``
   weights are ``[in, out]`` and are transposed by the caller.
 - Activations are batch-first: ``[B, S, E]``.
-- A selection is an int64 index tensor, ``[k]`` (shared by every batch row) or ``[B, k]`` (one per batch row), of
-  distinct in-range indices in any order (a returned KV cache lists its heads in selection order);
-  ``topk_indices`` returns ascending indices, which keeps weight gathers contiguous.
-- ``gathered_mlp`` equals the dense MLP whose unselected intermediate neurons are zeroed before the down projection.
-  ``gathered_attention`` equals the dense attention whose unselected query heads' context is zeroed before the
-  output projection; selection is by whole KV groups (see ``gathered_attention``). Output biases are always kept.
+- A selection is an int64 index tensor, ``[k]`` (shared by every batch row), ``[B, k]`` (one per batch row) or,
+  where an op accepts it, ``[B, S, k]`` (one per token), of distinct in-range indices in any order (a returned KV
+  cache lists its heads in selection order); ``topk_indices`` returns ascending indices, which keeps weight gathers
+  contiguous.
+- Three ways to apply a selection:
+
+  - gathered (one selection per prompt): the full weights and a ``[k]`` / ``[B, k]`` selection; the op gathers the
+    selected weight rows/columns at every call.
+  - pre-gathered: the selection argument is ``None`` and the weights hold only the selected neurons / KV groups, in
+    selection order, shared ``[n, ...]`` or per batch row ``[B, n, ...]`` (the output biases of ``down`` / ``o``
+    are never per row). The caller gathers them once per prompt and every decode step runs on the compact weights.
+    Calling with weights gathered by a selection and ``None`` equals calling with the full weights and that
+    selection. The selection size may change from call to call; the ops infer it from the weights.
+  - per token (DejaVu-style): the full weights and a ``[B, S, k]`` selection, every token its own.
+    ``gathered_mlp`` takes it directly; attention goes through ``token_sparse_attention``, which keeps the KV cache
+    complete (every KV head of every token), since a later token may select a group that an earlier one skipped.
+
+- ``gathered_mlp`` equals the dense MLP whose unselected intermediate neurons are zeroed (per token for a
+  ``[B, S, k]`` selection) before the down projection. ``gathered_attention`` and ``token_sparse_attention`` equal
+  the dense attention whose unselected query heads' context is zeroed (per token for the latter) before the output
+  projection; selection is by whole KV groups (see ``gathered_attention``). Output biases are always kept.
 - Inference only: no autograd formula is registered, so run under ``torch.no_grad()`` / ``torch.inference_mode()``
   (``torch.compile`` with parameters that require grad traces a backward and fails).
 """
@@ -27,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-__all__ = ["ACTIVATIONS", "gathered_attention", "gathered_mlp", "topk_indices"]
+__all__ = ["ACTIVATIONS", "gathered_attention", "gathered_mlp", "token_sparse_attention", "topk_indices"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -50,13 +65,38 @@ def _check_tensor(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dty
     torch._check_value(t.dtype == dtype, lambda: f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
-def _check_selection(idx: Tensor, name: str, batch: int) -> None:
+_SELECTION_SHAPES = {1: "[k]", 2: "[B, k]", 3: "[B, S, k]"}
+
+
+def _check_selection(
+    idx: Tensor, name: str, batch: int, seq: Optional[int] = None, dims: tuple[int, ...] = (1, 2)
+) -> None:
+    """A selection of one of the ranks ``dims``: [k] shared, [B, k] per batch row, [B, S, k] per token (give seq)."""
     torch._check_value(idx.dtype == torch.int64, lambda: f"{name} must be int64, got {idx.dtype}")
-    torch._check_value(idx.dim() in (1, 2), lambda: f"{name} must be [k] or [B, k], got shape {tuple(idx.shape)}")
+    shapes = " or ".join(_SELECTION_SHAPES[d] for d in dims)
+    torch._check_value(idx.dim() in dims, lambda: f"{name} must be {shapes}, got shape {tuple(idx.shape)}")
     if idx.dim() == 2:
         torch._check_value(
             idx.shape[0] == batch, lambda: f"{name} is per batch row, [B, k], but has {idx.shape[0]} rows for B={batch}"
         )
+    elif idx.dim() == 3:
+        torch._check_value(
+            idx.shape[0] == batch, lambda: f"{name} is per token, [B, S, k], but has {idx.shape[0]} rows for B={batch}"
+        )
+        torch._check_value(
+            idx.shape[1] == seq, lambda: f"{name} is per token, [B, S, k], but has {idx.shape[1]} tokens for S={seq}"
+        )
+
+
+def _check_lead(weight: Tensor, name: str, shapes: str, batch: int) -> tuple[int, ...]:
+    """Pre-gathered weight ``weight``, shared [n, m] or per batch row [B, n, m]: its leading dims, () or (B,)."""
+    torch._check_value(weight.dim() in (2, 3), lambda: f"{name} must be {shapes}, got shape {tuple(weight.shape)}")
+    if weight.dim() == 2:
+        return ()
+    torch._check_value(
+        weight.shape[0] == batch, lambda: f"{name} is per batch row but has {weight.shape[0]} rows for B={batch}"
+    )
+    return (batch,)
 
 
 def _check_selection_values(idx: Tensor, name: str, size: int) -> None:
@@ -71,17 +111,31 @@ def _check_selection_values(idx: Tensor, name: str, size: int) -> None:
         raise ValueError(f"{name} has repeated indices; a selection must be distinct")
 
 
-def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
-    """``x @ weight[rows].T + bias[rows]``: only the selected output features; rows [n] or per batch row [B, n]."""
-    y = x @ weight[rows].transpose(-1, -2)
-    # bias[rows] is [n] or [B, n]; the unsqueeze broadcasts it over the sequence dim in both cases
-    return y if bias is None else y + bias[rows].unsqueeze(-2)
+def _keep_mask(idx: Tensor, size: int) -> Tensor:
+    """bool [..., size], True at the selected indices ``idx`` [..., k] along the last dim."""
+    return idx.new_zeros((*idx.shape[:-1], size), dtype=torch.bool).scatter(-1, idx, True)
 
 
-def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor) -> Tensor:
-    """``x @ weight[:, cols].T + bias``: x holds only the selected input features."""
+def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+    """``x @ weight[rows].T + bias[rows]``: only the selected output features; rows [n] or per batch row [B, n].
+
+    rows None: every row of weight [out, in] or per batch row [B, out, in], bias [out] or [B, out].
+    """
+    if rows is not None:
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+    # x @ [B, in, out] is one batched matmul per row; the bias, [out] or [B, out], is unsqueezed to broadcast over
+    # the sequence dim in both cases
+    y = x @ weight.transpose(-1, -2)
+    return y if bias is None else y + bias.unsqueeze(-2)
+
+
+def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
+    """``x @ weight[:, cols].T + bias``: x holds only the selected input features.
+
+    cols None: x holds every input feature of weight [out, in] or per batch row [B, out, in]; bias is [out].
+    """
     # weight.T[cols] is [n, out] or [B, n, out], so one matmul covers shared and per-row selections
-    y = x @ weight.T[cols]
+    y = x @ (weight.transpose(-1, -2) if cols is None else weight.T[cols])
     return y if bias is None else y + bias
 
 
@@ -101,26 +155,31 @@ def _check_mlp_args(
     gate_bias: Optional[Tensor],
     down_weight: Tensor,
     down_bias: Optional[Tensor],
-    neuron_idx: Tensor,
+    neuron_idx: Optional[Tensor],
     activation: str,
 ) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
     torch._check_value(x.dim() == 3, lambda: f"x must be [B, S, E], got shape {tuple(x.shape)}")
     torch._check_value(x.is_floating_point(), lambda: f"x must be floating point, got {x.dtype}")
-    embed, ffn = x.shape[-1], up_weight.shape[0]
-    _check_tensor(up_weight, "up_weight", (ffn, embed), x.dtype)
-    _check_tensor(down_weight, "down_weight", (embed, ffn), x.dtype)
+    batch, seq, embed = x.shape
+    lead: tuple[int, ...] = ()  # the leading dims of every weight and of the up/gate biases: () or (B,)
+    if neuron_idx is None:  # pre-gathered: the weights are the kept neurons, F' of them
+        lead = _check_lead(up_weight, "up_weight", "[F', E] or, per batch row, [B, F', E]", batch)
+    else:
+        _check_selection(neuron_idx, "neuron_idx", batch, seq, dims=(1, 2, 3))
+    ffn = up_weight.shape[-2]
+    _check_tensor(up_weight, "up_weight", (*lead, ffn, embed), x.dtype)
+    _check_tensor(down_weight, "down_weight", (*lead, embed, ffn), x.dtype)
     if up_bias is not None:
-        _check_tensor(up_bias, "up_bias", (ffn,), x.dtype)
+        _check_tensor(up_bias, "up_bias", (*lead, ffn), x.dtype)
     if gate_weight is not None:
-        _check_tensor(gate_weight, "gate_weight", (ffn, embed), x.dtype)
+        _check_tensor(gate_weight, "gate_weight", (*lead, ffn, embed), x.dtype)
     if gate_bias is not None:
         torch._check_value(gate_weight is not None, lambda: "gate_bias given without gate_weight")
-        _check_tensor(gate_bias, "gate_bias", (ffn,), x.dtype)
+        _check_tensor(gate_bias, "gate_bias", (*lead, ffn), x.dtype)
     if down_bias is not None:
         _check_tensor(down_bias, "down_bias", (embed,), x.dtype)
-    _check_selection(neuron_idx, "neuron_idx", x.shape[0])
 
 
 @custom_op("shadowfx::gathered_mlp", mutates_args=())
@@ -132,7 +191,7 @@ def gathered_mlp(
     gate_bias: Optional[Tensor],
     down_weight: Tensor,
     down_bias: Optional[Tensor],
-    neuron_idx: Tensor,
+    neuron_idx: Optional[Tensor],
     activation: str,
 ) -> Tensor:
     """MLP computed on the selected intermediate neurons only.
@@ -140,13 +199,27 @@ def gathered_mlp(
     x [B, S, E]; up/gate weight [F, E], bias [F]; down weight [E, F], bias [E]; neuron_idx int64 [k] or [B, k].
     Plain (gate_weight None): h = act(up(x)); gated: h = act(gate(x)) * up(x); out = down(h), all restricted to
     neuron_idx. Returns [B, S, E].
+
+    neuron_idx None (pre-gathered): the weights are the kept neurons: up/gate weight [F', E] or per batch row
+    [B, F', E], their biases [F'] or [B, F'], down weight [E, F'] or [B, E, F'], down bias [E]; all of them are
+    computed, nothing is gathered. neuron_idx [B, S, k] (per token): full weights, and each token keeps its own k
+    neurons.
     """
     _check_mlp_args(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, neuron_idx, activation)
-    _check_selection_values(neuron_idx, "neuron_idx", up_weight.shape[0])
+    if neuron_idx is not None:
+        _check_selection_values(neuron_idx, "neuron_idx", up_weight.shape[0])
     act = ACTIVATIONS[activation]
-    up = _linear_rows(x, up_weight, up_bias, neuron_idx)
-    h = act(up) if gate_weight is None else act(_linear_rows(x, gate_weight, gate_bias, neuron_idx)) * up
-    return _linear_cols(h, down_weight, down_bias, neuron_idx)
+    # a [k] / [B, k] selection gathers weight rows/cols; pre-gathered weights (None) and per token use them whole
+    per_token = neuron_idx is not None and neuron_idx.dim() == 3
+    rows = None if per_token else neuron_idx
+    up = _linear_rows(x, up_weight, up_bias, rows)
+    h = act(up) if gate_weight is None else act(_linear_rows(x, gate_weight, gate_bias, rows)) * up
+    if neuron_idx is not None and per_token:
+        # The dense intermediate times each token's 0/1 keep mask (as a where, so that an inf in a dropped neuron
+        # cannot become NaN). Exact, and for prefill-sized S cheaper than per-token weight gathers, which would copy
+        # [B, S, k, E] per projection; a fused kernel can gather the kept rows/cols for S == 1.
+        h = h.where(_keep_mask(neuron_idx, up_weight.shape[0]), 0)
+    return _linear_cols(h, down_weight, down_bias, rows)
 
 
 @gathered_mlp.register_fake
@@ -158,7 +231,7 @@ def _gathered_mlp_fake(
     gate_bias: Optional[Tensor],
     down_weight: Tensor,
     down_bias: Optional[Tensor],
-    neuron_idx: Tensor,
+    neuron_idx: Optional[Tensor],
     activation: str,
 ) -> Tensor:
     _check_mlp_args(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, neuron_idx, activation)
@@ -178,7 +251,7 @@ def _check_attention_args(
     v_bias: Optional[Tensor],
     o_weight: Tensor,
     o_bias: Optional[Tensor],
-    kv_head_idx: Tensor,
+    kv_head_idx: Optional[Tensor],
     cos: Optional[Tensor],
     sin: Optional[Tensor],
     attention_mask: Optional[Tensor],
@@ -187,7 +260,9 @@ def _check_attention_args(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-) -> None:
+    per_token: bool = False,
+) -> int:
+    """Shape checks of both attention ops; returns the number of KV heads of the cache (past and present)."""
     if min(num_heads, num_kv_heads, head_dim) < 1 or num_heads % num_kv_heads:
         raise ValueError(
             f"need num_heads, num_kv_heads, head_dim >= 1 and num_heads divisible by num_kv_heads, got "
@@ -197,20 +272,36 @@ def _check_attention_args(
     torch._check_value(hidden.is_floating_point(), lambda: f"hidden must be floating point, got {hidden.dtype}")
     batch, seq, embed = hidden.shape
     dtype = hidden.dtype
-    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    lead: tuple[int, ...] = ()  # the leading dims of every weight and of the q/k/v biases: () or (B,)
+    if kv_head_idx is None:
+        # pre-gathered: the weights hold the kept KV groups only, as many as k_weight has heads (the count may
+        # change from call to call, so it comes from the weights, not from an argument)
+        lead = _check_lead(k_weight, "k_weight", "[g*D, E] or, per batch row, [B, g*D, E]", batch)
+        kv_out = k_weight.shape[-2]
+        torch._check_value(
+            kv_out % head_dim == 0, lambda: f"k_weight has {kv_out} rows, not a multiple of head_dim {head_dim}"
+        )
+        cache_heads = kv_out // head_dim
+        q_out = cache_heads * (num_heads // num_kv_heads) * head_dim
+    else:
+        if per_token:
+            _check_selection(kv_head_idx, "kv_head_idx", batch, seq, dims=(3,))
+            cache_heads = num_kv_heads  # the complete cache
+        else:
+            _check_selection(kv_head_idx, "kv_head_idx", batch)
+            cache_heads = kv_head_idx.shape[-1]
+        q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
     for name, weight, bias, out_features in (
         ("q", q_weight, q_bias, q_out),
         ("k", k_weight, k_bias, kv_out),
         ("v", v_weight, v_bias, kv_out),
     ):
-        _check_tensor(weight, f"{name}_weight", (out_features, embed), dtype)
+        _check_tensor(weight, f"{name}_weight", (*lead, out_features, embed), dtype)
         if bias is not None:
-            _check_tensor(bias, f"{name}_bias", (out_features,), dtype)
-    _check_tensor(o_weight, "o_weight", (embed, q_out), dtype)
+            _check_tensor(bias, f"{name}_bias", (*lead, out_features), dtype)
+    _check_tensor(o_weight, "o_weight", (*lead, embed, q_out), dtype)
     if o_bias is not None:
         _check_tensor(o_bias, "o_bias", (embed,), dtype)
-    _check_selection(kv_head_idx, "kv_head_idx", batch)
-    kept = kv_head_idx.shape[-1]
 
     torch._check_value((cos is None) == (sin is None), lambda: "cos and sin must be given together")
     if cos is not None and sin is not None:
@@ -227,8 +318,8 @@ def _check_attention_args(
     past = 0
     if past_key is not None and past_value is not None:
         past = past_key.shape[2]
-        _check_tensor(past_key, "past_key", (batch, kept, past, head_dim), dtype)
-        _check_tensor(past_value, "past_value", (batch, kept, past, head_dim), dtype)
+        _check_tensor(past_key, "past_key", (batch, cache_heads, past, head_dim), dtype)
+        _check_tensor(past_value, "past_value", (batch, cache_heads, past, head_dim), dtype)
 
     if attention_mask is not None:
         mask = attention_mask
@@ -239,6 +330,7 @@ def _check_attention_args(
         torch._check_value(mask.dim() == 4, lambda: f"attention_mask must be 4-D, got shape {tuple(mask.shape)}")
         torch._check_value(mask.shape[0] == 1 or mask.shape[0] == batch, lambda: f"mask batch must be 1 or {batch}")
         _check_tensor(mask, "attention_mask", (mask.shape[0], 1, seq, past + seq), mask.dtype)
+    return cache_heads
 
 
 def _rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -263,11 +355,45 @@ def _additive_mask(attention_mask: Optional[Tensor], seq: int, total: int, devic
     return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], scaling: float) -> Tensor:
-    """softmax(q k^T * scaling + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D]; returns [B, S, g*r*D]."""
+def _project_qkv(
+    hidden: Tensor,
+    q_weight: Tensor,
+    q_bias: Optional[Tensor],
+    k_weight: Tensor,
+    k_bias: Optional[Tensor],
+    v_weight: Tensor,
+    v_bias: Optional[Tensor],
+    q_rows: Optional[Tensor],
+    kv_rows: Optional[Tensor],
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    past_key: Optional[Tensor],
+    past_value: Optional[Tensor],
+    head_dim: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, n, S, D] and the present key/value [B, m, P+S, D] (key after RoPE) of the given weight rows (all when
+    None)."""
+
+    def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
+        return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+    q = heads(_linear_rows(hidden, q_weight, q_bias, q_rows))
+    key = heads(_linear_rows(hidden, k_weight, k_bias, kv_rows))
+    value = heads(_linear_rows(hidden, v_weight, v_bias, kv_rows))
+    if cos is not None and sin is not None:
+        q, key = _rope(q, cos, sin), _rope(key, cos, sin)
+    if past_key is not None and past_value is not None:
+        key, value = torch.cat((past_key, key), dim=2), torch.cat((past_value, value), dim=2)
+    return q, key, value
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], scaling: float, group: int) -> Tensor:
+    """softmax(q k^T * scaling + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D], r = group; returns
+    [B, S, g*r*D]."""
     kv_heads, seq, total = k.shape[1], q.shape[2], k.shape[2]
     # query head i uses kv head i // r (HF repeat_kv); grouping q as [B, g, r, S, D] lets k/v broadcast, not copy
-    q = q.unflatten(1, (kv_heads, -1))
+    # (r given, not inferred, so that g = 0 works)
+    q = q.unflatten(1, (kv_heads, group))
     k, v = k.unsqueeze(2), v.unsqueeze(2)
     mask = _additive_mask(attention_mask, seq, total, q.device)
     if mask.dim() == 4:
@@ -293,7 +419,7 @@ def gathered_attention(
     v_bias: Optional[Tensor],
     o_weight: Tensor,
     o_bias: Optional[Tensor],
-    kv_head_idx: Tensor,
+    kv_head_idx: Optional[Tensor],
     cos: Optional[Tensor],
     sin: Optional[Tensor],
     attention_mask: Optional[Tensor],
@@ -315,33 +441,122 @@ def gathered_attention(
     to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of
     HF's finite float mask otherwise; never NaN. Scores and softmax are float32. The returned key/value are the
     present cache of the kept KV heads (key after RoPE).
+
+    kv_head_idx None (pre-gathered): the weights hold the kept KV groups only, g = k_weight.shape[-2] // D of them
+    (num_heads / num_kv_heads stay the full model's; only their ratio r matters): q_weight [g*r*D, E] or per batch
+    row [B, g*r*D, E], k/v_weight [g*D, E] or [B, g*D, E], o_weight [E, g*r*D] or [B, E, g*r*D], q/k/v biases
+    [n] or [B, n], o_bias [E]; past_key/past_value [B, g, P, D]. Under torch.export with g dynamic, give the weights'
+    row counts as dims derived from g's (k/v: D * g, q/o: r * D * g) and pass the cache: without a cache, the
+    output's g is k_weight.shape[-2] // D, and torch guards that != 1 when traced with g > 1.
     """
     _check_attention_args(
         hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
         cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim,
     )  # fmt: skip
-    _check_selection_values(kv_head_idx, "kv_head_idx", num_kv_heads)
-    # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
-    q_rows = _blocks(kv_head_idx, num_heads // num_kv_heads * head_dim)
-    kv_rows = _blocks(kv_head_idx, head_dim)
-
-    def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
-        return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
-
-    q = heads(_linear_rows(hidden, q_weight, q_bias, q_rows))
-    key = heads(_linear_rows(hidden, k_weight, k_bias, kv_rows))
-    value = heads(_linear_rows(hidden, v_weight, v_bias, kv_rows))
-    if cos is not None and sin is not None:
-        q, key = _rope(q, cos, sin), _rope(key, cos, sin)
-    if past_key is not None and past_value is not None:
-        key, value = torch.cat((past_key, key), dim=2), torch.cat((past_value, value), dim=2)
-    out = _linear_cols(_attend(q, key, value, attention_mask, scaling), o_weight, o_bias, q_rows)
+    group = num_heads // num_kv_heads
+    q_rows: Optional[Tensor] = None  # pre-gathered: every row
+    kv_rows: Optional[Tensor] = None
+    if kv_head_idx is not None:
+        _check_selection_values(kv_head_idx, "kv_head_idx", num_kv_heads)
+        # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
+        q_rows, kv_rows = _blocks(kv_head_idx, group * head_dim), _blocks(kv_head_idx, head_dim)
+    q, key, value = _project_qkv(
+        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_rows, kv_rows, cos, sin, past_key,
+        past_value, head_dim,
+    )  # fmt: skip
+    out = _linear_cols(_attend(q, key, value, attention_mask, scaling, group), o_weight, o_bias, q_rows)
     # contiguous, like the fake outputs (the no-cache key/value are transposed views otherwise)
     return out, key.contiguous(), value.contiguous()
 
 
 @gathered_attention.register_fake
 def _gathered_attention_fake(
+    hidden: Tensor,
+    q_weight: Tensor,
+    q_bias: Optional[Tensor],
+    k_weight: Tensor,
+    k_bias: Optional[Tensor],
+    v_weight: Tensor,
+    v_bias: Optional[Tensor],
+    o_weight: Tensor,
+    o_bias: Optional[Tensor],
+    kv_head_idx: Optional[Tensor],
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    attention_mask: Optional[Tensor],
+    past_key: Optional[Tensor],
+    past_value: Optional[Tensor],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    kept = _check_attention_args(
+        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
+        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim,
+    )  # fmt: skip
+    batch, seq, _ = hidden.shape
+    if past_key is not None:
+        # past_key's own size rather than the equal k_weight.shape[-2] // head_dim of pre-gathered weights: under
+        # torch.export, torch's contiguity check of the output guards a floor-division size != 1 (which would fail
+        # for g = 1), while a plain size is assumed != 1 without a guard
+        kept = past_key.shape[1]
+    total = seq if past_key is None else past_key.shape[2] + seq
+    cache_shape = (batch, kept, total, head_dim)
+    return hidden.new_empty(hidden.shape), hidden.new_empty(cache_shape), hidden.new_empty(cache_shape)
+
+
+@custom_op("shadowfx::token_sparse_attention", mutates_args=())
+def token_sparse_attention(
+    hidden: Tensor,
+    q_weight: Tensor,
+    q_bias: Optional[Tensor],
+    k_weight: Tensor,
+    k_bias: Optional[Tensor],
+    v_weight: Tensor,
+    v_bias: Optional[Tensor],
+    o_weight: Tensor,
+    o_bias: Optional[Tensor],
+    kv_head_idx: Tensor,
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    attention_mask: Optional[Tensor],
+    past_key: Optional[Tensor],
+    past_value: Optional[Tensor],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Self-attention with a selection of KV groups per token. Returns (out [B, S, E], key, value [B, Hkv, P+S, D]).
+
+    The arguments are gathered_attention's (full weights; RoPE, mask and fully masked rows the same) except:
+    kv_head_idx int64 [B, S, g] picks each token's g KV groups, and the token keeps the query heads of those;
+    past_key/past_value [B, Hkv, P, D] are the complete cache, and the returned key/value the complete present
+    cache: K/V are computed for every KV head of every token, since a later token may select a group that this one
+    skipped. out equals the dense attention whose unselected query heads' context is zeroed per token before the
+    output projection (o_bias kept).
+    """
+    _check_attention_args(
+        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
+        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, per_token=True,
+    )  # fmt: skip
+    _check_selection_values(kv_head_idx, "kv_head_idx", num_kv_heads)
+    # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
+    # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
+    q, key, value = _project_qkv(
+        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, None, None, cos, sin, past_key, past_value,
+        head_dim,
+    )  # fmt: skip
+    context = _attend(q, key, value, attention_mask, scaling, num_heads // num_kv_heads)  # [B, S, Hq*D]
+    keep = _keep_mask(kv_head_idx, num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D
+    context = context.unflatten(-1, (num_kv_heads, -1)).where(keep, 0).flatten(-2)
+    out = _linear_cols(context, o_weight, o_bias, None)
+    return out, key.contiguous(), value.contiguous()
+
+
+@token_sparse_attention.register_fake
+def _token_sparse_attention_fake(
     hidden: Tensor,
     q_weight: Tensor,
     q_bias: Optional[Tensor],
@@ -364,11 +579,11 @@ def _gathered_attention_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_attention_args(
         hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
-        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim,
+        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, per_token=True,
     )  # fmt: skip
     batch, seq, _ = hidden.shape
     total = seq if past_key is None else past_key.shape[2] + seq
-    cache_shape = (batch, kv_head_idx.shape[-1], total, head_dim)
+    cache_shape = (batch, num_kv_heads, total, head_dim)
     return hidden.new_empty(hidden.shape), hidden.new_empty(cache_shape), hidden.new_empty(cache_shape)
 
 

@@ -63,7 +63,10 @@ class SparsityConfig:
 
 @dataclass(frozen=True)
 class Selection:
-    """Per later layer (1..L-1): kept KV heads ``[B, g_l]`` and kept MLP neurons ``[B, k_l]``, ascending."""
+    """Per later layer (1..L-1): kept KV heads ``[B, g_l]`` and MLP neurons ``[B, k_l]``, ascending.
+
+    A per-token selection has a token dim: ``[B, S, g_l]`` and ``[B, S, k_l]``.
+    """
 
     kv_heads: tuple[torch.Tensor, ...]
     neurons: tuple[torch.Tensor, ...]
@@ -78,21 +81,26 @@ def _keep(total: int, sparsity: float, minimum: int) -> int:
 
 
 def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: int) -> tuple[torch.Tensor, ...]:
-    """scores [B, L', N] -> per layer int64 [B, k_l] indices of the kept units."""
-    batch, layers, units = scores.shape
+    """scores [..., L', N] -> per layer int64 [..., k_l] indices of the kept units.
+
+    The leading dims are sequences ([B]) or tokens ([B, S]); with scope "global" every one of them ranks its own
+    budget across layers and a layer keeps the most any of them asked for.
+    """
+    *leading, layers, units = scores.shape
+    rows = scores.reshape(-1, layers, units).float()
     if scope == "per_layer":
         keep = [_keep(units, sparsity, minimum)] * layers
     else:
         budget = _keep(layers * units, sparsity, minimum * layers)
-        top = torch.topk(scores.reshape(batch, -1).float(), budget, dim=-1).indices
-        per_row = torch.zeros(batch, layers, dtype=torch.long, device=scores.device)
+        top = torch.topk(rows.reshape(rows.shape[0], -1), budget, dim=-1).indices
+        per_row = torch.zeros(rows.shape[0], layers, dtype=torch.long, device=scores.device)
         per_row.scatter_add_(1, top // units, torch.ones_like(top))
         keep = per_row.amax(dim=0).clamp(min=minimum).tolist()
-    return tuple(topk_indices(scores[:, layer].float().contiguous(), k) for layer, k in enumerate(keep))
+    return tuple(topk_indices(rows[:, layer].contiguous(), k).reshape(*leading, k) for layer, k in enumerate(keep))
 
 
 def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) -> Selection:
-    """Turn predicted scores into the kept KV heads and neurons of every later layer."""
+    """Turn predicted scores ``[..., L-1, H]`` / ``[..., L-1, F]`` into the kept KV heads and neurons per layer."""
     later = structure.layers[1:]
     attention = later[0].attention
     groups = scores.heads.unflatten(-1, (attention.num_kv_heads, attention.kv_group_size)).mean(-1)

@@ -40,7 +40,12 @@ def _logits_of(output: object) -> torch.Tensor:
 
 
 def _apply_row_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x * mask`` with ``mask`` ``[B, F]`` over the rows of ``x`` (``[B, ..., F]``, or ``[B * S, F]`` flattened)."""
+    """``x * mask`` with ``mask`` ``[B, F]`` over the rows of ``x`` (``[B, ..., F]``, or ``[B * S, F]`` flattened),
+    or a per-token ``mask`` ``[B, S, F]`` over ``x`` ``[B, S, F]`` (or ``[B * S, F]``)."""
+    if mask.dim() == 3:
+        if x.shape[-1] != mask.shape[-1] or x.numel() != mask.numel():
+            raise ValueError(f"the hooked input {tuple(x.shape)} does not match the per-token mask {tuple(mask.shape)}")
+        return x * mask.to(device=x.device, dtype=x.dtype).view_as(x)
     batch, features = mask.shape
     if x.shape[-1] != features:
         raise ValueError(f"the hooked input has {x.shape[-1]} features but the mask has {features}")
@@ -110,7 +115,8 @@ class MaskedReference:
         """Select per layer and batch row which KV-head groups and MLP neurons are computed.
 
         ``kv_head_indices[l]`` is int64 ``[B, g]``: KV head ``j`` keeps query heads ``j * r .. j * r + r - 1``
-        (``r = num_heads // num_kv_heads``). ``neuron_indices[l]`` is int64 ``[B, k]``. ``g`` or ``k`` may be 0 (the
+        (``r = num_heads // num_kv_heads``). ``neuron_indices[l]`` is int64 ``[B, k]``. Per-token selections are
+        ``[B, S, g]`` / ``[B, S, k]`` and apply to a call over exactly those S tokens. ``g`` or ``k`` may be 0 (the
         part computes nothing but its output bias); repeated indices are allowed. Layers absent from a dict are dense
         in that part. Replaces any previous selection.
         """
@@ -123,10 +129,10 @@ class MaskedReference:
             attention = self._layer(index).attention
             kv_mask = self._index_mask(indices, attention.num_kv_heads, f"layer {index} KV head")
             # KV head j -> query heads j*r .. j*r+r-1 -> features h*D .. (h+1)*D-1
-            feature_mask = kv_mask.repeat_interleave(attention.kv_group_size * attention.head_dim, dim=1)
-            if feature_mask.shape[1] != attention.o.in_features:
+            feature_mask = kv_mask.repeat_interleave(attention.kv_group_size * attention.head_dim, dim=-1)
+            if feature_mask.shape[-1] != attention.o.in_features:
                 raise ValueError(
-                    f"layer {index}: {attention.num_heads} heads x {attention.head_dim} = {feature_mask.shape[1]} "
+                    f"layer {index}: {attention.num_heads} heads x {attention.head_dim} = {feature_mask.shape[-1]} "
                     f"context features, but the output projection takes {attention.o.in_features}"
                 )
             attention_masks[index] = feature_mask
@@ -160,14 +166,14 @@ class MaskedReference:
 
     @staticmethod
     def _index_mask(indices: torch.Tensor, size: int, what: str) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
-            raise ValueError(f"{what} indices must be a 2-D [batch, count] tensor")
+        if not isinstance(indices, torch.Tensor) or indices.dim() not in (2, 3):
+            raise ValueError(f"{what} indices must be a [batch, count] or [batch, tokens, count] tensor")
         if indices.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{what} indices must be integers, got {indices.dtype}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
             raise ValueError(f"{what} indices must lie in 0..{size - 1}")
-        mask = torch.zeros(indices.shape[0], size, dtype=torch.bool, device=indices.device)
-        return mask.scatter_(1, indices.long(), True)
+        mask = torch.zeros(*indices.shape[:-1], size, dtype=torch.bool, device=indices.device)
+        return mask.scatter_(-1, indices.long(), True)
 
     def _check_batch(self, batch: int) -> None:
         selected = self.selection_batch_size

@@ -1,11 +1,13 @@
 """Tests of the shadowfx:: custom ops against independently written dense references and real HF modules.
 
-The references compute every neuron/head densely and zero the unselected ones (the contract in shadowfx/ops.py);
-they use plain torch, torch SDPA and transformers' own activations and RoPE, never the op's helpers.
+The references compute every neuron/head densely and zero the unselected ones (the contract in shadowfx/ops.py),
+per token for per-token selections; they use plain torch, torch SDPA and transformers' own activations and RoPE,
+never the op's helpers. Pre-gathered weights are gathered by hand here and checked against the full weights with
+the selection.
 """
 
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -47,6 +49,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # the tensors here are tiny: intra-op threads only add overhead, and spin-waiting threads slow the file several
+    # times over when another process shares the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_selection(n: int, k: int, batch: Optional[int]) -> Tensor:
     """k distinct indices in [0, n), in random order: [k] shared, or [batch, k] different per row."""
     if batch is None:
@@ -54,10 +66,22 @@ def random_selection(n: int, k: int, batch: Optional[int]) -> Tensor:
     return torch.stack([torch.randperm(n)[:k] for _ in range(batch)])
 
 
+def token_selection(n: int, k: int, batch: int, seq: int) -> Tensor:
+    """[batch, seq, k]: k distinct indices in [0, n) for every token, in random order."""
+    return torch.stack([random_selection(n, k, seq) for _ in range(batch)])
+
+
 def keep_mask(idx: Tensor, n: int, batch: int) -> Tensor:
     """[batch, n] float64, 1 where selected."""
     rows = idx.expand(batch, -1) if idx.dim() == 1 else idx
     return torch.zeros(batch, n, dtype=torch.float64).scatter_(1, rows, 1.0)
+
+
+def token_keep(idx: Tensor, n: int, batch: int) -> Tensor:
+    """[batch, S or 1, n] float64, 1 where selected: per token for [B, S, k] indices, else the same for all tokens."""
+    if idx.dim() == 3:
+        return F.one_hot(idx, n).sum(dim=-2).double()
+    return keep_mask(idx, n, batch)[:, None, :]
 
 
 def close(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
@@ -79,7 +103,7 @@ def dense_mlp_reference(
     neuron_idx: Tensor,
     activation: str,
 ) -> Tensor:
-    """Dense MLP in float64 with the unselected intermediate neurons zeroed."""
+    """Dense MLP in float64 with the unselected intermediate neurons zeroed (per token for [B, S, k])."""
     x, up_weight, down_weight = x.double(), up_weight.double(), down_weight.double()
     up_bias, gate_weight, gate_bias, down_bias = (
         None if t is None else t.double() for t in (up_bias, gate_weight, gate_bias, down_bias)
@@ -87,7 +111,7 @@ def dense_mlp_reference(
     act = ACT2FN[HF_ACTIVATION[activation]]
     up = F.linear(x, up_weight, up_bias)
     h = act(up) if gate_weight is None else act(F.linear(x, gate_weight, gate_bias)) * up
-    h = h * keep_mask(neuron_idx, up_weight.shape[0], x.shape[0])[:, None, :]
+    h = h * token_keep(neuron_idx, up_weight.shape[0], x.shape[0])
     return F.linear(h, down_weight, down_bias)
 
 
@@ -136,6 +160,74 @@ def test_gathered_mlp_all_neurons_equals_dense_and_none_keeps_bias() -> None:
     torch.testing.assert_close(nothing, weights["down_bias"].expand(2, 3, 8))
 
 
+def pregather_mlp(w: dict[str, Optional[Tensor]], idx: Tensor) -> dict[str, Optional[Tensor]]:
+    """The weights of the neurons idx ([k] or [B, k]) gathered by hand: what a runtime passes with neuron_idx None."""
+
+    def rows(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t[idx]
+
+    down = w["down_weight"]
+    assert down is not None
+    return {
+        "up_weight": rows(w["up_weight"]),
+        "up_bias": rows(w["up_bias"]),
+        "gate_weight": rows(w["gate_weight"]),
+        "gate_bias": rows(w["gate_bias"]),
+        "down_weight": down[:, idx].movedim(0, -2),  # [E, k] or [E, B, k] -> [E, k] or [B, E, k]
+        "down_bias": w["down_bias"],
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gathered_mlp_pregathered_equals_gathered(gated: bool, bias: bool, per_row: bool, dtype: torch.dtype) -> None:
+    activation = "silu" if gated else "gelu_tanh"
+    for batch, seq, embed, ffn, k in MLP_SHAPES:  # a different F' every call
+        weights = random_mlp(embed, ffn, gated, bias, dtype)
+        x = torch.randn(batch, seq, embed).to(dtype)
+        idx = random_selection(ffn, k, batch if per_row else None)
+        out = ops.gathered_mlp(x, **pregather_mlp(weights, idx), neuron_idx=None, activation=activation)
+        assert out.shape == x.shape and out.dtype == dtype
+        close(out, ops.gathered_mlp(x, **weights, neuron_idx=idx, activation=activation), dtype)
+        close(out, dense_mlp_reference(x, **weights, neuron_idx=idx, activation=activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gathered_mlp_per_token_matches_masked_dense(
+    activation: str, gated: bool, bias: bool, dtype: torch.dtype
+) -> None:
+    for batch, seq, embed, ffn, k in MLP_SHAPES:
+        weights = random_mlp(embed, ffn, gated, bias, dtype)
+        x = torch.randn(batch, seq, embed).to(dtype)
+        idx = token_selection(ffn, k, batch, seq)
+        out = ops.gathered_mlp(x, **weights, neuron_idx=idx, activation=activation)
+        assert out.shape == x.shape and out.dtype == dtype
+        close(out, dense_mlp_reference(x, **weights, neuron_idx=idx, activation=activation), dtype)
+
+
+def test_gathered_mlp_per_token_agrees_with_row_selections() -> None:
+    weights = random_mlp(8, 24, gated=True, bias=True, dtype=torch.float32)
+    x, rows = torch.randn(3, 5, 8), random_selection(24, 6, 3)
+
+    def mlp(x: Tensor, idx: Tensor) -> Tensor:
+        return ops.gathered_mlp(x, **weights, neuron_idx=idx, activation="silu")
+
+    # the same selection for every token is that selection per batch row
+    torch.testing.assert_close(mlp(x, rows[:, None].expand(3, 5, 6)), mlp(x, rows), atol=1e-5, rtol=1e-5)
+    # a token's output depends on its own selection only: one token at a time (decode) with its row's selection
+    tokens = token_selection(24, 6, 3, 5)
+    out = mlp(x, tokens)
+    for t in range(5):
+        torch.testing.assert_close(out[:, t : t + 1], mlp(x[:, t : t + 1], tokens[:, t]), atol=1e-5, rtol=1e-5)
+    nothing = mlp(x, torch.empty(3, 5, 0, dtype=torch.int64))
+    torch.testing.assert_close(nothing, weights["down_bias"].expand(3, 5, 8))
+
+
 def _mlp_call(**changes: object) -> Callable[[], Tensor]:
     args: dict[str, object] = dict(
         x=torch.randn(2, 3, 8), **random_mlp(8, 16, gated=False, bias=True, dtype=torch.float32),
@@ -153,14 +245,29 @@ def _mlp_call(**changes: object) -> Callable[[], Tensor]:
         ({"neuron_idx": torch.tensor([-1, 3])}, IndexError, "out of range"),
         ({"neuron_idx": torch.tensor([[1, 3], [2, 2]])}, ValueError, "repeated"),
         ({"neuron_idx": torch.tensor([1, 3], dtype=torch.int32)}, ValueError, "int64"),
-        ({"neuron_idx": torch.zeros(2, 2, 2, dtype=torch.int64)}, ValueError, r"\[k\] or \[B, k\]"),
+        ({"neuron_idx": torch.zeros(2, 3, 2, 2, dtype=torch.int64)}, ValueError,
+         r"\[k\] or \[B, k\] or \[B, S, k\]"),
         ({"neuron_idx": torch.tensor([[1, 3], [2, 4], [0, 5]])}, ValueError, "3 rows for B=2"),
+        # per token
+        ({"neuron_idx": torch.zeros(2, 2, 1, dtype=torch.int64)}, ValueError, r"\[B, S, k\].*2 tokens for S=3"),
+        ({"neuron_idx": torch.zeros(3, 3, 1, dtype=torch.int64)}, ValueError, r"\[B, S, k\].*3 rows for B=2"),
+        ({"neuron_idx": torch.tensor([[[1, 2], [3, 3], [0, 1]]] * 2)}, ValueError, "repeated"),
+        ({"neuron_idx": torch.full((2, 3, 1), 16)}, IndexError, r"out of range.*\[0, 16\)"),
+        # pre-gathered (None): the full weights are a valid F' = 16; per-row weights need None
+        ({"up_weight": torch.randn(2, 16, 8)}, ValueError, "up_weight must have 2 dims"),
+        ({"neuron_idx": None, "up_weight": torch.randn(8)}, ValueError, r"\[F', E\] or, per batch row, \[B, F', E\]"),
+        ({"neuron_idx": None, "up_weight": torch.randn(3, 16, 8)}, ValueError, "3 rows for B=2"),
+        ({"neuron_idx": None, "up_weight": torch.randn(2, 16, 8)}, ValueError, "down_weight must have 3 dims"),
+        ({"neuron_idx": None, "up_weight": torch.randn(2, 16, 8), "down_weight": torch.randn(2, 8, 16)}, ValueError,
+         "up_bias must have 2 dims"),
+        ({"neuron_idx": None, "down_bias": torch.randn(2, 8)}, ValueError, "down_bias must have 1 dims"),
+        ({"neuron_idx": None, "down_weight": torch.randn(8, 12)}, ValueError, "down_weight must have shape"),
         ({"x": torch.randn(6, 8)}, ValueError, r"\[B, S, E\]"),
         ({"x": torch.randn(2, 3, 8, dtype=torch.float64)}, ValueError, "dtype"),
         ({"down_weight": torch.randn(8, 15)}, ValueError, "down_weight must have shape"),
         ({"gate_bias": torch.randn(16)}, ValueError, "gate_bias given without gate_weight"),
     ],
-)
+)  # fmt: skip
 def test_gathered_mlp_errors(changes: dict[str, object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         _mlp_call(**changes)()
@@ -227,7 +334,8 @@ def dense_attention_reference(
     head_dim: int,
     scaling: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense float64 attention over all heads, unselected query heads' context zeroed before o_proj.
+    """Dense float64 attention over all heads, unselected query heads' context zeroed before o_proj (per token for
+    [B, S, g] kv_head_idx).
 
     mask is None (causal) or bool [B or 1, 1, S, P+S]; past holds all KV heads [B, Hkv, P, D].
     Returns (out, key, value) with key/value of all KV heads.
@@ -254,8 +362,8 @@ def dense_attention_reference(
     context = F.scaled_dot_product_attention(
         q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask, scale=scaling
     )
-    keep_q = keep_mask(kv_head_idx, num_kv_heads, batch).repeat_interleave(group, dim=1)
-    context = (context * keep_q[:, :, None, None]).transpose(1, 2).reshape(batch, seq, -1)
+    keep_q = token_keep(kv_head_idx, num_kv_heads, batch).repeat_interleave(group, dim=-1)  # [B, S or 1, Hq]
+    context = (context * keep_q.transpose(1, 2)[..., None]).transpose(1, 2).reshape(batch, seq, -1)
     return F.linear(context, d["o_weight"], d["o_bias"]), k, v
 
 
@@ -263,6 +371,11 @@ def kept_heads(t: Tensor, kv_head_idx: Tensor) -> Tensor:
     """t [B, Hkv, T, D] -> the selected heads, in selection order."""
     rows = kv_head_idx.expand(t.shape[0], -1) if kv_head_idx.dim() == 1 else kv_head_idx
     return torch.stack([t[b, rows[b]] for b in range(t.shape[0])])
+
+
+def random_cache(batch: int, heads: int, past: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A random (past_key, past_value), [batch, heads, past, D] each."""
+    return torch.randn(batch, heads, past, HEAD_DIM).to(dtype), torch.randn(batch, heads, past, HEAD_DIM).to(dtype)
 
 
 HEADS = [(4, 4, 2), (8, 2, 1), (4, 1, 1)]  # (Hq, Hkv, kept KV heads): MHA, GQA, MQA
@@ -285,16 +398,44 @@ def attention_case(
     )
 
 
+def token_case(
+    heads: tuple[int, int, int], batch: int, seq: int, rot: int, bias: bool, dtype: torch.dtype, start: int = 0
+) -> SimpleNamespace:
+    """An attention case whose kv_head_idx is per token, [B, S, kept]."""
+    c = attention_case(heads, batch, seq, rot, bias, per_row=True, dtype=dtype, start=start)
+    c.idx = token_selection(heads[1], heads[2], batch, seq)
+    return c
+
+
+def pregather_attention(w: dict[str, Optional[Tensor]], idx: Tensor, num_kv_heads: int) -> dict[str, Optional[Tensor]]:
+    """The q/k/v/o weights of the KV groups idx ([g] or [B, g]) gathered by hand: what a runtime passes with
+    kv_head_idx None."""
+
+    def groups(t: Optional[Tensor]) -> Optional[Tensor]:  # rows [Hkv * n, ...] -> the selected groups' rows
+        return None if t is None else t.unflatten(0, (num_kv_heads, -1))[idx].flatten(idx.dim() - 1, idx.dim())
+
+    o_weight = w["o_weight"]
+    assert o_weight is not None
+    o_rows = groups(o_weight.T)  # [Hq*D, E] -> [g*r*D, E] or [B, g*r*D, E]
+    assert o_rows is not None
+    return {
+        **{name: groups(w[name]) for name in ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")},
+        "o_weight": o_rows.transpose(-1, -2),
+        "o_bias": w["o_bias"],
+    }
+
+
 def run_op(
     c: SimpleNamespace,
     hidden: Tensor,
     rope: Optional[tuple[Tensor, Tensor]],
     mask: Optional[Tensor] = None,
     past: Optional[tuple[Tensor, Tensor]] = None,
+    op: Callable[..., tuple[Tensor, Tensor, Tensor]] = ops.gathered_attention,
 ) -> tuple[Tensor, Tensor, Tensor]:
     cos, sin = rope if rope is not None else (None, None)
     past_key, past_value = past if past is not None else (None, None)
-    return ops.gathered_attention(
+    return op(
         hidden, **c.w, kv_head_idx=c.idx, cos=cos, sin=sin, attention_mask=mask, past_key=past_key,
         past_value=past_value, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=HEAD_DIM,
         scaling=HEAD_DIM**-0.5,
@@ -391,7 +532,42 @@ def test_gathered_attention_all_heads_equals_dense() -> None:
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
 
-def _attention_call(**changes: object) -> Callable[[], tuple[Tensor, Tensor, Tensor]]:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("rot", [0, HEAD_DIM], ids=["norope", "rope"])
+@pytest.mark.parametrize("heads", HEADS + [(8, 4, 3)], ids=HEAD_IDS + ["gqa_3_of_4"])
+def test_gathered_attention_pregathered_equals_gathered(
+    heads: tuple[int, int, int], rot: int, bias: bool, per_row: bool, dtype: torch.dtype
+) -> None:
+    for batch, seq, past in [(1, 1, 0), (3, 5, 0), (2, 1, 6), (3, 4, 3)]:
+        c = attention_case(heads, batch, seq, rot, bias, per_row, dtype, start=past)
+        mask = padding_mask(list(range(batch)), seq, past)  # row b: b positions of left padding
+        dense_past = random_cache(batch, heads[1], past, dtype)
+        kept_past = (kept_heads(dense_past[0], c.idx), kept_heads(dense_past[1], c.idx)) if past else None
+        want = run_op(c, c.hidden, c.rope, mask, kept_past)
+        compact = SimpleNamespace(**{**vars(c), "w": pregather_attention(c.w, c.idx, heads[1]), "idx": None})
+        got = run_op(compact, c.hidden, c.rope, mask, kept_past)
+        assert got[1].shape == got[2].shape == (batch, heads[2], past + seq, HEAD_DIM)
+        for g, w in zip(got, want):
+            close(g, w, dtype)
+        ref_out, _, _ = run_reference(c, c.hidden, c.rope, mask, dense_past if past else None)
+        close(got[0], ref_out, dtype)
+
+
+def test_gathered_attention_empty_selection_gives_o_bias() -> None:
+    c = attention_case((8, 2, 1), 2, 3, HEAD_DIM, bias=True, per_row=False, dtype=torch.float32)
+    empty = torch.empty(0, dtype=torch.int64)
+    compact = SimpleNamespace(**{**vars(c), "w": pregather_attention(c.w, empty, 2), "idx": None})
+    for case in (SimpleNamespace(**{**vars(c), "idx": empty}), compact):
+        out, key, value = run_op(case, c.hidden, c.rope)
+        torch.testing.assert_close(out, c.w["o_bias"].expand(2, 3, EMBED))
+        assert key.shape == value.shape == (2, 0, 3, HEAD_DIM)
+
+
+def _attention_call(
+    op: Callable[..., tuple[Tensor, Tensor, Tensor]] = ops.gathered_attention, **changes: object
+) -> Callable[[], tuple[Tensor, Tensor, Tensor]]:
     batch, seq, heads, kv_heads = 2, 3, 4, 2
     args: dict[str, object] = dict(
         hidden=torch.randn(batch, seq, EMBED),
@@ -400,7 +576,7 @@ def _attention_call(**changes: object) -> Callable[[], tuple[Tensor, Tensor, Ten
         num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scaling=1.0,
     )  # fmt: skip
     args.update(changes)
-    return lambda: ops.gathered_attention(**args)
+    return lambda: op(**args)
 
 
 @pytest.mark.parametrize(
@@ -416,11 +592,155 @@ def _attention_call(**changes: object) -> Callable[[], tuple[Tensor, Tensor, Ten
         ({"cos": torch.ones(2, 3, 3), "sin": torch.ones(2, 3, 3)}, ValueError, "even"),
         ({"past_key": torch.ones(2, 2, 4, HEAD_DIM), "past_value": torch.ones(2, 2, 4, HEAD_DIM)}, ValueError,
          "past_key must have shape"),
+        # pre-gathered (None): the full weights are a valid g = 2
+        ({"kv_head_idx": None, "k_weight": torch.randn(12, EMBED)}, ValueError, "not a multiple of head_dim 8"),
+        ({"kv_head_idx": None, "k_weight": torch.randn(HEAD_DIM, EMBED)}, ValueError, "q_weight must have shape"),
+        ({"kv_head_idx": None, "k_weight": torch.randn(3, 2 * HEAD_DIM, EMBED)}, ValueError, "3 rows for B=2"),
+        ({"kv_head_idx": None, "k_weight": torch.randn(2, 2 * HEAD_DIM, EMBED)}, ValueError,
+         "q_weight must have 3 dims"),
+        ({"kv_head_idx": None, "k_weight": torch.randn(HEAD_DIM)}, ValueError, r"\[g\*D, E\] or, per batch row"),
+        ({"kv_head_idx": None, "o_bias": torch.randn(2, EMBED)}, ValueError, "o_bias must have 1 dims"),
+        ({"kv_head_idx": None, "past_key": torch.ones(2, 1, 4, HEAD_DIM), "past_value": torch.ones(2, 1, 4, HEAD_DIM)},
+         ValueError, "past_key must have shape"),
     ],
 )  # fmt: skip
 def test_gathered_attention_errors(changes: dict[str, object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         _attention_call(**changes)()
+
+
+# -------------------------------------------------------------------------------------- per-token attention
+
+
+def run_token_op(
+    c: SimpleNamespace,
+    hidden: Tensor,
+    rope: Optional[tuple[Tensor, Tensor]],
+    mask: Optional[Tensor] = None,
+    past: Optional[tuple[Tensor, Tensor]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return run_op(c, hidden, rope, mask, past, op=ops.token_sparse_attention)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("rot", [0, HEAD_DIM, HEAD_DIM // 2], ids=["norope", "rope", "partial_rope"])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_token_sparse_attention_matches_masked_dense(
+    heads: tuple[int, int, int], rot: int, bias: bool, dtype: torch.dtype
+) -> None:
+    for batch, seq, past in [(1, 1, 0), (3, 5, 0), (2, 9, 4), (2, 1, 5)]:
+        c = token_case(heads, batch, seq, rot, bias, dtype, start=past)
+        cache = random_cache(batch, heads[1], past, dtype)
+        out, key, value = run_token_op(c, c.hidden, c.rope, past=cache if past else None)
+        ref_out, ref_key, ref_value = run_reference(c, c.hidden, c.rope, past=cache if past else None)
+        assert out.shape == c.hidden.shape and out.dtype == dtype
+        assert key.shape == value.shape == (batch, heads[1], past + seq, HEAD_DIM)  # the complete cache
+        close(out, ref_out, dtype)
+        close(key, ref_key, dtype)
+        close(value, ref_value, dtype)
+
+
+@pytest.mark.parametrize("past", [0, 4], ids=["prefill", "with_past"])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_token_sparse_attention_left_padding(heads: tuple[int, int, int], past: int) -> None:
+    batch, seq, pads = 3, 5, [0, 3, 6]  # as in test_gathered_attention_left_padding
+    c = token_case(heads, batch, seq, HEAD_DIM, bias=True, dtype=torch.float32, start=past)
+    bool_mask = padding_mask(pads, seq, past)
+    cache = (torch.randn(batch, heads[1], past, HEAD_DIM), torch.randn(batch, heads[1], past, HEAD_DIM))
+    cache_or_none = cache if past else None
+    ref_out, ref_key, ref_value = run_reference(c, c.hidden, c.rope, bool_mask, cache_or_none)
+
+    out, key, value = run_token_op(c, c.hidden, c.rope, bool_mask, cache_or_none)
+    assert torch.isfinite(out).all()
+    close(out, ref_out, torch.float32)  # fully masked rows: zero context, like SDPA, so out == o_bias there
+    close(key, ref_key, torch.float32)
+    close(value, ref_value, torch.float32)
+
+    float_out, _, _ = run_token_op(c, c.hidden, c.rope, additive(bool_mask, torch.float32), cache_or_none)
+    attends = bool_mask.any(dim=-1)[:, 0]
+    assert torch.isfinite(float_out).all()
+    close(float_out[attends], ref_out[attends], torch.float32)
+    assert not attends.all()
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+@pytest.mark.parametrize("rot", [0, HEAD_DIM], ids=["norope", "rope"])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_token_sparse_attention_decode_with_complete_cache_equals_full_sequence(
+    heads: tuple[int, int, int], rot: int, new_tokens: int
+) -> None:
+    prefix = 4
+    c = token_case(heads, 2, prefix + new_tokens, rot, bias=True, dtype=torch.float32)
+    full_out, full_key, full_value = run_token_op(c, c.hidden, c.rope)
+
+    def part(t: Optional[tuple[Tensor, Tensor]], sl: slice) -> Optional[tuple[Tensor, Tensor]]:
+        return None if t is None else (t[0][:, sl], t[1][:, sl])
+
+    head, tail = slice(None, prefix), slice(prefix, None)
+    _, prefix_key, prefix_value = run_token_op(
+        SimpleNamespace(**{**vars(c), "idx": c.idx[:, head]}), c.hidden[:, head], part(c.rope, head)
+    )
+    # the prefix's cache holds every KV head, whatever the prefix tokens selected
+    assert prefix_key.shape == (2, heads[1], prefix, HEAD_DIM)
+    out, key, value = run_token_op(
+        SimpleNamespace(**{**vars(c), "idx": c.idx[:, tail]}), c.hidden[:, tail], part(c.rope, tail),
+        past=(prefix_key, prefix_value),
+    )  # fmt: skip
+    close(out, full_out[:, tail], torch.float32)
+    close(key, full_key, torch.float32)
+    close(value, full_value, torch.float32)
+
+
+def test_token_sparse_attention_all_groups_equals_dense() -> None:
+    c = token_case((8, 2, 2), 2, 4, HEAD_DIM, bias=True, dtype=torch.float32)
+    c.idx = torch.arange(2).expand(2, 4, 2)
+    out, key, value = run_token_op(c, c.hidden, c.rope)
+    w = c.w
+    q = F.linear(c.hidden, w["q_weight"], w["q_bias"]).view(2, 4, 8, HEAD_DIM).transpose(1, 2)
+    k = F.linear(c.hidden, w["k_weight"], w["k_bias"]).view(2, 4, 2, HEAD_DIM).transpose(1, 2)
+    v = F.linear(c.hidden, w["v_weight"], w["v_bias"]).view(2, 4, 2, HEAD_DIM).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *c.rope)
+    context = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    dense = F.linear(context.transpose(1, 2).reshape(2, 4, -1), w["o_weight"], w["o_bias"])
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(key, k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value, v, atol=1e-5, rtol=1e-5)
+
+
+def test_token_sparse_attention_same_selection_for_every_token_equals_gathered() -> None:
+    batch, seq, past = 3, 5, 2
+    c = attention_case((8, 4, 2), batch, seq, HEAD_DIM, bias=True, per_row=True, dtype=torch.float32, start=past)
+    cache = (torch.randn(batch, 4, past, HEAD_DIM), torch.randn(batch, 4, past, HEAD_DIM))
+    mask = padding_mask([0, 1, 3], seq, past)
+    out, key, value = run_op(c, c.hidden, c.rope, mask, (kept_heads(cache[0], c.idx), kept_heads(cache[1], c.idx)))
+    per_token = SimpleNamespace(**{**vars(c), "idx": c.idx[:, None].expand(batch, seq, 2)})
+    token_out, token_key, token_value = run_token_op(per_token, c.hidden, c.rope, mask, cache)
+    torch.testing.assert_close(token_out, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept_heads(token_key, c.idx), key)
+    torch.testing.assert_close(kept_heads(token_value, c.idx), value)
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        ({"kv_head_idx": torch.tensor([[0], [1]])}, ValueError, r"must be \[B, S, k\], got shape \(2, 1\)"),
+        ({"kv_head_idx": torch.zeros(2, 2, 1, dtype=torch.int64)}, ValueError, "2 tokens for S=3"),
+        ({"kv_head_idx": torch.zeros(1, 3, 1, dtype=torch.int64)}, ValueError, "1 rows for B=2"),
+        ({"kv_head_idx": torch.zeros(2, 3, 1, dtype=torch.int32)}, ValueError, "int64"),
+        ({"kv_head_idx": torch.full((2, 3, 1), 2)}, IndexError, r"out of range.*\[0, 2\)"),
+        ({"kv_head_idx": torch.tensor([[[0, 1], [1, 1], [1, 0]]] * 2)}, ValueError, "repeated"),
+        ({"k_weight": torch.randn(HEAD_DIM, EMBED)}, ValueError, "k_weight must have shape"),
+        ({"past_key": torch.ones(2, 1, 4, HEAD_DIM), "past_value": torch.ones(2, 1, 4, HEAD_DIM)}, ValueError,
+         "past_key must have shape"),
+        ({"attention_mask": torch.ones(2, 1, 3, 4, dtype=torch.bool)}, ValueError, "attention_mask must have shape"),
+        ({"num_heads": 3}, ValueError, "divisible"),
+    ],
+)  # fmt: skip
+def test_token_sparse_attention_errors(changes: dict[str, object], error: type[Exception], match: str) -> None:
+    changes = {"kv_head_idx": torch.zeros(2, 3, 1, dtype=torch.int64), **changes}
+    with pytest.raises(error, match=match):
+        _attention_call(ops.token_sparse_attention, **changes)()
 
 
 # ------------------------------------------------------------------------------------------ real HF modules
@@ -596,6 +916,9 @@ def test_opcheck() -> None:
     samples: list[tuple[Callable[..., object], tuple[object, ...]]] = [
         (ops.gathered_mlp, (x, *mlp.values(), torch.tensor([0, 5, 9]), "silu")),
         (ops.gathered_mlp, (x, *plain.values(), torch.tensor([[0, 5], [3, 1]]), "gelu_tanh")),
+        (ops.gathered_mlp, (x, *pregather_mlp(mlp, torch.tensor([0, 5, 9])).values(), None, "silu")),
+        (ops.gathered_mlp, (x, *pregather_mlp(mlp, torch.tensor([[0, 5], [3, 1]])).values(), None, "silu")),
+        (ops.gathered_mlp, (x, *mlp.values(), token_selection(16, 4, 2, 3), "silu")),
         (ops.topk_indices, (torch.randn(3, 10), 4)),
     ]
     w = random_attention(EMBED, 8, 2, HEAD_DIM, True, torch.float32)
@@ -610,6 +933,21 @@ def test_opcheck() -> None:
     ]:
         args = (hidden, *w.values(), kv_idx, *rope, attn_mask, *cache, 8, 2, HEAD_DIM, HEAD_DIM**-0.5)
         samples.append((ops.gathered_attention, args))
+    for kv_idx, rope, attn_mask, cache in [  # pre-gathered
+        (torch.tensor([1]), (None, None), None, (None, None)),
+        (torch.tensor([[1], [0]]), (cos, sin), mask, (past, past.clone())),
+    ]:
+        compact = pregather_attention(w, kv_idx, 2).values()
+        args = (hidden, *compact, None, *rope, attn_mask, *cache, 8, 2, HEAD_DIM, HEAD_DIM**-0.5)
+        samples.append((ops.gathered_attention, args))
+    full_past = torch.randn(2, 2, 4, HEAD_DIM)
+    for kv_idx, rope, attn_mask, cache in [  # per token
+        (token_selection(2, 1, 2, 3), (None, None), None, (None, None)),
+        (token_selection(2, 1, 2, 3), (cos, sin), mask, (full_past, full_past.clone())),
+        (token_selection(2, 2, 2, 3), (cos, sin), additive(mask, torch.float32), (full_past, full_past.clone())),
+    ]:
+        args = (hidden, *w.values(), kv_idx, *rope, attn_mask, *cache, 8, 2, HEAD_DIM, HEAD_DIM**-0.5)
+        samples.append((ops.token_sparse_attention, args))
     for op, args in samples:
         torch.library.opcheck(op, args)
 
@@ -630,24 +968,57 @@ class _MLP(nn.Module):
         )  # fmt: skip
 
 
-def test_export_gathered_mlp_dynamic_batch_and_seq() -> None:
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_row", "per_token"])
+def test_export_gathered_mlp_dynamic_batch_and_seq(per_token: bool) -> None:
     module, batch, seq = _MLP().eval(), Dim("batch"), Dim("seq")
+
+    def select(b: int, s: int) -> Tensor:
+        return token_selection(32, 8, b, s) if per_token else random_selection(32, 8, b)
+
     ep = torch.export.export(
         module,
-        (torch.randn(2, 3, 8), random_selection(32, 8, 2)),
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch}),
+        (torch.randn(2, 3, 8), select(2, 3)),
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq} if per_token else {0: batch}),
         strict=False,
     )
     assert _count(ep, torch.ops.shadowfx.gathered_mlp.default) == 1
-    x, idx = torch.randn(4, 7, 8), random_selection(32, 8, 4)
+    x, idx = torch.randn(4, 7, 8), select(4, 7)
     torch.testing.assert_close(ep.module()(x, idx), module(x, idx))
 
 
+class _CompactMLP(nn.Module):
+    """Pre-gathered per-row weights as inputs, as a decode step gets them."""
+
+    def forward(self, x: Tensor, up: Tensor, gate: Tensor, down: Tensor, down_bias: Tensor) -> Tensor:
+        return ops.gathered_mlp(x, up, None, gate, None, down, down_bias, None, "silu")
+
+
+def test_export_pregathered_mlp_dynamic_batch_seq_and_neurons() -> None:
+    batch, seq, kept = Dim("batch"), Dim("seq"), Dim("kept")
+    full = random_mlp(8, 32, gated=True, bias=False, dtype=torch.float32)
+
+    def inputs(b: int, s: int, k: int) -> tuple[Optional[Tensor], ...]:
+        w = pregather_mlp(full, random_selection(32, k, b))
+        return torch.randn(b, s, 8), w["up_weight"], w["gate_weight"], w["down_weight"], torch.randn(8)
+
+    ep = torch.export.export(
+        _CompactMLP(),
+        inputs(2, 3, 8),
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: kept}, {0: batch, 1: kept}, {0: batch, 2: kept}, None),
+        strict=False,
+    )
+    assert _count(ep, torch.ops.shadowfx.gathered_mlp.default) == 1
+    for shape in [(4, 1, 5), (3, 6, 1)]:
+        args = inputs(*shape)
+        torch.testing.assert_close(ep.module()(*args), _CompactMLP()(*args))
+
+
 class _Attention(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, op: Callable[..., tuple[Tensor, Tensor, Tensor]] = ops.gathered_attention) -> None:
         super().__init__()
         weights = random_attention(EMBED, 8, 2, HEAD_DIM, bias=True, dtype=torch.float32)
         self.w = nn.ParameterDict({name: nn.Parameter(t) for name, t in weights.items()})
+        self.op = op
 
     def forward(
         self,
@@ -660,17 +1031,20 @@ class _Attention(nn.Module):
         past_value: Optional[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
         w = self.w
-        return ops.gathered_attention(
+        return self.op(
             hidden, w["q_weight"], w["q_bias"], w["k_weight"], w["k_bias"], w["v_weight"], w["v_bias"], w["o_weight"],
             w["o_bias"], kv_idx, cos, sin, mask, past_key, past_value, 8, 2, HEAD_DIM, HEAD_DIM**-0.5,
         )  # fmt: skip
 
 
-def _attention_inputs(batch: int, seq: int, past: int, masked: bool) -> tuple[Optional[Tensor], ...]:
-    cache = torch.randn(batch, 1, past, HEAD_DIM) if past else None
+def _attention_inputs(
+    batch: int, seq: int, past: int, masked: bool, per_token: bool = False
+) -> tuple[Optional[Tensor], ...]:
+    # per token: the complete cache of both KV heads; per row: the cache of the one kept head
+    cache = torch.randn(batch, 2 if per_token else 1, past, HEAD_DIM) if past else None
     return (
         torch.randn(batch, seq, EMBED),
-        random_selection(2, 1, batch),
+        token_selection(2, 1, batch, seq) if per_token else random_selection(2, 1, batch),
         *rotary(batch, past, seq, HEAD_DIM, torch.float32),
         padding_mask(list(range(batch)), seq, 0) if masked else None,
         cache,
@@ -678,22 +1052,70 @@ def _attention_inputs(batch: int, seq: int, past: int, masked: bool) -> tuple[Op
     )
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["gathered", "token_sparse"])
 @pytest.mark.parametrize("past", [0, 3], ids=["prefill_bool_mask", "with_cache"])
-def test_export_gathered_attention_dynamic_shapes(past: int) -> None:
-    module, batch, seq, past_len = _Attention().eval(), Dim("batch"), Dim("seq"), Dim("past")
+def test_export_gathered_attention_dynamic_shapes(past: int, per_token: bool) -> None:
+    op, overload = (
+        (ops.token_sparse_attention, torch.ops.shadowfx.token_sparse_attention.default)
+        if per_token
+        else (ops.gathered_attention, torch.ops.shadowfx.gathered_attention.default)
+    )
+    module, batch, seq, past_len = _Attention(op).eval(), Dim("batch"), Dim("seq"), Dim("past")
     masked = past == 0  # a [B, 1, S, P+S] mask has no Dim expression; the cached case uses the causal default
     dynamic_shapes = (
-        {0: batch, 1: seq}, {0: batch}, {0: batch, 1: seq}, {0: batch, 1: seq},
+        {0: batch, 1: seq}, {0: batch, 1: seq} if per_token else {0: batch}, {0: batch, 1: seq}, {0: batch, 1: seq},
         {0: batch, 2: seq, 3: seq} if masked else None,
         {0: batch, 2: past_len} if past else None,
         {0: batch, 2: past_len} if past else None,
     )  # fmt: skip
-    example = _attention_inputs(2, 3, past, masked)
+    example = _attention_inputs(2, 3, past, masked, per_token)
     ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-    assert _count(ep, torch.ops.shadowfx.gathered_attention.default) == 1
-    second = _attention_inputs(3, 5, past + 2 if past else 0, masked)
+    assert _count(ep, overload) == 1
+    second = _attention_inputs(3, 5, past + 2 if past else 0, masked, per_token)
     for got, want in zip(ep.module()(*second), module(*second)):
         torch.testing.assert_close(got, want)
+
+
+class _CompactAttention(nn.Module):
+    """Pre-gathered per-row weights (Hq = 8, Hkv = 4, so r = 2) and the kept heads' cache as inputs, as a decode step
+    gets them."""
+
+    def forward(
+        self, hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_bias: Tensor, cos: Tensor, sin: Tensor,
+        past_key: Tensor, past_value: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        return ops.gathered_attention(
+            hidden, q, None, k, None, v, None, o, o_bias, None, cos, sin, None, past_key, past_value, 8, 4, HEAD_DIM,
+            HEAD_DIM**-0.5,
+        )  # fmt: skip
+
+
+def test_export_pregathered_attention_dynamic_kept_heads() -> None:
+    full = random_attention(EMBED, 8, 4, HEAD_DIM, bias=False, dtype=torch.float32)
+
+    def inputs(b: int, s: int, g: int, p: int) -> tuple[Optional[Tensor], ...]:
+        w = pregather_attention(full, random_selection(4, g, b), 4)
+        return (
+            torch.randn(b, s, EMBED), w["q_weight"], w["k_weight"], w["v_weight"], w["o_weight"], torch.randn(EMBED),
+            *rotary(b, p, s, HEAD_DIM, torch.float32), torch.randn(b, g, p, HEAD_DIM), torch.randn(b, g, p, HEAD_DIM),
+        )  # fmt: skip
+
+    # g changes from prompt to prompt; the weights' row counts are derived from it (k: g*D, q: g*r*D)
+    batch, seq, kept, past = Dim("batch"), Dim("seq"), Dim("kept", min=1, max=4), Dim("past")
+    dynamic_shapes = (
+        {0: batch, 1: seq}, {0: batch, 1: 2 * HEAD_DIM * kept}, {0: batch, 1: HEAD_DIM * kept},
+        {0: batch, 1: HEAD_DIM * kept}, {0: batch, 2: 2 * HEAD_DIM * kept}, None, {0: batch, 1: seq},
+        {0: batch, 1: seq}, {0: batch, 1: kept, 2: past}, {0: batch, 1: kept, 2: past},
+    )  # fmt: skip
+    module = _CompactAttention()
+    ep = torch.export.export(module, inputs(2, 3, 2, 4), dynamic_shapes=dynamic_shapes, strict=False)
+    assert _count(ep, torch.ops.shadowfx.gathered_attention.default) == 1
+    for shape in [(3, 1, 1, 6), (1, 2, 3, 2), (2, 1, 4, 5)]:
+        args = inputs(*shape)
+        got, want = ep.module()(*args), module(*args)
+        assert got[1].shape == (shape[0], shape[2], shape[3] + shape[1], HEAD_DIM)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
 
 
 def test_export_topk_indices_dynamic_batch() -> None:

@@ -9,11 +9,14 @@ import torch
 
 import shadowfx
 from shadowfx.capture import PrefillStep
+from shadowfx.families import build_small
 from shadowfx.passes.graph import output_node
 from shadowfx.predictor import PredictorError, ShadowPredictor
 from shadowfx.runtimes.pytorch import InputError
 from shadowfx.selection import SparsityError
 from shadowfx.structure import FingerprintMismatch
+from torch._inductor.utils import run_and_get_code
+
 from conftest import padded_batch, small_model, structure
 from masked_reference import MaskedReference
 
@@ -49,10 +52,13 @@ def test_sparsity_zero_equals_dense(family, attn):
     assert effective.heads == effective.neurons == effective.weight_bytes == effective.kv_bytes == 0
 
 
-def test_sparsity_zero_generates_like_hf(family):
+@pytest.mark.parametrize("granularity", ["prompt", "token"])
+def test_sparsity_zero_generates_like_hf(family, granularity):
     model = small_model(family)
     input_ids, attention_mask = padded_batch(3, 7, 512, seed=3)
-    ours = transformed(family, 0.0).generate(input_ids, attention_mask, max_new_tokens=6)
+    sparse = (transformed(family, 0.0) if granularity == "prompt"
+              else shadowfx.transform(model, predictor(family), sparsity=0.0, granularity="token"))
+    ours = sparse.generate(input_ids, attention_mask, max_new_tokens=6)
     hf = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
                         pad_token_id=model.generation_config.eos_token_id or 0)
     assert torch.equal(ours, hf)
@@ -103,20 +109,32 @@ def test_rewrite_counts_are_exact(family):
     assert counts["prefill"]["sparsify_mlp"] == counts["prefill"]["sparsify_attention"] == later
     assert counts["decode"]["sparsify_mlp"] == counts["decode"]["sparsify_attention"] == later
     assert counts["decode"]["selection_inputs"] == 2 * later
-    for graph, predictors in ((sparse.prefill_graph, 1), (sparse.decode_graph, 0)):
+    for graph, predictors in ((sparse.graphs.prefill, 1), (sparse.graphs.decode, 0)):
         targets = [n.target for n in graph.graph.nodes]
         assert targets.count(gathered_mlp) == later and targets.count(gathered_attention) == later
         assert targets.count("shadow_predictor") == predictors
         assert sum(t in dense_cores for t in targets) == 1  # only layer 0 keeps its dense attention
         graph.graph.lint()
-    assert len(output_node(sparse.prefill_graph).args[0]) == 1 + 2 * structure(family).num_layers + 2 * later
+    assert len(output_node(sparse.graphs.prefill).args[0]) == 1 + 2 * structure(family).num_layers + 2 * later
+
+
+def test_token_graphs_have_a_predictor_in_every_step():
+    sparse = token_transformed("mistral")
+    later = structure("mistral").num_layers - 1
+    for graph in (sparse.graphs.prefill, sparse.graphs.decode):
+        targets = [n.target for n in graph.graph.nodes]
+        assert targets.count("shadow_predictor") == 1 and targets.count("shadow_selector") == 1
+        assert targets.count(gathered_mlp) == later
+        assert targets.count(torch.ops.shadowfx.token_sparse_attention.default) == later
+        assert targets.count(gathered_attention) == 0
+    assert sparse.graphs.decode_pregathered is None
 
 
 def test_kv_cache_of_later_layers_holds_only_kept_heads():
     sparse = transformed("llama", 0.5, "per_layer")
     input_ids, attention_mask = padded_batch(2, 6, 512, seed=2)
     sparse(input_ids, attention_mask)
-    outputs = sparse.prefill_graph(input_ids, attention_mask)
+    outputs = sparse.graphs.prefill(input_ids, attention_mask)
     layers = structure("llama").num_layers
     keys = outputs[1:1 + layers]
     assert keys[0].shape[1] == 2 and all(k.shape[1] == 1 for k in keys[1:])
@@ -140,8 +158,11 @@ def test_compile_runtime_equals_eager():
     eager = transformed("llama", 0.5, "per_layer")
     compiled = shadowfx.transform(model, predictor("llama"), sparsity=0.5, scope="per_layer", runtime="compile")
     input_ids, attention_mask = padded_batch(2, 7, 512, seed=4)
-    torch.testing.assert_close(compiled(input_ids, attention_mask), eager(input_ids, attention_mask),
-                               rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        logits, code = run_and_get_code(compiled, input_ids, attention_mask)
+    torch.testing.assert_close(logits, eager(input_ids, attention_mask), rtol=1e-5, atol=1e-5)
+    generated = "\n".join(code)
+    assert "shadowfx.gathered_mlp" in generated and "shadowfx.gathered_attention" in generated
     assert torch.equal(compiled.generate(input_ids, attention_mask, max_new_tokens=3),
                        eager.generate(input_ids, attention_mask, max_new_tokens=3))
 
@@ -194,7 +215,7 @@ def test_predictor_with_wrong_output_shape_is_refused():
 def test_missing_predictor_says_how_to_make_one(tmp_path):
     with pytest.raises(PredictorError, match="pass predictor="):
         shadowfx.transform(small_model("opt"))
-    build = shadowfx.families.build_small("gpt2")
+    build = build_small("gpt2")
     build.save_pretrained(tmp_path)
     loaded = type(build).from_pretrained(tmp_path).eval()
     with pytest.raises(PredictorError, match="no shadow predictor in"):
@@ -202,6 +223,13 @@ def test_missing_predictor_says_how_to_make_one(tmp_path):
     ShadowPredictor.for_structure(shadowfx.discover(loaded), hidden=16).save(tmp_path)
     sparse = shadowfx.transform(loaded, sparsity=0.5)
     assert sparse(*padded_batch(1, 4, 512, seed=1)).shape == (1, 4, 512)
+
+
+def test_model_the_passes_cannot_rewrite_is_refused():
+    model = build_small("llama")
+    model.model.layers[1].mlp.act_fn = torch.nn.Softplus()
+    with pytest.raises(shadowfx.StructureError, match=r"layer model\.layers\.1: unrecognised MLP activation"):
+        shadowfx.transform(model, predictor("llama"))
 
 
 def test_bad_inputs_at_call_time():
@@ -214,3 +242,89 @@ def test_bad_inputs_at_call_time():
         sparse.generate(torch.ones(1, 250, dtype=torch.long), max_new_tokens=10)
     with pytest.raises(InputError, match="integer tensor"):
         sparse(torch.ones(2, 4))
+
+
+# ---- decode paths and token granularity -------------------------------------------------------------------------------
+def test_pregathered_decode_equals_gather_per_call(family):
+    """The fast path (weights gathered once per prompt) and the bounded-memory path give the same tokens/logits."""
+    input_ids, attention_mask = padded_batch(3, 8, 512, seed=31)
+    fast = shadowfx.transform(small_model(family), predictor(family), sparsity=0.5, max_gathered_bytes=1 << 40)
+    tokens, logits = fast.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[], return_logits=True)
+    assert fast.last_decode_path == "pregathered" and fast.last_gathered_bytes > 0
+    bounded = shadowfx.transform(small_model(family), predictor(family), sparsity=0.5, max_gathered_bytes=0)
+    slow_tokens, slow_logits = bounded.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
+                                                return_logits=True)
+    assert bounded.last_decode_path == "gather_per_call" and bounded.last_gathered_bytes == 0
+    assert transformed(family, 0.5).max_gathered_bytes < fast.last_gathered_bytes  # 3 rows x half: over the default
+    assert torch.equal(tokens, slow_tokens)
+    torch.testing.assert_close(logits, slow_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_selection_gathers_one_copy():
+    sparse = transformed("llama", 0.5)
+    input_ids, attention_mask = padded_batch(1, 6, 512, seed=8)
+    sparse.start(input_ids, attention_mask)
+    single = sparse.last_gathered_bytes
+    sparse.start(input_ids.expand(3, -1), attention_mask.expand(3, -1))
+    assert sparse.last_gathered_bytes == single  # identical rows share one compact copy
+    effective = sparse.effective_sparsity()
+    kept_layer_bytes = sum(layer.weight_bytes_kept for layer in effective.layers[1:])
+    assert single == kept_layer_bytes
+
+
+@functools.cache
+def token_transformed(family: str, scope: str = "per_layer"):
+    return shadowfx.transform(small_model(family), predictor(family), sparsity=0.5, scope=scope, granularity="token")
+
+
+def _per_token_selection(chosen) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    return ({i + 1: t for i, t in enumerate(chosen.kv_heads)}, {i + 1: t for i, t in enumerate(chosen.neurons)})
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_token_granularity_prefill_equals_masked_reference(family, scope):
+    model = small_model(family)
+    sparse = token_transformed(family, scope)
+    input_ids, attention_mask = padded_batch(2, 9, 512, seed=41)
+    logits = sparse(input_ids, attention_mask)
+    chosen = sparse.last_selection
+    assert chosen.kv_heads[0].shape[:2] == (2, 9)  # one selection per token
+    with MaskedReference(model, structure(family)) as reference:
+        reference.set_selection(*_per_token_selection(chosen))
+        expected = reference.logits(input_ids, attention_mask)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_token_granularity_decode_equals_recompute(family):
+    """Decode with the complete cache, a new selection every token, equals a masked recompute of the sequence."""
+    model = small_model(family)
+    sparse = token_transformed(family)
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=43)
+    state = sparse.start(input_ids, attention_mask)
+    kv_heads, neurons = [list(sparse.last_selection.kv_heads)], [list(sparse.last_selection.neurons)]
+    layers = structure(family).num_layers
+    tokens, step_logits = input_ids, []
+    for _ in range(3):
+        next_token = state.logits.argmax(-1)
+        tokens = torch.cat([tokens, next_token[:, None]], 1)
+        step_logits.append(sparse.step(state, next_token))
+        kv_heads.append(list(sparse.last_selection.kv_heads))
+        neurons.append(list(sparse.last_selection.neurons))
+    assert all(k.shape[1] == structure(family).layers[1].attention.num_kv_heads for k in state.keys)
+    assert len(state.keys) == layers
+    full_mask = torch.cat([attention_mask, torch.ones(2, 3, dtype=torch.long)], 1)
+    with MaskedReference(model, structure(family)) as reference:
+        reference.set_selection(
+            {l + 1: torch.cat([step[l] for step in kv_heads], 1) for l in range(layers - 1)},
+            {l + 1: torch.cat([step[l] for step in neurons], 1) for l in range(layers - 1)},
+        )
+        expected = reference.logits(tokens, full_mask)
+    torch.testing.assert_close(torch.stack(step_logits, 1), expected[:, -3:], rtol=1e-4, atol=1e-4)
+
+
+def test_token_granularity_keeps_the_complete_cache_and_reports_it():
+    sparse = token_transformed("qwen2")
+    tokens = sparse.generate(*padded_batch(2, 5, 512, seed=6), max_new_tokens=3, eos_token_id=[])
+    assert tokens.shape == (2, 8) and sparse.last_decode_path == "per_token"
+    effective = sparse.effective_sparsity()
+    assert effective.kv_bytes == 0 and effective.heads > 0 and effective.neurons > 0

@@ -1,0 +1,175 @@
+"""Prefill and decode speed of shadowfx vs the dense model, measured in one run, with the Amdahl bound.
+
+An OPT-1.3B-shaped model with random weights (fp32, batch 1, every core) is run dense (the Hugging Face model with
+its KV cache) and through ``shadowfx.transform`` at each sparsity, per prompt and per token. Decode at batch 1 is
+bound by the bytes it reads, so the bound for a sparse step is ``bytes_dense / (bytes_dense - bytes_skipped)`` with
+the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-layer minimums included). Timings
+are medians. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
+
+    python benchmarks/decode_speed.py                      # OPT-1.3B shape (about 6 GB of memory, ~10 minutes)
+    python benchmarks/decode_speed.py --layers 4 --hidden 512 --heads 8 --vocab 4096   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+
+import shadowfx
+from shadowfx.capture import positions_from_mask
+
+
+def median_seconds(run, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def step_times(step, steps: int) -> float:
+    """Median seconds of ``steps`` consecutive decode steps (the cache grows by one token each), after 2 warm-ups."""
+    times = []
+    for index in range(steps + 2):
+        started = time.perf_counter()
+        step()
+        if index >= 2:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def dense_timings(model, input_ids, attention_mask, repeats: int) -> dict:
+    def prefill():
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=positions_from_mask(attention_mask), cache=DynamicCache(), use_cache=True)
+
+    with torch.inference_mode():
+        prefill_s = median_seconds(prefill, max(3, repeats // 4), warmup=1)
+        output = prefill()
+        cache, mask = output.cache, attention_mask
+
+        def step():
+            nonlocal mask
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            model(input_ids=input_ids[:, -1:], attention_mask=mask, position_ids=positions_from_mask(mask)[:, -1:],
+                  cache=cache, use_cache=True)
+
+        decode_s = step_times(step, repeats)
+    return {"prefill_s": prefill_s, "decode_step_s": decode_s}
+
+
+def sparse_timings(sparse, input_ids, attention_mask, repeats: int) -> dict:
+    prefill_s = median_seconds(lambda: sparse(input_ids, attention_mask), max(3, repeats // 4), warmup=1)
+    started = time.perf_counter()
+    state = sparse.start(input_ids, attention_mask)
+    start_s = time.perf_counter() - started  # prefill plus gathering the kept weights (per prompt)
+    token = input_ids[:, -1]
+    decode_s = step_times(lambda: sparse.step(state, token), repeats)
+    effective = sparse.effective_sparsity()
+    return {
+        "prefill_s": prefill_s,
+        "prefill_and_gather_s": start_s,
+        "decode_step_s": decode_s,
+        "decode_path": sparse.last_decode_path,
+        "gathered_bytes": sparse.last_gathered_bytes,
+        "effective": {k: v for k, v in effective.to_dict().items() if k != "layers"},
+        "weight_bytes_skipped": effective.weight_bytes_skipped,
+        "kv_bytes_skipped": effective.kv_bytes_per_token_skipped * input_ids.shape[1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=50272)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=16)
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--granularity", nargs="+", default=["prompt", "token"])
+    parser.add_argument("--predictor-hidden", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                       ffn_dim=4 * args.hidden, num_attention_heads=args.heads, word_embed_proj_dim=args.hidden,
+                       max_position_embeddings=2048)
+    model = OPTForCausalLM(config).eval()
+    input_ids = torch.randint(0, args.vocab, (1, args.prompt))
+    attention_mask = torch.ones_like(input_ids)
+    structure = shadowfx.discover(model)
+    predictor = shadowfx.ShadowPredictor.for_structure(structure, hidden=args.predictor_hidden)
+
+    layer_bytes = sum(layer.weight_bytes for layer in _dense_effective(structure).layers)
+    head_bytes = structure.lm_head.in_features * structure.lm_head.out_features * 4
+    kv_bytes = 2 * args.layers * args.hidden * 4 * args.prompt
+    dense_bytes = layer_bytes + head_bytes + kv_bytes
+    predictor_bytes = sum(p.numel() * p.element_size() for p in predictor.parameters())
+
+    results = {"config": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
+               "bytes_per_dense_decode_step": dense_bytes, "predictor_bytes": predictor_bytes,
+               "dense": dense_timings(model, input_ids, attention_mask, args.repeats), "sparse": []}
+    print(f"dense: prefill {results['dense']['prefill_s']:.3f} s, decode step {results['dense']['decode_step_s']:.4f} s "
+          f"({torch.get_num_threads()} threads)")
+    for granularity in args.granularity:
+        for sparsity in args.sparsity:
+            sparse = shadowfx.transform(model, predictor, sparsity=sparsity, granularity=granularity)
+            timing = sparse_timings(sparse, input_ids, attention_mask, args.repeats)
+            skipped = timing["weight_bytes_skipped"] + timing["kv_bytes_skipped"]
+            bound = dense_bytes / (dense_bytes - skipped)
+            speedup = results["dense"]["decode_step_s"] / timing["decode_step_s"]
+            row = {"granularity": granularity, "sparsity": sparsity, **timing,
+                   "decode_speedup": speedup, "decode_amdahl_bound": bound, "share_of_bound": speedup / bound,
+                   "prefill_speedup": results["dense"]["prefill_s"] / timing["prefill_s"]}
+            results["sparse"].append(row)
+            print(f"{granularity:6s} {sparsity:.2f}: decode {speedup:.2f}x (bound {bound:.2f}x, "
+                  f"{100 * speedup / bound:.0f}% of it, path {timing['decode_path']}), "
+                  f"prefill {row['prefill_speedup']:.2f}x")
+            del sparse
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_speed.json").write_text(json.dumps(results, indent=2))
+    _plot(results, args.out / "decode_speed.png")
+    print(f"wrote {args.out / 'decode_speed.json'} and decode_speed.png")
+
+
+def _dense_effective(structure):
+    from shadowfx.selection import effective_sparsity, full_selection
+
+    return effective_sparsity(structure, full_selection(structure, 1), element_bytes=4, kv_cache_shrinks=True)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["sparse"]
+    labels = [f"{r['granularity']}\n{r['sparsity']:.2f}" for r in rows]
+    x = range(len(rows))
+    figure, axis = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    axis.bar([i - 0.2 for i in x], [r["decode_speedup"] for r in rows], 0.4, label="decode speedup (measured)")
+    axis.bar([i + 0.2 for i in x], [r["decode_amdahl_bound"] for r in rows], 0.4, label="Amdahl bound (bytes)")
+    axis.plot([i for i in x], [r["prefill_speedup"] for r in rows], "k^", label="prefill speedup")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks(list(x), labels)
+    axis.set_ylabel("x vs dense (median)")
+    axis.set_title(f"shadowfx vs dense, batch 1, {results['config']['layers']} layers x {results['config']['hidden']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Pass: let the decode graph's sparse ops read a prompt's pre-gathered weights instead of gathering every step.
+
+Each ``gathered_mlp`` / ``gathered_attention`` of a later layer gets its weights and biases from new graph inputs
+(named ``compact_<layer>_<role>``, in the order :func:`shadowfx.compact.compact_weights` produces them) and no
+indices; output biases, which are never gathered, come in as inputs too. The selection inputs become unused and go.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from shadowfx.compact import ATTENTION_ROLES, MLP_ROLES
+from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.graph import SELECTION_META, is_call, placeholders
+from shadowfx.structure import DecoderStructure
+
+_OPS = {
+    torch.ops.shadowfx.gathered_attention.default: ("kv_heads", ATTENTION_ROLES),
+    torch.ops.shadowfx.gathered_mlp.default: ("neurons", MLP_ROLES),
+}
+
+
+class PregatheredWeights(GraphPass):
+    name = "pregathered_weights"
+
+    def __init__(self, structure: DecoderStructure) -> None:
+        self.structure = structure
+
+    def run(self, gm: GraphModule) -> PassResult:
+        graph = gm.graph
+        found: dict[tuple[int, str], torch.fx.Node] = {}
+        for node in graph.nodes:
+            if is_call(node, _OPS):
+                kind, _ = _OPS[node.target]
+                index_arg = node.args[1 + len(_OPS[node.target][1])]
+                found[(index_arg.meta[SELECTION_META][1], kind)] = node
+        anchor = placeholders(gm)[-1]
+        changed: dict[int, int] = {}
+        for layer in self.structure.layers[1:]:
+            for kind in ("kv_heads", "neurons"):
+                node = found[(layer.index, kind)]
+                roles = _OPS[node.target][1]
+                args = list(node.args)
+                for position, role in enumerate(roles, start=1):
+                    if args[position] is None:
+                        continue
+                    with graph.inserting_after(anchor):
+                        anchor = graph.placeholder(f"compact_{layer.index}_{role}")
+                    args[position] = anchor
+                args[1 + len(roles)] = None  # the weights are the kept units already
+                node.args = tuple(args)
+                changed[layer.index] = changed.get(layer.index, 0) + 1
+        for node in placeholders(gm):
+            if SELECTION_META in node.meta and not node.users:
+                graph.erase_node(node)
+        return PassResult(gm, bool(changed), changed)

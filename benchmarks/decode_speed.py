@@ -3,10 +3,10 @@
 An OPT-1.3B-shaped model with random weights (fp32, batch 1, every core) is run dense (the Hugging Face model with
 its KV cache) and through ``shadowfx.transform`` at each sparsity, per prompt and per token. Decode at batch 1 is
 bound by the bytes it reads, so the bound for a sparse step is ``bytes_dense / (bytes_dense - bytes_skipped)`` with
-the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-layer minimums included). Timings
-are medians. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
+the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-layer minimums included). Dense and sparse
+run in alternation and timings are medians. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
 
-    python benchmarks/decode_speed.py                      # OPT-1.3B shape (about 6 GB of memory, ~10 minutes)
+    python benchmarks/decode_speed.py                      # OPT-1.3B shape (about 9 GB of memory, ~15 minutes)
     python benchmarks/decode_speed.py --layers 4 --hidden 512 --heads 8 --vocab 4096   # a quick check
 """
 
@@ -25,60 +25,55 @@ import shadowfx
 from shadowfx.capture import positions_from_mask
 
 
-def median_seconds(run, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def alternating(first, second, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``first`` and of ``second``, called in alternation so that drift hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for index in range(repeats + warmup):
+        for run, store in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            run()
+            if index >= warmup:
+                store.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-def step_times(step, steps: int) -> float:
-    """Median seconds of ``steps`` consecutive decode steps (the cache grows by one token each), after 2 warm-ups."""
-    times = []
-    for index in range(steps + 2):
-        started = time.perf_counter()
-        step()
-        if index >= 2:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+class DenseDecoder:
+    """The Hugging Face model itself with its KV cache: prefill, and one decode step at a time."""
+
+    def __init__(self, model, input_ids, attention_mask) -> None:
+        self.model, self.input_ids, self.attention_mask = model, input_ids, attention_mask
+
+    def prefill(self):
+        return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                          position_ids=positions_from_mask(self.attention_mask), cache=DynamicCache(), use_cache=True)
+
+    def start(self) -> None:
+        self.cache, self.mask = self.prefill().cache, self.attention_mask
+
+    def step(self) -> None:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.model(input_ids=self.input_ids[:, -1:], attention_mask=self.mask,
+                   position_ids=positions_from_mask(self.mask)[:, -1:], cache=self.cache, use_cache=True)
 
 
-def dense_timings(model, input_ids, attention_mask, repeats: int) -> dict:
-    def prefill():
-        return model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=positions_from_mask(attention_mask), cache=DynamicCache(), use_cache=True)
-
-    with torch.inference_mode():
-        prefill_s = median_seconds(prefill, max(3, repeats // 4), warmup=1)
-        output = prefill()
-        cache, mask = output.cache, attention_mask
-
-        def step():
-            nonlocal mask
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            model(input_ids=input_ids[:, -1:], attention_mask=mask, position_ids=positions_from_mask(mask)[:, -1:],
-                  cache=cache, use_cache=True)
-
-        decode_s = step_times(step, repeats)
-    return {"prefill_s": prefill_s, "decode_step_s": decode_s}
-
-
-def sparse_timings(sparse, input_ids, attention_mask, repeats: int) -> dict:
-    prefill_s = median_seconds(lambda: sparse(input_ids, attention_mask), max(3, repeats // 4), warmup=1)
+@torch.inference_mode()
+def compare(dense: DenseDecoder, sparse, input_ids, attention_mask, repeats: int) -> dict:
+    """Prefill and decode-step medians of dense and sparse, measured in alternation."""
+    dense_prefill, sparse_prefill = alternating(dense.prefill, lambda: sparse(input_ids, attention_mask),
+                                                max(3, repeats // 4), warmup=1)
+    dense.start()
     started = time.perf_counter()
     state = sparse.start(input_ids, attention_mask)
     start_s = time.perf_counter() - started  # prefill plus gathering the kept weights (per prompt)
     token = input_ids[:, -1]
-    decode_s = step_times(lambda: sparse.step(state, token), repeats)
+    dense_step, sparse_step = alternating(dense.step, lambda: sparse.step(state, token), repeats)
     effective = sparse.effective_sparsity()
     return {
-        "prefill_s": prefill_s,
+        "dense_prefill_s": dense_prefill,
+        "prefill_s": sparse_prefill,
         "prefill_and_gather_s": start_s,
-        "decode_step_s": decode_s,
+        "dense_decode_step_s": dense_step,
+        "decode_step_s": sparse_step,
         "decode_path": sparse.last_decode_path,
         "gathered_bytes": sparse.last_gathered_bytes,
         "effective": {k: v for k, v in effective.to_dict().items() if k != "layers"},
@@ -94,7 +89,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=50272)
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=24)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--granularity", nargs="+", default=["prompt", "token"])
     parser.add_argument("--predictor-hidden", type=int, default=1024)
@@ -118,23 +113,22 @@ def main() -> None:
     predictor_bytes = sum(p.numel() * p.element_size() for p in predictor.parameters())
 
     results = {"config": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
-               "bytes_per_dense_decode_step": dense_bytes, "predictor_bytes": predictor_bytes,
-               "dense": dense_timings(model, input_ids, attention_mask, args.repeats), "sparse": []}
-    print(f"dense: prefill {results['dense']['prefill_s']:.3f} s, decode step {results['dense']['decode_step_s']:.4f} s "
-          f"({torch.get_num_threads()} threads)")
+               "bytes_per_dense_decode_step": dense_bytes, "predictor_bytes": predictor_bytes, "sparse": []}
+    dense = DenseDecoder(model, input_ids, attention_mask)
     for granularity in args.granularity:
         for sparsity in args.sparsity:
             sparse = shadowfx.transform(model, predictor, sparsity=sparsity, granularity=granularity)
-            timing = sparse_timings(sparse, input_ids, attention_mask, args.repeats)
+            timing = compare(dense, sparse, input_ids, attention_mask, args.repeats)
             skipped = timing["weight_bytes_skipped"] + timing["kv_bytes_skipped"]
             bound = dense_bytes / (dense_bytes - skipped)
-            speedup = results["dense"]["decode_step_s"] / timing["decode_step_s"]
+            speedup = timing["dense_decode_step_s"] / timing["decode_step_s"]
             row = {"granularity": granularity, "sparsity": sparsity, **timing,
                    "decode_speedup": speedup, "decode_amdahl_bound": bound, "share_of_bound": speedup / bound,
-                   "prefill_speedup": results["dense"]["prefill_s"] / timing["prefill_s"]}
+                   "prefill_speedup": timing["dense_prefill_s"] / timing["prefill_s"]}
             results["sparse"].append(row)
             print(f"{granularity:6s} {sparsity:.2f}: decode {speedup:.2f}x (bound {bound:.2f}x, "
-                  f"{100 * speedup / bound:.0f}% of it, path {timing['decode_path']}), "
+                  f"{100 * speedup / bound:.0f}% of it; dense {timing['dense_decode_step_s'] * 1e3:.0f} ms, sparse "
+                  f"{timing['decode_step_s'] * 1e3:.0f} ms, path {timing['decode_path']}), "
                   f"prefill {row['prefill_speedup']:.2f}x")
             del sparse
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,11 @@
 from shadowfx import ops  # noqa: F401  (registers the shadowfx:: custom ops)
 from shadowfx.api import discover, transform
 from shadowfx.capture import CapturedDecoder, CaptureError, capture
-from shadowfx.predictor import PredictorError, Scores, ShadowPredictor
+from shadowfx.calibrate import calibrate, load_traces
+from shadowfx.predictor import PredictorError, Scores, ShadowPredictor, StaticScores, load_predictor, save_predictor
 from shadowfx.selection import SparsityError
 from shadowfx.structure import DecoderStructure, FingerprintMismatch, StructureError
+from shadowfx.training import train_predictor
 
 __all__ = [
     "CaptureError",
@@ -16,8 +18,14 @@ __all__ = [
     "Scores",
     "ShadowPredictor",
     "SparsityError",
+    "StaticScores",
     "StructureError",
+    "calibrate",
     "capture",
     "discover",
+    "load_predictor",
+    "load_traces",
+    "save_predictor",
+    "train_predictor",
     "transform",
 ]

@@ -17,7 +17,7 @@ from shadowfx.passes.pregathered_weights import PregatheredWeights
 from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
-from shadowfx.predictor import PredictorError, Scores, ShadowPredictor, SparseShape
+from shadowfx.predictor import PredictorError, Scores, SparseShape, load_predictor
 from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder, SparseGraphs
 from shadowfx.selection import Scope, Selector, SparsityConfig
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
@@ -45,7 +45,7 @@ def _resolve_predictor(model: nn.Module, predictor: nn.Module | None, structure:
                 "pass predictor=... (e.g. ShadowPredictor.for_structure(shadowfx.discover(model)) for an untrained "
                 "one), or save a trained predictor next to the checkpoint"
             )
-        return ShadowPredictor.load(directory, structure)
+        return load_predictor(directory, structure)
     fingerprint = getattr(predictor, "fingerprint", None)
     if not isinstance(fingerprint, str):
         raise PredictorError("the predictor carries no `fingerprint` of the model it was made for; set "

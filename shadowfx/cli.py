@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from shadowfx.calibrate import calibrate, load_traces
 from shadowfx.capture import CaptureError, PrefillStep, capture
+from shadowfx.criteria import CRITERIA
+from shadowfx.data import read_text, token_windows
 from shadowfx.families import FAMILIES, build_small
-from shadowfx.loading import ModelLoadError, load_decoder
+from shadowfx.loading import ModelLoadError, load_decoder, load_tokenizer
 from shadowfx.passes.discover_structure import discover_structure
+from shadowfx.predictor import save_predictor
 from shadowfx.structure import DecoderStructure, StructureError
+from shadowfx.training import train_predictor
 
 USER_ERRORS = (ModelLoadError, CaptureError, StructureError, FileNotFoundError, ValueError)
 
@@ -81,6 +88,47 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    """Tokenise a text file with the model's tokenizer into windows and write criterion traces."""
+    text = read_text(args.text)
+    model = load_decoder(args.model, attn_implementation="eager")
+    if any(p.is_meta for p in model.parameters()):
+        raise ModelLoadError(f"{args.model} has no weights; calibration needs a trained checkpoint")
+    tokenizer = load_tokenizer(args.model)
+    tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    windows = token_windows(tokens, args.window)
+    if args.samples < windows.shape[0]:  # spread the samples over the whole text
+        windows = windows[torch.linspace(0, windows.shape[0] - 1, args.samples).long()]
+    structure = discover_structure(capture(model))
+    data = {"text": str(Path(args.text).resolve()), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "tokens": int(tokens.numel()), "windows": int(windows.shape[0])}
+    traces = calibrate(model, windows, structure, args.out, criterion=args.criterion, batch_size=args.batch_size,
+                       tokens_per_sample=args.tokens_per_sample, data=data)
+    print(f"{len(traces)} samples of {args.window} tokens scored with {args.criterion}; traces in {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train a predictor on traces; save it (next to the checkpoint by default) with a JSON report."""
+    model = load_decoder(args.model)
+    structure = discover_structure(capture(model))
+    traces = load_traces(args.traces, structure)
+    result = train_predictor(traces, kind=args.kind, granularity=args.granularity, structure=structure,
+                             hidden=args.hidden, neuron_block=args.neuron_block, seed=args.seed)
+    out = Path(args.out or args.model)
+    save_predictor(result.predictor, out)
+    report = out / f"shadow_predictor_report_{args.kind}_{args.granularity}.json"
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text(json.dumps(result.report, indent=2))
+    tmp.replace(report)
+    held_out = result.report["spearman"]["held_out"]
+    for unit in ("heads", "neurons"):
+        print(f"{unit:7s} held-out Spearman: predictor {held_out['predictor'][unit]['flat']:.3f}, constant "
+              f"{held_out['constant'][unit]['flat']:.3f}, static {held_out['static'][unit]['flat']:.3f}")
+    print(f"predictor saved in {out}; report {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shadowfx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the DecoderStructure as JSON")
     inspect.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     inspect.set_defaults(run=_inspect)
+
+    calibrate_command = commands.add_parser("calibrate", help="score heads and neurons on a text file (traces)")
+    calibrate_command.add_argument("model", help="local model directory with weights and tokenizer")
+    calibrate_command.add_argument("text", help="plain UTF-8 text file")
+    calibrate_command.add_argument("--out", required=True, help="trace directory (resumes an interrupted run)")
+    calibrate_command.add_argument("--criterion", default="plainact", choices=CRITERIA)
+    calibrate_command.add_argument("--window", type=int, default=64, help="tokens per sample")
+    calibrate_command.add_argument("--samples", type=int, default=2000, help="windows, spread over the text")
+    calibrate_command.add_argument("--tokens-per-sample", type=int, default=4, help="per-token targets per window")
+    calibrate_command.add_argument("--batch-size", type=int, default=8)
+    calibrate_command.set_defaults(run=_calibrate)
+
+    train = commands.add_parser("train", help="train a predictor on traces and report held-out Spearman")
+    train.add_argument("traces", help="trace directory written by `shadowfx calibrate`")
+    train.add_argument("--model", required=True, help="the model directory the traces were made with")
+    train.add_argument("--kind", default="shadowllm", choices=("shadowllm", "dejavu", "static"))
+    train.add_argument("--granularity", default="prompt", choices=("prompt", "token"))
+    train.add_argument("--hidden", type=int, default=1024)
+    train.add_argument("--neuron-block", type=int, default=1)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", help="where to save the predictor (default: the model directory)")
+    train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="capture the embedded small models and show what shadowfx would rewrite")
     demo.add_argument("--family", action="append", choices=FAMILIES, help="only this family (repeatable)")

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 class ModelLoadError(ValueError):
@@ -67,3 +68,18 @@ def load_decoder(path: str | Path, *, attn_implementation: str = "sdpa", dtype: 
         raise ModelLoadError(f"cannot load the model at {path}: {error}") from error
     except OSError as error:
         raise ModelLoadError(f"cannot read the weights at {path}: {error}") from error
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with the model at ``path``, or a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one with "
+                             "tokenizer.save_pretrained there")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(f"{path} has no usable tokenizer (save one with tokenizer.save_pretrained there): "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error

@@ -37,6 +37,16 @@ def padded_batch(batch: int, length: int, vocab: int, *, seed: int) -> tuple[tor
     return input_ids, attention_mask
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and spin-waiting threads slow a test file several times
+    over when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

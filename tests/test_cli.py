@@ -72,3 +72,72 @@ def test_console_script_runs(saved_model):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "fingerprint" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory):
+    """A small OPT saved with a byte-level BPE tokenizer trained here on a slice of WikiText-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from shadowfx.data import read_text, wikitext_path
+
+    path = tmp_path_factory.mktemp("models") / "opt-tok"
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([read_text(wikitext_path("valid"))[:100_000]], trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+    build_small("opt").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from shadowfx.data import read_text, wikitext_path
+
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(read_text(wikitext_path("valid"))[:30_000])
+    return path
+
+
+def test_calibrate_then_train(model_with_tokenizer, text_file, tmp_path, capsys):
+    traces = tmp_path / "traces"
+    assert main(["calibrate", str(model_with_tokenizer), str(text_file), "--out", str(traces), "--samples", "24",
+                 "--window", "16", "--tokens-per-sample", "2"]) == 0
+    header = json.loads((traces / "traces.json").read_text())
+    assert header["samples"] == 24 and header["data"]["text"].endswith("calibration.txt")
+    out = tmp_path / "predictor"
+    assert main(["train", str(traces), "--model", str(model_with_tokenizer), "--out", str(out), "--hidden", "32"]) == 0
+    report = json.loads((out / "shadow_predictor_report_shadowllm_prompt.json").read_text())
+    assert {"predictor", "constant", "static"} <= set(report["spearman"]["held_out"])
+    assert (out / "shadow_predictor.json").is_file()
+    assert "held-out Spearman" in capsys.readouterr().out
+
+
+def test_calibrate_and_train_refuse_bad_inputs(model_with_tokenizer, text_file, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    no_tokenizer = tmp_path / "bare"
+    build_small("opt").save_pretrained(no_tokenizer)
+    other = tmp_path / "other"
+    build_small("opt", seed=5).save_pretrained(other)
+    traces = tmp_path / "traces"
+    main(["calibrate", str(model_with_tokenizer), str(text_file), "--out", str(traces), "--samples", "8",
+          "--window", "16"])
+    capsys.readouterr()
+    cases = [
+        (["calibrate", str(model_with_tokenizer), str(tmp_path / "missing.txt"), "--out", str(tmp_path / "a")],
+         "does not exist"),
+        (["calibrate", str(model_with_tokenizer), str(empty), "--out", str(tmp_path / "b")], "is empty"),
+        (["calibrate", str(no_tokenizer), str(text_file), "--out", str(tmp_path / "c")], "no usable tokenizer"),
+        (["train", str(traces), "--model", str(other), "--out", str(tmp_path / "d")], "re-run calibration"),
+        (["train", str(tmp_path / "nothing"), "--model", str(model_with_tokenizer)], "run calibration first"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    for never_written in ("a", "b", "c", "d"):
+        assert not (tmp_path / never_written).exists() or not any((tmp_path / never_written).iterdir())

@@ -7,7 +7,7 @@ the selection.
 """
 
 from types import SimpleNamespace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -49,14 +49,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # the tensors here are tiny: intra-op threads only add overhead, and spin-waiting threads slow the file several
-    # times over when another process shares the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_selection(n: int, k: int, batch: Optional[int]) -> Tensor:

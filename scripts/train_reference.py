@@ -1,0 +1,191 @@
+"""Train the reference models: small decoders whose upper layers matter, saved as ordinary HF directories.
+
+No pretrained weights can be downloaded here, so the project trains its own on varied text (WikiText-2 prose, the
+installed Python packages' API documentation and code; see ``shadowfx.data``). A byte-level BPE tokenizer is trained
+first and shared by both models. Training checkpoints every few minutes and resumes from the last checkpoint, so it
+can run across sessions; at the end the model and tokenizer are written with ``save_pretrained`` and evaluated
+(perplexity per domain and the damage curve) into ``report.json``.
+
+    python scripts/train_reference.py --arch llama            # LLaMA-style, GQA
+    python scripts/train_reference.py --arch opt              # OPT-style, ReLU
+    python scripts/train_reference.py --arch llama --steps 20 --layers 2 --hidden 64 --home /tmp/ref   # smoke run
+
+Artifacts go under ``--home`` (default ``$SHADOWFX_HOME`` or ``~/.cache/shadowfx``), outside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+)
+
+from shadowfx.data import Corpus, build_corpus
+from shadowfx.evaluate import damage_curve, perplexity
+
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SHADOWFX_HOME", Path.home() / ".cache" / "shadowfx"))
+
+
+def train_tokenizer(corpus: Corpus, directory: Path, vocab: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tokenizer.train_from_iterator(corpus.texts("train"), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
+    """One stream, documents separated by the end-of-text token."""
+    ids: list[int] = []
+    for batch_start in tqdm(range(0, len(texts), 64), desc="tokenising", leave=False):
+        for encoded in tokenizer(texts[batch_start:batch_start + 64])["input_ids"]:
+            ids.extend(encoded)
+            ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def prepare_data(home: Path, vocab: int, corpus_chars: int) -> tuple[PreTrainedTokenizerFast, dict[str, torch.Tensor]]:
+    """Tokenizer and token streams (train, and held out per domain), built once and cached under ``home``."""
+    tokenizer_dir, streams_file = home / "tokenizer", home / "streams.safetensors"
+    if tokenizer_dir.is_dir() and streams_file.is_file():
+        return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir), load_file(str(streams_file))
+    corpus = build_corpus(docs_chars=corpus_chars, code_chars=corpus_chars)
+    print("corpus characters:", json.dumps(corpus.sizes()))
+    tokenizer = train_tokenizer(corpus, tokenizer_dir, vocab)
+    streams = {"train": encode(tokenizer, corpus.texts("train"))}
+    for domain in ("prose", "docs", "code"):
+        streams[f"heldout_{domain}"] = encode(tokenizer, corpus.texts("heldout", domain))
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = streams_file.with_name(streams_file.name + ".tmp")
+    save_file(streams, str(tmp))
+    tmp.replace(streams_file)
+    return tokenizer, streams
+
+
+def model_config(arch: str, vocab: int, layers: int, hidden: int, heads: int, kv_heads: int, tokenizer):
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                           max_position_embeddings=1024, tie_word_embeddings=True, **special)
+    return OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     ffn_dim=4 * hidden, max_position_embeddings=1024, word_embed_proj_dim=hidden, dropout=0.0,
+                     **special)
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    tmp.replace(path / "state.pt")
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=("llama", "opt"), required=True)
+    parser.add_argument("--home", type=Path, default=default_home())
+    parser.add_argument("--name", help="model directory name (default: <arch>-<layers>x<hidden>)")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--corpus-chars", type=int, default=8_000_000, help="characters of API docs and of code")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tokenizer, streams = prepare_data(args.home, args.vocab, args.corpus_chars)
+    name = args.name or f"{args.arch}-{args.layers}x{args.hidden}"
+    out = args.home / "reference" / name
+    checkpoint = out / "checkpoint"
+    torch.manual_seed(0)
+    config = model_config(args.arch, len(tokenizer), args.layers, args.hidden, args.heads, args.kv_heads, tokenizer)
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    step = 0
+    if (checkpoint / "state.pt").is_file():
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resuming {name} at step {step}")
+    train = streams["train"].long()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {parameters / 1e6:.1f}M parameters, {train.numel() / 1e6:.1f}M training tokens")
+    model.train()
+    last_save, started, losses = time.monotonic(), time.monotonic(), []
+    progress = tqdm(total=args.steps, initial=step, desc=name)
+    while step < args.steps:
+        # windows drawn from a generator seeded by the step, so a resumed run sees the same data
+        generator = torch.Generator().manual_seed(step)
+        starts = torch.randint(0, train.numel() - args.length - 1, (args.batch,), generator=generator)
+        batch = torch.stack([train[s:s + args.length + 1] for s in starts.tolist()])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, warmup=min(100, args.steps // 10 + 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if time.monotonic() - last_save > 60 * args.checkpoint_minutes or step == args.steps:
+            save_checkpoint(checkpoint, model, optimizer, step)
+            last_save = time.monotonic()
+    progress.close()
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    train_minutes = (time.monotonic() - started) / 60
+    report = {"name": name, "arch": args.arch, "parameters": parameters, "steps": args.steps,
+              "tokens_seen": args.steps * args.batch * args.length, "train_minutes_this_run": train_minutes,
+              "threads": args.threads, "config": config.to_diff_dict(),
+              "perplexity": {domain: perplexity(model, streams[f"heldout_{domain}"].long(), length=args.length)
+                             for domain in ("prose", "docs", "code")},
+              "damage": damage_curve(model, streams["heldout_prose"].long(), length=args.length)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("name", "parameters", "perplexity", "damage")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

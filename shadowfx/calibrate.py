@@ -1,0 +1,195 @@
+"""Calibration: run the criterion over text windows and write the traces predictors are trained on.
+
+Each sample is a window of tokens; the loss is the next-token cross-entropy over the window, and the predictor input
+is layer 0's attention context at the window's last token (where a prompt ends). Per sample the traces hold:
+
+* ``inputs``        [n, E]        layer-0 context at the last token (the ShadowLLM predictor's input)
+* ``layer_inputs``  [n, L, E]     every layer's attention context at the last token (DejaVu-style per-layer inputs)
+* ``heads``         [n, L, H]     the criterion per head; ``neurons`` [n, L, F] per MLP neuron
+* ``token_*``       the same for ``tokens_per_sample`` positions of the window, each with its own per-token scores
+                    and contexts (the token granularity's targets)
+
+Traces are written in shards (safetensors) with a JSON header (``traces.json``: model fingerprint, criterion, data
+description, shards). Each shard is written to a temporary name and renamed, and the header is rewritten after it,
+so an interrupted run leaves only whole shards and resumes after the last one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from shadowfx.criteria import CRITERIA, Criterion, CriterionHooks
+from shadowfx.structure import DecoderStructure, check_fingerprint
+
+HEADER = "traces.json"
+FORMAT_VERSION = 1
+
+
+class TraceError(ValueError):
+    """Traces that cannot be written or used."""
+
+
+@dataclass(frozen=True)
+class Traces:
+    """All shards of a trace directory, concatenated."""
+
+    header: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header["fingerprint"]
+
+    def __len__(self) -> int:
+        return self.tensors["inputs"].shape[0]
+
+    def aggregate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static scores: the criterion summed over all samples, heads [L, H] and neurons [L, F]."""
+        return self.tensors["heads"].float().sum(0), self.tensors["neurons"].float().sum(0)
+
+
+def _read_header(directory: Path) -> dict | None:
+    path = directory / HEADER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TraceError(f"{path} is not a readable trace header: {error}") from error
+
+
+def _write_header(directory: Path, header: dict) -> None:
+    tmp = directory / (HEADER + ".tmp")
+    tmp.write_text(json.dumps(header, indent=2))
+    tmp.replace(directory / HEADER)
+
+
+def calibrate(model: nn.Module, samples: torch.Tensor, structure: DecoderStructure, out: str | Path, *,
+              criterion: Criterion = "plainact", batch_size: int = 8, shard_size: int = 256,
+              tokens_per_sample: int = 4, data: dict | None = None, seed: int = 0, progress: bool = True) -> Traces:
+    """Score ``samples`` (token windows ``[N, W]``) with ``criterion`` and write traces to ``out``.
+
+    Re-running with the same model, criterion and data continues an interrupted run; traces of another model,
+    criterion or data in ``out`` are an error (nothing is overwritten).
+    """
+    if criterion not in CRITERIA:
+        raise TraceError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    if samples.dim() != 2 or samples.shape[0] == 0 or samples.shape[1] < 2:
+        raise TraceError(f"samples must be token windows [N >= 1, W >= 2], got shape {tuple(samples.shape)}")
+    if not 0 <= tokens_per_sample <= samples.shape[1]:
+        raise TraceError(f"tokens_per_sample must be in 0..{samples.shape[1]}, got {tokens_per_sample}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {"format_version": FORMAT_VERSION, "fingerprint": structure.fingerprint,
+                "model_class": structure.model_class, "criterion": criterion, "window": int(samples.shape[1]),
+                "samples": int(samples.shape[0]), "tokens_per_sample": tokens_per_sample, "seed": seed,
+                "data": data or {}}
+    header = _read_header(out)
+    if header is None:
+        header = identity | {"shards": []}
+    elif {k: header.get(k) for k in identity} != identity:
+        differing = sorted(k for k in identity if header.get(k) != identity[k])
+        raise TraceError(f"{out} holds traces that differ in {', '.join(differing)}; use another directory")
+    done = sum(shard["count"] for shard in header["shards"])
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.stack([torch.randperm(samples.shape[1], generator=generator)[:tokens_per_sample].sort().values
+                             for _ in range(samples.shape[0])]) if tokens_per_sample else None
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=samples.shape[0], initial=done, desc=f"calibrating ({criterion})", disable=not progress)
+    try:
+        with CriterionHooks(model, structure) as hooks:
+            while done < samples.shape[0]:
+                stop = min(done + shard_size, samples.shape[0])
+                pieces: dict[str, list[torch.Tensor]] = {}
+                for start in range(done, stop, batch_size):
+                    end = min(start + batch_size, stop)
+                    batch = _score_batch(hooks, samples[start:end], criterion,
+                                         positions[start:end] if positions is not None else None)
+                    for name, tensor in batch.items():
+                        pieces.setdefault(name, []).append(tensor)
+                    bar.update(end - start)
+                name = f"shard-{len(header['shards']):05d}.safetensors"
+                tmp = out / (name + ".tmp")
+                save_file({k: torch.cat(v) for k, v in pieces.items()}, str(tmp))
+                tmp.replace(out / name)
+                header["shards"].append({"file": name, "count": stop - done})
+                _write_header(out, header)
+                done = stop
+    finally:
+        bar.close()
+        model.train(was_training)
+    return load_traces(out, structure)
+
+
+def _score_batch(hooks: CriterionHooks, windows: torch.Tensor, criterion: Criterion,
+                 positions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    loss_mask = torch.ones_like(windows)
+    if positions is None:
+        scores = hooks.score(windows, loss_mask, criterion)
+        token = None
+    else:
+        token = hooks.score(windows, loss_mask, criterion, per_token=True)
+        scores = _sample_scores(token, criterion)
+    contexts = torch.stack([capture.activation.flatten(-2)[:, -1] for capture in hooks.heads], 1)
+    result = {
+        "inputs": scores.context[:, -1].float(),
+        "layer_inputs": contexts.float(),
+        "heads": scores.heads.float(),
+        "neurons": scores.neurons.to(torch.bfloat16),
+    }
+    if positions is not None and token is not None:
+        rows = torch.arange(windows.shape[0])[:, None]
+        result["token_inputs"] = token.context[rows, positions].flatten(0, 1).float()
+        result["token_heads"] = token.heads[rows, positions].flatten(0, 1).float()
+        result["token_neurons"] = token.neurons[rows, positions].flatten(0, 1).to(torch.bfloat16)
+    return result
+
+
+def _sample_scores(token, criterion: Criterion):
+    """Per-sample scores from per-token ones (one backward serves both granularities)."""
+    from shadowfx.criteria import UnitScores
+
+    def reduce(per_token: torch.Tensor) -> torch.Tensor:
+        if criterion in ("plainact", "fisher"):
+            return per_token.sum(1)
+        if criterion == "snip":
+            return per_token.sum(1).abs()
+        return per_token.square().sum(1).sqrt()  # magnitude, grad_norm: l2 over tokens
+
+    return UnitScores(heads=reduce(token.heads), neurons=reduce(token.neurons), context=token.context)
+
+
+def load_traces(directory: str | Path, structure: DecoderStructure | None = None) -> Traces:
+    """Read a trace directory (all shards); with ``structure``, refuse traces of another model."""
+    directory = Path(directory)
+    header = _read_header(directory)
+    if header is None:
+        raise TraceError(f"no traces in {directory} (no {HEADER}); run calibration first")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise TraceError(f"{directory}: trace format {header.get('format_version')!r} is not {FORMAT_VERSION}")
+    if not header["shards"]:
+        raise TraceError(f"{directory} has a header but no finished shard; re-run calibration to resume")
+    if structure is not None:
+        check_fingerprint(header["fingerprint"], structure, what=f"the traces in {directory}")
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for shard in header["shards"]:
+        try:
+            tensors = load_file(str(directory / shard["file"]))
+        except (OSError, RuntimeError) as error:
+            raise TraceError(f"cannot read {directory / shard['file']}: {error}") from error
+        for name, tensor in tensors.items():
+            pieces.setdefault(name, []).append(tensor)
+    tensors = {name: torch.cat(parts) for name, parts in pieces.items()}
+    for name in ("heads", "neurons", "token_heads", "token_neurons"):
+        if name in tensors and not torch.isfinite(tensors[name].float()).all():
+            raise TraceError(f"{directory}: {name} holds non-finite scores (a diverged model?); "
+                             "re-run calibration in float32")
+    return Traces(header=header, tensors=tensors)

@@ -248,15 +248,20 @@ def test_bad_inputs_at_call_time():
 def test_pregathered_decode_equals_gather_per_call(family):
     """The fast path (weights gathered once per prompt) and the bounded-memory path give the same tokens/logits."""
     input_ids, attention_mask = padded_batch(3, 8, 512, seed=31)
-    fast = shadowfx.transform(small_model(family), predictor(family), sparsity=0.5, max_gathered_bytes=1 << 40)
-    tokens, logits = fast.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[], return_logits=True)
-    assert fast.last_decode_path == "pregathered" and fast.last_gathered_bytes > 0
-    bounded = shadowfx.transform(small_model(family), predictor(family), sparsity=0.5, max_gathered_bytes=0)
-    slow_tokens, slow_logits = bounded.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
-                                                return_logits=True)
-    assert bounded.last_decode_path == "gather_per_call" and bounded.last_gathered_bytes == 0
-    assert transformed(family, 0.5).max_gathered_bytes < fast.last_gathered_bytes  # 3 rows x half: over the default
-    assert torch.equal(tokens, slow_tokens)
+    sparse = transformed(family, 0.5)
+    default_limit = sparse.max_gathered_bytes
+    try:
+        sparse.max_gathered_bytes = 1 << 40
+        tokens, logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
+                                         return_logits=True)
+        assert sparse.last_decode_path == "pregathered" and sparse.last_gathered_bytes > default_limit
+        sparse.max_gathered_bytes = 0
+        slow_tokens, slow_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
+                                                   return_logits=True)
+        assert sparse.last_decode_path == "gather_per_call" and sparse.last_gathered_bytes == 0
+    finally:
+        sparse.max_gathered_bytes = default_limit
+    assert torch.equal(tokens, slow_tokens)  # 3 rows x half the weights: over the default limit
     torch.testing.assert_close(logits, slow_logits, rtol=1e-5, atol=1e-5)
 
 

@@ -19,7 +19,8 @@ from shadowfx.data import read_text, token_windows
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.loading import ModelLoadError, load_decoder, load_tokenizer
 from shadowfx.passes.discover_structure import discover_structure
-from shadowfx.predictor import save_predictor
+from shadowfx.api import transform
+from shadowfx.predictor import ShadowPredictor, save_predictor
 from shadowfx.structure import DecoderStructure, StructureError
 from shadowfx.training import train_predictor
 
@@ -58,7 +59,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Capture each embedded small model, check the graph against eager, and show its structure and rewrite plan."""
+    """Capture each embedded small model, check the graph against eager, show its structure and rewrite plan, then
+    sparsify it at 0.5 with an untrained predictor and report what the passes rewrote and what the selection skips."""
     families = args.family or list(FAMILIES)
     generator = torch.Generator().manual_seed(0)
     report = []
@@ -75,13 +77,24 @@ def _demo(args: argparse.Namespace) -> int:
             eager = PrefillStep(model)(input_ids, attention_mask)
             graph = captured(input_ids, attention_mask)
         difference = (eager - graph).abs().max().item()
+        sparse = transform(model, ShadowPredictor.for_structure(structure, hidden=64), sparsity=0.5)
+        tokens = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[])
+        effective = sparse.effective_sparsity()
         report.append({"family": family, "capture_and_discover_s": round(seconds, 2),
-                       "max_abs_diff_vs_eager": difference, "structure": structure.to_dict()})
+                       "max_abs_diff_vs_eager": difference, "structure": structure.to_dict(),
+                       "rewrites": sparse.rewrites.counts(), "effective_sparsity": effective.to_dict(),
+                       "generated": tokens[:, input_ids.shape[1]:].tolist()})
         if not args.json:
             print(f"== {family}: captured and discovered in {seconds:.1f} s; graph vs eager max |diff| "
                   f"{difference:.2e} on a left-padded 3x12 batch")
             print(structure.summary())
             print(describe_rewrites(structure))
+            counts = sparse.rewrites.counts()["prefill"]
+            print(f"  transformed at sparsity 0.5 (untrained predictor): prefill graph got "
+                  f"{counts['insert_shadow']} predictor, {counts['sparsify_attention']} sparse attentions, "
+                  f"{counts['sparsify_mlp']} sparse MLPs; skipped {effective.heads:.0%} of heads, "
+                  f"{effective.neurons:.0%} of neurons, {effective.weight_bytes:.0%} of layer weight bytes, "
+                  f"{effective.kv_bytes:.0%} of the KV cache; decode path {sparse.last_decode_path}")
             print()
     if args.json:
         print(json.dumps(report, indent=2))

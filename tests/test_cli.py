@@ -65,6 +65,8 @@ def test_demo_json(capsys):
     (entry,) = json.loads(capsys.readouterr().out)
     assert entry["family"] == "gpt2" and entry["max_abs_diff_vs_eager"] < 1e-5
     assert entry["structure"]["layers"][0]["attention"]["q"]["rows"] == [0, 64]
+    assert entry["rewrites"]["prefill"]["sparsify_mlp"] == entry["rewrites"]["decode"]["sparsify_attention"] == 2
+    assert 0 < entry["effective_sparsity"]["neurons"] < 1 and len(entry["generated"][0]) == 4
 
 
 def test_console_script_runs(saved_model):

@@ -29,6 +29,7 @@ RUNS = (  # (name, criterion, kind, granularity)
     ("shadowllm_prompt", "plainact", "shadowllm", "prompt"),
     ("shadowllm_token", "plainact", "shadowllm", "token"),
     ("dejavu_prompt", "magnitude", "dejavu", "prompt"),
+    ("dejavu_token", "magnitude", "dejavu", "token"),
 )
 
 

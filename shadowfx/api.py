@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -116,6 +117,8 @@ def transform(
     prefill_capture = capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     predictor = _resolve_predictor(model, predictor, structure).eval()
+    # a block-scoring predictor's neurons are kept in whole blocks, so the gathers stay contiguous
+    config = replace(config, neuron_block=getattr(predictor, "neuron_block", 1))
     decode_capture = capture(model, step="decode")
     decode_structure = discover_structure(decode_capture)
     per_token = granularity == "token"

@@ -7,7 +7,7 @@ is layer 0's attention context at the window's last token (where a prompt ends).
 * ``layer_inputs``  [n, L, E]     every layer's attention context at the last token (DejaVu-style per-layer inputs)
 * ``heads``         [n, L, H]     the criterion per head; ``neurons`` [n, L, F] per MLP neuron
 * ``token_*``       the same for ``tokens_per_sample`` positions of the window, each with its own per-token scores
-                    and contexts (the token granularity's targets)
+                    and contexts, layer 0's and every layer's (the token granularity's targets and inputs)
 
 Traces are written in shards (safetensors) with a JSON header (``traces.json``: model fingerprint, criterion, data
 description, shards). Each shard is written to a temporary name and renamed, and the header is rewritten after it,
@@ -150,6 +150,8 @@ def _score_batch(hooks: CriterionHooks, windows: torch.Tensor, criterion: Criter
         result["token_inputs"] = token.context[rows, positions].flatten(0, 1).float()
         result["token_heads"] = token.heads[rows, positions].flatten(0, 1).float()
         result["token_neurons"] = token.neurons[rows, positions].flatten(0, 1).to(torch.bfloat16)
+        every_layer = torch.stack([capture.activation.flatten(-2) for capture in hooks.heads], 2)  # [B, S, L, E]
+        result["token_layer_inputs"] = every_layer[rows, positions].flatten(0, 1).float()
     return result
 
 

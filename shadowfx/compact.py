@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shadowfx.selection import Selection
+from shadowfx.selection import Selection, unit_rows
 from shadowfx.structure import DecoderStructure, Projection
 
 ATTENTION_ROLES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias")
@@ -25,11 +25,6 @@ class CompactWeights:
     tensors: list[torch.Tensor]
     gathered_bytes: int
     per_row: bool
-
-
-def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows owned by units of ``width`` consecutive rows each: ``[..., n] -> [..., n * width]``."""
-    return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten(-2)
 
 
 def _weight(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tensor:

@@ -42,6 +42,7 @@ class SparsityConfig:
     scope: Scope = "global"
     min_kv_heads: int = 1
     min_neuron_fraction: float = 1 / 32
+    neuron_block: int = 1  # neurons are kept in contiguous blocks of this many (a block-scoring predictor's unit)
 
     def __post_init__(self) -> None:
         _fraction("heads sparsity", self.heads)
@@ -52,6 +53,8 @@ class SparsityConfig:
             raise SparsityError(f"min_kv_heads must be >= 1, got {self.min_kv_heads}")
         if not 0.0 < self.min_neuron_fraction <= 1.0:
             raise SparsityError(f"min_neuron_fraction must be in (0, 1], got {self.min_neuron_fraction}")
+        if self.neuron_block < 1:
+            raise SparsityError(f"neuron_block must be >= 1, got {self.neuron_block}")
 
     @classmethod
     def from_arguments(cls, sparsity: float, heads_sparsity: float | None, neurons_sparsity: float | None,
@@ -104,11 +107,19 @@ def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) 
     later = structure.layers[1:]
     attention = later[0].attention
     groups = scores.heads.unflatten(-1, (attention.num_kv_heads, attention.kv_group_size)).mean(-1)
-    min_neurons = max(1, math.ceil(config.min_neuron_fraction * later[0].mlp.intermediate_size))
+    block = config.neuron_block
+    blocks = scores.neurons.unflatten(-1, (-1, block)).mean(-1) if block > 1 else scores.neurons
+    min_blocks = max(1, math.ceil(config.min_neuron_fraction * blocks.shape[-1]))
+    kept_blocks = _select_units(blocks, config.neurons, config.scope, min_blocks)
     return Selection(
         kv_heads=_select_units(groups, config.heads, config.scope, min(config.min_kv_heads, attention.num_kv_heads)),
-        neurons=_select_units(scores.neurons, config.neurons, config.scope, min_neurons),
+        neurons=tuple(unit_rows(b, block) for b in kept_blocks) if block > 1 else kept_blocks,
     )
+
+
+def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows owned by units of ``width`` consecutive rows each: ``[..., n] -> [..., n * width]`` (ascending)."""
+    return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten(-2)
 
 
 def full_selection(structure: DecoderStructure, batch: int, device: torch.device | None = None) -> Selection:

@@ -230,6 +230,10 @@ def test_layerwise_predictor_cannot_drive_transform(trained):
         shadowfx.transform(small_model("llama"), trained["dejavu"].predictor, sparsity=0.5)
 
 
-def test_dejavu_at_token_granularity_is_refused(llama_traces):
+def test_dejavu_at_token_granularity(llama_traces):
+    result = train_predictor(llama_traces, kind="dejavu", granularity="token", **FAST)
+    assert result.report["granularity"] == "token" and "predictor" in result.report["spearman"]["held_out"]
+    without = Traces(header=llama_traces.header,
+                     tensors={k: v for k, v in llama_traces.tensors.items() if k != "token_layer_inputs"})
     with pytest.raises(TrainingError, match="granularity 'prompt'"):
-        train_predictor(llama_traces, kind="dejavu", granularity="token", **FAST)
+        train_predictor(without, kind="dejavu", granularity="token", **FAST)

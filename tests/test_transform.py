@@ -333,3 +333,15 @@ def test_token_granularity_keeps_the_complete_cache_and_reports_it():
     assert tokens.shape == (2, 8) and sparse.last_decode_path == "per_token"
     effective = sparse.effective_sparsity()
     assert effective.kv_bytes == 0 and effective.heads > 0 and effective.neurons > 0
+
+
+def test_block_predictor_keeps_whole_neuron_blocks():
+    block_predictor = ShadowPredictor(predictor("llama").shape, structure("llama").fingerprint, hidden=16,
+                                      neuron_block=8)
+    sparse = shadowfx.transform(small_model("llama"), block_predictor, sparsity=0.5, scope="per_layer")
+    sparse(*padded_batch(2, 6, 512, seed=12))
+    for neurons in sparse.last_selection.neurons:
+        blocks = neurons.unflatten(-1, (-1, 8))
+        assert torch.equal(blocks - blocks[..., :1], torch.arange(8).expand_as(blocks))  # contiguous runs of 8
+        assert bool((blocks[..., 0] % 8 == 0).all())
+    assert [layer.neurons_kept for layer in sparse.effective_sparsity().layers] == [192, 96, 96]

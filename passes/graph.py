@@ -247,3 +247,33 @@ def weight_and_bias(gm: torch.fx.GraphModule, projection: Node, rows: tuple[int,
 def inserting_after(node: Node):
     """Insertion point right after ``node`` that keeps several new nodes in creation order."""
     return node.graph.inserting_before(node.next)
+
+
+def predictor_reads(graph: torch.fx.Graph, x: Node, tokens: Node, per_token: bool) -> tuple[Node, list[Node] | None]:
+    """What a predictor reads from activations ``x`` (``[B, S, E]``, or ``[B * S, E]`` as OPT's MLP takes them):
+    every row's last position ``[B, E]`` (prompts are left-padded), or per token every position ``[B * S, E]``.
+
+    Returns the node and, per token, the ``[B, S]`` sizes (from ``tokens``, the input ids) to restore the scores'
+    token dims with :func:`per_position`. New nodes go to the current insertion point.
+    """
+    flat = len(shape(x)) == 2
+    size = [graph.call_function(aten.sym_size.int, (tokens, d)) for d in (0, 1)] if per_token or flat else None
+    if per_token:
+        return (x if flat else graph.call_function(aten.flatten.using_ints, (x, 0, 1))), size
+    if flat:
+        x = graph.call_function(aten.view.default, (x, [*size, shape(x)[-1]]))
+    return graph.call_function(aten.select.int, (x, 1, -1)), None
+
+
+def per_position(graph: torch.fx.Graph, scores: Node, size: list[Node] | None) -> Node:
+    """Per-token scores ``[B * S, ...]`` back to ``[B, S, ...]`` (``size`` from :func:`predictor_reads`)."""
+    return graph.call_function(aten.unflatten.int, (scores, 0, size)) if size is not None else scores
+
+
+def output_selection(gm: torch.fx.GraphModule, layers: list[int]) -> list[Node]:
+    """Append the tagged selection nodes to the graph outputs: kept KV heads of the given layers, then their kept
+    neurons (the order a runtime unpacks)."""
+    chosen = selection_nodes(gm)
+    ordered = [chosen[("kv_heads", i)] for i in layers] + [chosen[("neurons", i)] for i in layers]
+    set_graph_outputs(gm, graph_outputs(gm) + ordered)
+    return ordered

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from shadowfx.passes.base import GraphPass, PassResult
-from shadowfx.passes.graph import SELECTION_META, inserting_after, graph_outputs, nodes_by_name, set_graph_outputs
+from shadowfx.passes.graph import (
+    SELECTION_META,
+    inserting_after,
+    nodes_by_name,
+    output_selection,
+    per_position,
+    placeholders,
+    predictor_reads,
+)
 from shadowfx.structure import DecoderStructure
 
 PREDICTOR_ATTR = "shadow_predictor"
@@ -38,26 +45,16 @@ class InsertShadowPredictor(GraphPass):
         gm.add_submodule(SELECTOR_ATTR, self.selector)
         graph = gm.graph
         later = [layer.index for layer in self.structure.layers[1:]]
-        aten = torch.ops.aten
         with inserting_after(context):
-            if self.per_token:  # every position: [B, S, E] -> [B * S, E], scores back to [B, S, ...]
-                size = [graph.call_function(aten.sym_size.int, (context, d)) for d in (0, 1)]
-                reads = graph.call_function(aten.flatten.using_ints, (context, 0, 1))
-            else:
-                reads = graph.call_function(aten.select.int, (context, 1, -1))
+            reads, size = predictor_reads(graph, context, placeholders(gm)[0], self.per_token)
             scores = graph.call_module(PREDICTOR_ATTR, (reads,))
-            head_scores = graph.call_function(operator.getitem, (scores, 0))
-            neuron_scores = graph.call_function(operator.getitem, (scores, 1))
-            if self.per_token:
-                head_scores = graph.call_function(aten.unflatten.int, (head_scores, 0, size))
-                neuron_scores = graph.call_function(aten.unflatten.int, (neuron_scores, 0, size))
+            head_scores, neuron_scores = (per_position(graph, graph.call_function(operator.getitem, (scores, i)), size)
+                                          for i in (0, 1))
             selected = graph.call_module(SELECTOR_ATTR, (head_scores, neuron_scores))
-        indices = []
         anchor = selected
         for position, tag in enumerate([("kv_heads", i) for i in later] + [("neurons", i) for i in later]):
             with inserting_after(anchor):
                 anchor = graph.call_function(operator.getitem, (selected, position))
             anchor.meta[SELECTION_META] = tag
-            indices.append(anchor)
-        set_graph_outputs(gm, graph_outputs(gm) + indices)
+        output_selection(gm, later)
         return PassResult(gm, True, {0: 1})

@@ -13,14 +13,15 @@ from shadowfx.passes.base import run_passes
 from shadowfx.passes.cleanup import Cleanup
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.passes.graph import editable_module
+from shadowfx.passes.insert_layerwise import InsertLayerwisePredictor
 from shadowfx.passes.insert_shadow import InsertShadowPredictor
 from shadowfx.passes.pregathered_weights import PregatheredWeights
 from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
-from shadowfx.predictor import PredictorError, Scores, SparseShape, load_predictor
+from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, load_predictor
 from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder, SparseGraphs
-from shadowfx.selection import Scope, Selector, SparsityConfig
+from shadowfx.selection import Scope, Selector, SparsityConfig, SparsityError
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
 
 GRANULARITIES = ("prompt", "token")
@@ -52,6 +53,11 @@ def _resolve_predictor(model: nn.Module, predictor: nn.Module | None, structure:
         raise PredictorError("the predictor carries no `fingerprint` of the model it was made for; set "
                              "predictor.fingerprint = shadowfx.discover(model).fingerprint when building it")
     check_fingerprint(fingerprint, structure, what="the predictor")
+    if isinstance(predictor, LayerwisePredictor):
+        expected = SparseShape.layerwise(structure)
+        if predictor.shape != expected:
+            raise PredictorError(f"the layerwise predictor scores {predictor.shape}, but this model needs {expected}")
+        return predictor
     expected = SparseShape.of(structure)
     with torch.inference_mode():
         probe = predictor(torch.zeros(1, expected.input_size, dtype=next(model.parameters()).dtype))
@@ -100,7 +106,7 @@ def transform(
 
     ``sparsity`` is the fraction of KV-head groups and MLP neurons of layers 1..L-1 to skip (``heads_sparsity`` and
     ``neurons_sparsity`` override it per kind); layer 0 stays dense. ``scope`` ranks units across layers ("global")
-    or within each layer ("per_layer"). ``granularity`` "prompt" selects once per sequence (the KV cache of later
+    or within each layer ("per_layer"; a layerwise predictor needs it). ``granularity`` "prompt" selects once per sequence (the KV cache of later
     layers keeps only the kept heads, and decoding reuses weights gathered once); "token" selects for every token
     (the KV cache stays complete). ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
     of the later layers' weights); beyond it decoding gathers on every step instead. With ``predictor=None`` the
@@ -117,26 +123,31 @@ def transform(
     prefill_capture = capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     predictor = _resolve_predictor(model, predictor, structure).eval()
+    if isinstance(predictor, LayerwisePredictor) and config.scope != "per_layer":
+        raise SparsityError("a layerwise (DejaVu-style) predictor scores each layer as it runs, so units cannot be "
+                            "ranked across layers; pass scope='per_layer'")
     # a block-scoring predictor's neurons are kept in whole blocks, so the gathers stay contiguous
     config = replace(config, neuron_block=getattr(predictor, "neuron_block", 1))
     decode_capture = capture(model, step="decode")
     decode_structure = discover_structure(decode_capture)
     per_token = granularity == "token"
 
-    def selector() -> Selector:
-        return Selector(structure, config)
+    def insert_predictor(graph_structure: DecoderStructure) -> InsertShadowPredictor | InsertLayerwisePredictor:
+        # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style)
+        if isinstance(predictor, LayerwisePredictor):
+            return InsertLayerwisePredictor(graph_structure, predictor, config, per_token=per_token)
+        return InsertShadowPredictor(graph_structure, predictor, Selector(structure, config), per_token=per_token)
 
     reports = {}
     prefill = editable_module(prefill_capture.program)
     reports["prefill"] = run_passes(prefill, [
-        InsertShadowPredictor(structure, predictor, selector(), per_token=per_token),
+        insert_predictor(structure),
         SparsifyMLP(structure),
         SparsifyAttention(structure, cache=True, per_token=per_token),
         Cleanup(structure),
     ])
     decode = editable_module(decode_capture.program)
-    select_inputs = (InsertShadowPredictor(decode_structure, predictor, selector(), per_token=True) if per_token
-                     else AddSelectionInputs(decode_structure))
+    select_inputs = insert_predictor(decode_structure) if per_token else AddSelectionInputs(decode_structure)
     reports["decode"] = run_passes(decode, [
         select_inputs,
         SparsifyMLP(decode_structure),

@@ -4,10 +4,11 @@ Each sample is a window of tokens; the loss is the next-token cross-entropy over
 is layer 0's attention context at the window's last token (where a prompt ends). Per sample the traces hold:
 
 * ``inputs``        [n, E]        layer-0 context at the last token (the ShadowLLM predictor's input)
-* ``layer_inputs``  [n, L, E]     every layer's attention context at the last token (DejaVu-style per-layer inputs)
+* ``attention_inputs``, ``mlp_inputs``  [n, L, E]   every layer's attention and MLP input (what the q and up
+                    projections take) at the last token: the inputs of the layerwise (DejaVu-style) predictor
 * ``heads``         [n, L, H]     the criterion per head; ``neurons`` [n, L, F] per MLP neuron
 * ``token_*``       the same for ``tokens_per_sample`` positions of the window, each with its own per-token scores
-                    and contexts, layer 0's and every layer's (the token granularity's targets and inputs)
+                    and inputs (the token granularity's targets and inputs)
 
 Traces are written in shards (safetensors) with a JSON header (``traces.json``: model fingerprint, criterion, data
 description, shards). Each shard is written to a temporary name and renamed, and the header is rewritten after it,
@@ -29,7 +30,7 @@ from shadowfx.criteria import CRITERIA, Criterion, CriterionHooks
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 HEADER = "traces.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer attention and MLP inputs replace per-layer contexts
 
 
 class TraceError(ValueError):
@@ -138,10 +139,12 @@ def _score_batch(hooks: CriterionHooks, windows: torch.Tensor, criterion: Criter
     else:
         token = hooks.score(windows, loss_mask, criterion, per_token=True)
         scores = _sample_scores(token, criterion)
-    contexts = torch.stack([capture.activation.flatten(-2)[:, -1] for capture in hooks.heads], 1)
+    attention_inputs = torch.stack(hooks.attention_inputs, 2).float()  # [B, S, L, E]
+    mlp_inputs = torch.stack(hooks.mlp_inputs, 2).float()
     result = {
         "inputs": scores.context[:, -1].float(),
-        "layer_inputs": contexts.float(),
+        "attention_inputs": attention_inputs[:, -1],
+        "mlp_inputs": mlp_inputs[:, -1],
         "heads": scores.heads.float(),
         "neurons": scores.neurons.to(torch.bfloat16),
     }
@@ -150,8 +153,8 @@ def _score_batch(hooks: CriterionHooks, windows: torch.Tensor, criterion: Criter
         result["token_inputs"] = token.context[rows, positions].flatten(0, 1).float()
         result["token_heads"] = token.heads[rows, positions].flatten(0, 1).float()
         result["token_neurons"] = token.neurons[rows, positions].flatten(0, 1).to(torch.bfloat16)
-        every_layer = torch.stack([capture.activation.flatten(-2) for capture in hooks.heads], 2)  # [B, S, L, E]
-        result["token_layer_inputs"] = every_layer[rows, positions].flatten(0, 1).float()
+        result["token_attention_inputs"] = attention_inputs[rows, positions].flatten(0, 1)
+        result["token_mlp_inputs"] = mlp_inputs[rows, positions].flatten(0, 1)
     return result
 
 
@@ -176,7 +179,8 @@ def load_traces(directory: str | Path, structure: DecoderStructure | None = None
     if header is None:
         raise TraceError(f"no traces in {directory} (no {HEADER}); run calibration first")
     if header.get("format_version") != FORMAT_VERSION:
-        raise TraceError(f"{directory}: trace format {header.get('format_version')!r} is not {FORMAT_VERSION}")
+        raise TraceError(f"{directory}: trace format {header.get('format_version')!r} is not {FORMAT_VERSION} (made "
+                         "by another shadowfx version); re-run calibration into a new directory")
     if not header["shards"]:
         raise TraceError(f"{directory} has a header but no finished shard; re-run calibration to resume")
     if structure is not None:

@@ -78,6 +78,9 @@ class CriterionHooks:
         self.structure = structure
         self.heads = [_Capture() for _ in structure.layers]
         self.neurons = [_Capture() for _ in structure.layers]
+        # what a layerwise (DejaVu-style) predictor reads: each layer's attention and MLP input [B, S, E]
+        self.attention_inputs: list[torch.Tensor | None] = [None] * len(structure.layers)
+        self.mlp_inputs: list[torch.Tensor | None] = [None] * len(structure.layers)
         self._batch = 0
         self._handles = []
         # gradients are needed for the gates only: freezing the weights saves their gradient memory and time
@@ -91,6 +94,10 @@ class CriterionHooks:
                 self._gate(self.heads[layer.index], attention.num_heads)))
             self._handles.append(down.register_forward_pre_hook(
                 self._gate(self.neurons[layer.index], layer.mlp.intermediate_size)))
+            q = model.get_submodule(attention.q.module)
+            up = model.get_submodule(layer.mlp.up.module)
+            self._handles.append(q.register_forward_pre_hook(self._keep_input(self.attention_inputs, layer.index)))
+            self._handles.append(up.register_forward_pre_hook(self._keep_input(self.mlp_inputs, layer.index)))
 
     def _gate(self, capture: _Capture, units: int) -> Callable:
         def hook(module: nn.Module, args: tuple):
@@ -102,6 +109,12 @@ class CriterionHooks:
             gated.register_hook(lambda grad: setattr(capture, "gradient", grad.detach()))
             capture.activation, capture.gate = shaped.detach(), gate
             return (gated.reshape(x.shape), *args[1:])
+
+        return hook
+
+    def _keep_input(self, inputs: list, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs[index] = args[0].detach().reshape(self._batch, -1, args[0].shape[-1])
 
         return hook
 

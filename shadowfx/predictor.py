@@ -7,15 +7,15 @@ one score per block of contiguous neurons). Scores are higher for more important
 (scope "per_layer") or across (scope "global") layers matters.
 
 Two more kinds share the file format (``shadow_predictor.{safetensors,json}`` with a ``kind`` field in the JSON):
-:class:`LayerwisePredictor` (the DejaVu-style baseline: one small MLP per layer, reading that layer's own context; an
-evaluation baseline, it cannot drive :func:`shadowfx.transform`) and :class:`StaticScores` (input-independent
-scores). :func:`save_predictor` and :func:`load_predictor` handle all three.
+:class:`LayerwisePredictor` (the DejaVu-style baseline: small MLPs per layer, each reading that layer's own attention
+or MLP input as the layer runs) and :class:`StaticScores` (input-independent scores). All three drive
+:func:`shadowfx.transform`; :func:`save_predictor` and :func:`load_predictor` handle all three.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +60,11 @@ class SparseShape:
             raise PredictorError(f"layers 1..{structure.num_layers - 1} differ in heads {sorted(heads)} or MLP widths "
                                  f"{sorted(widths)}; one predictor output layout needs them equal")
         return cls(structure.predictor_input_size, len(later), heads.pop(), widths.pop())
+
+    @classmethod
+    def layerwise(cls, structure: DecoderStructure) -> SparseShape:
+        """The shape of a layerwise predictor, which reads the layers' hidden inputs (width E) instead."""
+        return replace(cls.of(structure), input_size=structure.hidden_size)
 
 
 def minmax_scale(context: torch.Tensor) -> torch.Tensor:
@@ -215,13 +220,26 @@ class ShadowPredictor(nn.Module):
         return predictor.eval()
 
 
-class LayerwisePredictor(nn.Module):
-    """The DejaVu-style baseline as ShadowLLM re-implemented it: per layer l >= 1, ``E -> hidden -> H`` and
-    ``E -> hidden -> F`` reading layer l's own attention context (min-max scaled per sample).
+class ScaledMLP(nn.Sequential):
+    """``E -> hidden -> outputs`` on the min-max scaled input: one layer's predictor in a :class:`LayerwisePredictor`."""
 
-    ``forward`` takes every layer's last-token context ``[B, L, E]`` (layer 0's is ignored), as calibration traces
-    hold it in ``layer_inputs``. It needs the dense model's later-layer contexts, so it is an evaluation baseline and
-    cannot drive :func:`shadowfx.transform` (which gives a predictor layer 0's context only).
+    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+        super().__init__(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(minmax_scale(x.float()).to(self[0].weight.dtype))
+
+
+class LayerwisePredictor(nn.Module):
+    """The DejaVu-style baseline: per layer l >= 1, ``E -> hidden -> H`` from the input of layer l's attention and
+    ``E -> hidden -> F`` from the input of layer l's MLP (each min-max scaled per row).
+
+    The inputs are what DejaVu's predictors read (the attention block's and the MLP block's input; here the
+    normalised one that the q and up projections take), so the predictor runs causally inside the sparse model: each
+    layer is scored from the states the sparse earlier layers produced, and :func:`shadowfx.transform` places one
+    predictor and one selection before each later layer's attention and MLP. (ShadowLLM's accuracy harness fed each
+    layer's attention *output* from a dense forward instead, an oracle no sparse model has.) ``forward`` takes every
+    layer's inputs ``[B, L, E]`` (layer 0's are ignored), as calibration traces hold them.
     """
 
     def __init__(self, shape: SparseShape, fingerprint: str, *, hidden: int = 1024) -> None:
@@ -231,42 +249,34 @@ class LayerwisePredictor(nn.Module):
         self.shape = shape
         self.fingerprint = fingerprint
         self.hidden = hidden
-        self.heads = nn.ModuleList(_mlp(shape.input_size, hidden, shape.num_heads)
+        self.heads = nn.ModuleList(ScaledMLP(shape.input_size, hidden, shape.num_heads)
                                    for _ in range(shape.sparse_layers))
-        self.neurons = nn.ModuleList(_mlp(shape.input_size, hidden, shape.intermediate_size)
+        self.neurons = nn.ModuleList(ScaledMLP(shape.input_size, hidden, shape.intermediate_size)
                                      for _ in range(shape.sparse_layers))
 
     @classmethod
     def for_structure(cls, structure: DecoderStructure, *, hidden: int = 1024, seed: int = 0) -> LayerwisePredictor:
-        shape = SparseShape.of(structure)
+        shape = SparseShape.layerwise(structure)
         return _seeded(seed, lambda: cls(shape, structure.fingerprint, hidden=hidden))
 
-    def _scaled(self, layer_inputs: torch.Tensor) -> torch.Tensor:
-        """``[B, L - 1, E]``: layers 1..L-1's contexts, each min-max scaled."""
+    def _apply(self, mlps: nn.ModuleList, layer_inputs: torch.Tensor, what: str) -> torch.Tensor:
         want = (self.shape.sparse_layers + 1, self.shape.input_size)
         if layer_inputs.dim() != 3 or tuple(layer_inputs.shape[1:]) != want:
-            raise PredictorError(
-                f"a layerwise (DejaVu-style) predictor reads every layer's own attention context [B, {want[0]}, "
-                f"{want[1]}], got shape {tuple(layer_inputs.shape)}; it cannot drive transform(), which gives a "
-                "predictor layer 0's context only"
-            )
-        return minmax_scale(layer_inputs[:, 1:].float()).to(self.heads[0][0].weight.dtype)
+            raise PredictorError(f"a layerwise (DejaVu-style) predictor reads every layer's {what} input "
+                                 f"[B, {want[0]}, {want[1]}], got shape {tuple(layer_inputs.shape)}")
+        return torch.stack([mlp(layer_inputs[:, i + 1]) for i, mlp in enumerate(mlps)], 1)
 
-    @staticmethod
-    def _apply(mlps: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([mlp(x[:, i]) for i, mlp in enumerate(mlps)], 1)
+    def head_scores(self, attention_inputs: torch.Tensor) -> torch.Tensor:
+        """Head scores ``[B, L - 1, H]`` from every layer's attention input ``[B, L, E]``."""
+        return self._apply(self.heads, attention_inputs, "attention")
 
-    def head_scores(self, layer_inputs: torch.Tensor) -> torch.Tensor:
-        """Head scores ``[B, L - 1, H]`` from every layer's context ``[B, L, E]``."""
-        return self._apply(self.heads, self._scaled(layer_inputs))
+    def block_scores(self, mlp_inputs: torch.Tensor) -> torch.Tensor:
+        """Neuron scores ``[B, L - 1, F]`` from every layer's MLP input ``[B, L, E]`` (named like ShadowPredictor's;
+        a layerwise predictor has no blocks)."""
+        return self._apply(self.neurons, mlp_inputs, "MLP")
 
-    def block_scores(self, layer_inputs: torch.Tensor) -> torch.Tensor:
-        """Neuron scores ``[B, L - 1, F]`` (named like ShadowPredictor's; a layerwise predictor has no blocks)."""
-        return self._apply(self.neurons, self._scaled(layer_inputs))
-
-    def forward(self, layer_inputs: torch.Tensor) -> Scores:
-        x = self._scaled(layer_inputs)
-        return Scores(heads=self._apply(self.heads, x), neurons=self._apply(self.neurons, x))
+    def forward(self, attention_inputs: torch.Tensor, mlp_inputs: torch.Tensor) -> Scores:
+        return Scores(heads=self.head_scores(attention_inputs), neurons=self.block_scores(mlp_inputs))
 
     def config(self) -> dict:
         return {"kind": "dejavu", "fingerprint": self.fingerprint, "hidden": self.hidden, "shape": vars(self.shape)}
@@ -305,7 +315,8 @@ class StaticScores(nn.Module):
                    torch.rand(shape.sparse_layers, shape.intermediate_size, generator=generator),
                    structure.fingerprint)
 
-    def forward(self, context: torch.Tensor) -> Scores:
+    def forward(self, context: torch.Tensor, *other_inputs: torch.Tensor) -> Scores:
+        """The same scores for every row of ``context``; other inputs (a layerwise predictor's) are ignored too."""
         batch = context.shape[0]
         return Scores(self.head_scores.expand(batch, -1, -1), self.neuron_scores.expand(batch, -1, -1))
 

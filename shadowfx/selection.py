@@ -102,19 +102,29 @@ def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: 
     return tuple(topk_indices(rows[:, layer].contiguous(), k).reshape(*leading, k) for layer, k in enumerate(keep))
 
 
-def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) -> Selection:
-    """Turn predicted scores ``[..., L-1, H]`` / ``[..., L-1, F]`` into the kept KV heads and neurons per layer."""
-    later = structure.layers[1:]
-    attention = later[0].attention
-    groups = scores.heads.unflatten(-1, (attention.num_kv_heads, attention.kv_group_size)).mean(-1)
+def kept_kv_groups(head_scores: torch.Tensor, structure: DecoderStructure,
+                   config: SparsityConfig) -> tuple[torch.Tensor, ...]:
+    """Query-head scores ``[..., L', H]`` -> per layer the kept KV groups ``[..., g_l]`` (a group scores the mean of
+    its query heads)."""
+    attention = structure.layers[1].attention
+    groups = head_scores.unflatten(-1, (attention.num_kv_heads, attention.kv_group_size)).mean(-1)
+    return _select_units(groups, config.heads, config.scope, min(config.min_kv_heads, attention.num_kv_heads))
+
+
+def kept_neurons(neuron_scores: torch.Tensor, config: SparsityConfig) -> tuple[torch.Tensor, ...]:
+    """Neuron scores ``[..., L', F]`` -> per layer the kept neurons ``[..., k_l]``, whole blocks of
+    ``config.neuron_block`` (a block scores the mean of its neurons)."""
     block = config.neuron_block
-    blocks = scores.neurons.unflatten(-1, (-1, block)).mean(-1) if block > 1 else scores.neurons
+    blocks = neuron_scores.unflatten(-1, (-1, block)).mean(-1) if block > 1 else neuron_scores
     min_blocks = max(1, math.ceil(config.min_neuron_fraction * blocks.shape[-1]))
     kept_blocks = _select_units(blocks, config.neurons, config.scope, min_blocks)
-    return Selection(
-        kv_heads=_select_units(groups, config.heads, config.scope, min(config.min_kv_heads, attention.num_kv_heads)),
-        neurons=tuple(unit_rows(b, block) for b in kept_blocks) if block > 1 else kept_blocks,
-    )
+    return tuple(unit_rows(b, block) for b in kept_blocks) if block > 1 else kept_blocks
+
+
+def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) -> Selection:
+    """Turn predicted scores ``[..., L-1, H]`` / ``[..., L-1, F]`` into the kept KV heads and neurons per layer."""
+    return Selection(kv_heads=kept_kv_groups(scores.heads, structure, config),
+                     neurons=kept_neurons(scores.neurons, config))
 
 
 def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
@@ -221,3 +231,26 @@ class Selector(torch.nn.Module):
     def forward(self, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
         selection = select(Scores(head_scores, neuron_scores), self.structure, self.config)
         return selection.kv_heads + selection.neurons
+
+
+class LayerSelector(torch.nn.Module):
+    """The selection node of one layer's heads or neurons, for a predictor that scores each layer from that layer's
+    own input as the layer runs (a layerwise predictor): scores ``[..., H]`` or ``[..., F]`` in, kept indices out.
+
+    Layers are ranked one at a time, so the scope must be "per_layer".
+    """
+
+    def __init__(self, structure: DecoderStructure, config: SparsityConfig, unit: Literal["kv_heads", "neurons"]):
+        super().__init__()
+        if config.scope != "per_layer":
+            raise SparsityError("a layerwise predictor scores each layer as it runs, so units cannot be ranked "
+                                "across layers; use scope='per_layer'")
+        self.structure = structure
+        self.config = config
+        self.unit = unit
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        one_layer = scores.unsqueeze(-2)
+        if self.unit == "kv_heads":
+            return kept_kv_groups(one_layer, self.structure, self.config)[0]
+        return kept_neurons(one_layer, self.config)[0]

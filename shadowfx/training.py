@@ -8,8 +8,8 @@ kinds:
 
 * ``"shadowllm"``: :class:`~shadowfx.predictor.ShadowPredictor`, one MLP per unit kind from layer 0's context
   (optionally one score per block of ``neuron_block`` contiguous neurons, trained on the block means).
-* ``"dejavu"``: :class:`~shadowfx.predictor.LayerwisePredictor`, one MLP per layer from that layer's own context
-  (the DejaVu-style baseline as ShadowLLM re-implemented it; usually given magnitude traces).
+* ``"dejavu"``: :class:`~shadowfx.predictor.LayerwisePredictor`, per layer one MLP for heads from that layer's
+  attention input and one for neurons from its MLP input (the DejaVu-style baseline; usually given magnitude traces).
 * ``"static"``: :class:`~shadowfx.predictor.StaticScores` from the criterion summed over the training samples, then
   min-max per layer; nothing is trained.
 
@@ -142,10 +142,18 @@ def normalise_targets(scores: torch.Tensor, *, block: int = 1) -> torch.Tensor:
 class _Data:
     """One granularity's rows: predictor inputs and raw scores of layers 1..L-1, and each row's sample."""
 
-    inputs: torch.Tensor  # [R, E] (layer 0) or [R, L, E] (every layer)
+    inputs: tuple[torch.Tensor, ...]  # (layer 0's context [R, E],) or (attention inputs, MLP inputs) [R, L, E]
     heads: torch.Tensor  # [R, L - 1, H] raw
     neurons: torch.Tensor  # [R, L - 1, F] raw (bf16 as stored)
     rows_per_sample: int
+
+    @property
+    def head_inputs(self) -> torch.Tensor:
+        return self.inputs[0]
+
+    @property
+    def neuron_inputs(self) -> torch.Tensor:
+        return self.inputs[-1]
 
     def rows(self, samples: torch.Tensor) -> torch.Tensor:
         t = self.rows_per_sample
@@ -155,33 +163,33 @@ class _Data:
 def _data(traces: Traces, kind: Kind, granularity: TrainGranularity) -> _Data:
     tensors = traces.tensors
     n = len(traces)
+    input_names = ("attention_inputs", "mlp_inputs") if kind == "dejavu" else ("inputs",)
     if granularity == "prompt":
-        names, per_sample = ("layer_inputs" if kind == "dejavu" else "inputs", "heads", "neurons"), 1
+        per_sample = 1
     else:
         per_sample = int(traces.header.get("tokens_per_sample") or 0)
         if per_sample < 1 or "token_inputs" not in tensors:
             raise TrainingError("granularity 'token' needs per-token traces, but these have none "
                                 "(tokens_per_sample 0); calibrate with tokens_per_sample >= 1")
-        if kind == "dejavu" and "token_layer_inputs" not in tensors:
-            raise TrainingError("the dejavu kind reads every layer's own context, and these traces hold it per sample "
-                                "only (no token_layer_inputs); train it at granularity 'prompt'")
-        names = ("token_layer_inputs" if kind == "dejavu" else "token_inputs", "token_heads", "token_neurons")
+        input_names = tuple(f"token_{name}" for name in input_names)
+    names = (*input_names, *(("heads", "neurons") if granularity == "prompt" else ("token_heads", "token_neurons")))
     missing = [name for name in names if name not in tensors]
     if missing:
         raise TrainingError(f"the traces lack {', '.join(missing)}; re-run calibration")
-    inputs, heads, neurons = (tensors[name] for name in names)
-    for name, tensor in zip(names, (inputs, heads, neurons)):
+    for name in names:
+        tensor = tensors[name]
         if tensor.shape[0] != n * per_sample:
             raise TrainingError(f"traces: {name} has {tensor.shape[0]} rows, expected {n} samples x {per_sample}")
         if not torch.isfinite(tensor.float()).all():
             raise TrainingError(f"traces: {name} holds non-finite values (a diverged model?); re-run calibration "
                                 "in float32")
+    *inputs, heads, neurons = (tensors[name] for name in names)
     if heads.dim() != 3 or neurons.dim() != 3 or heads.shape[1] != neurons.shape[1]:
         raise TrainingError(f"traces: heads {tuple(heads.shape)} and neurons {tuple(neurons.shape)} are not "
                             "[n, L, H] and [n, L, F]")
     if heads.shape[1] < 2:
         raise TrainingError("the traces are of a one-layer model; layer 0 stays dense, so there is nothing to predict")
-    return _Data(inputs, heads[:, 1:], neurons[:, 1:], per_sample)
+    return _Data(tuple(inputs), heads[:, 1:], neurons[:, 1:], per_sample)
 
 
 def _per_kind(value, default: tuple[int, int], name: str) -> tuple[int, int]:
@@ -246,7 +254,7 @@ def _evaluate(modules: dict[str, nn.Module], data: _Data, rows: torch.Tensor) ->
         chunk = rows[start:start + EVAL_CHUNK]
         true_heads, true_neurons = normalise_targets(data.heads[chunk]), normalise_targets(data.neurons[chunk])
         for name, module in modules.items():
-            heads, neurons = module(data.inputs[chunk])
+            heads, neurons = module(*(x[chunk] for x in data.inputs))
             sums[name]["heads"].add(*_rho_rows(heads.float(), true_heads))
             sums[name]["neurons"].add(*_rho_rows(neurons.float(), true_neurons))
     return {name: {unit: s.result() for unit, s in units.items()} for name, units in sums.items()}
@@ -298,10 +306,12 @@ def train_predictor(traces: Traces, *, kind: Kind = "shadowllm", granularity: Tr
     if min(epoch_pair) < 0 or min(batch_pair) < 1:
         raise TrainingError(f"epochs must be >= 0 and batch_size >= 1, got {epoch_pair} and {batch_pair}")
     data = _data(traces, kind, granularity)
-    shape = SparseShape(input_size=data.inputs.shape[-1], sparse_layers=data.heads.shape[1],
+    shape = SparseShape(input_size=data.head_inputs.shape[-1], sparse_layers=data.heads.shape[1],
                         num_heads=data.heads.shape[2], intermediate_size=data.neurons.shape[2])
-    if structure is not None and SparseShape.of(structure) != shape:
-        raise TrainingError(f"the traces have shape {shape}, but the model has {SparseShape.of(structure)}")
+    if structure is not None:
+        expected = SparseShape.layerwise(structure) if kind == "dejavu" else SparseShape.of(structure)
+        if expected != shape:
+            raise TrainingError(f"the traces have shape {shape}, but the model has {expected}")
     if neuron_block != 1 and kind != "shadowllm":
         raise TrainingError(f"neuron_block applies to kind 'shadowllm' only, got {neuron_block} with kind {kind!r}")
     if neuron_block < 1 or shape.intermediate_size % neuron_block:
@@ -334,10 +344,11 @@ def train_predictor(traces: Traces, *, kind: Kind = "shadowllm", granularity: Tr
         block = neuron_block if kind == "shadowllm" else 1
 
         def head_loss(batch: torch.Tensor) -> torch.Tensor:
-            return nn.functional.mse_loss(module.head_scores(data.inputs[batch]), normalise_targets(data.heads[batch]))
+            return nn.functional.mse_loss(module.head_scores(data.head_inputs[batch]),
+                                          normalise_targets(data.heads[batch]))
 
         def neuron_loss(batch: torch.Tensor) -> torch.Tensor:
-            return nn.functional.mse_loss(module.block_scores(data.inputs[batch]),
+            return nn.functional.mse_loss(module.block_scores(data.neuron_inputs[batch]),
                                           normalise_targets(data.neurons[batch], block=block))
 
         module.train()

@@ -122,31 +122,32 @@ class MaskedReference:
         """
         if not self._handles:
             raise RuntimeError("this MaskedReference is closed")
-        attention_masks: dict[int, torch.Tensor] = {}
-        neuron_masks: dict[int, torch.Tensor] = {}
-        batch_sizes: set[int] = set()
-        for index, indices in (kv_head_indices or {}).items():
-            attention = self._layer(index).attention
-            kv_mask = self._index_mask(indices, attention.num_kv_heads, f"layer {index} KV head")
-            # KV head j -> query heads j*r .. j*r+r-1 -> features h*D .. (h+1)*D-1
-            feature_mask = kv_mask.repeat_interleave(attention.kv_group_size * attention.head_dim, dim=-1)
-            if feature_mask.shape[-1] != attention.o.in_features:
-                raise ValueError(
-                    f"layer {index}: {attention.num_heads} heads x {attention.head_dim} = {feature_mask.shape[-1]} "
-                    f"context features, but the output projection takes {attention.o.in_features}"
-                )
-            attention_masks[index] = feature_mask
-            batch_sizes.add(feature_mask.shape[0])
-        for index, indices in (neuron_indices or {}).items():
-            mlp = self._layer(index).mlp
-            neuron_masks[index] = self._index_mask(indices, mlp.intermediate_size, f"layer {index} MLP neuron")
-            batch_sizes.add(neuron_masks[index].shape[0])
+        attention_masks = {index: self._attention_mask(index, indices) for index, indices in
+                           (kv_head_indices or {}).items()}
+        neuron_masks = {index: self._neuron_mask(index, indices) for index, indices in (neuron_indices or {}).items()}
+        batch_sizes = {mask.shape[0] for mask in (*attention_masks.values(), *neuron_masks.values())}
         if len(batch_sizes) > 1:
             raise ValueError(f"the selection's layers disagree on the batch size: {sorted(batch_sizes)}")
         self._attention_masks.clear()
         self._attention_masks.update(attention_masks)
         self._neuron_masks.clear()
         self._neuron_masks.update(neuron_masks)
+
+    def _attention_mask(self, index: int, indices: torch.Tensor) -> torch.Tensor:
+        """Context-feature mask ``[B, (S,) H * D]`` of the query heads of the kept KV groups."""
+        attention = self._layer(index).attention
+        kv_mask = self._index_mask(indices, attention.num_kv_heads, f"layer {index} KV head")
+        # KV head j -> query heads j*r .. j*r+r-1 -> features h*D .. (h+1)*D-1
+        feature_mask = kv_mask.repeat_interleave(attention.kv_group_size * attention.head_dim, dim=-1)
+        if feature_mask.shape[-1] != attention.o.in_features:
+            raise ValueError(
+                f"layer {index}: {attention.num_heads} heads x {attention.head_dim} = {feature_mask.shape[-1]} "
+                f"context features, but the output projection takes {attention.o.in_features}"
+            )
+        return feature_mask
+
+    def _neuron_mask(self, index: int, indices: torch.Tensor) -> torch.Tensor:
+        return self._index_mask(indices, self._layer(index).mlp.intermediate_size, f"layer {index} MLP neuron")
 
     def clear(self) -> None:
         """Drop the selection: every layer dense."""
@@ -246,3 +247,61 @@ class MaskedReference:
             empty = input_ids.new_zeros(input_ids.shape[0], 0, 0, dtype=torch.float32)
             return tokens, (torch.stack(picked, dim=1) if picked else empty)
         return tokens
+
+
+class LayerwiseMaskedReference(MaskedReference):
+    """A :class:`MaskedReference` that selects as the model runs, for a layerwise (DejaVu-style) predictor.
+
+    Before layer l's attention (MLP), a pre-hook on its q (up) projection applies the predictor's layer-l MLP
+    (``predictor.heads[l - 1]`` / ``predictor.neurons[l - 1]``) to that projection's input and keeps the top
+    ``kv_heads_kept`` KV groups (a group scores the mean of its query heads) or ``neurons_kept`` neurons. Per prompt
+    the last position of each row decides, in the first call only (the prefill), and the selection then holds for
+    the decode steps; per token every position of every call decides for itself. The top-k is written here with
+    ``torch.topk``, not taken from shadowfx.
+    """
+
+    def __init__(self, model: nn.Module, structure, predictor: nn.Module, *, kv_heads_kept: int, neurons_kept: int,
+                 per_token: bool) -> None:
+        super().__init__(model, structure)
+        self.predictor = predictor
+        self.per_token = per_token
+        self._batch = 0
+        self._prefilled: set[tuple[str, int]] = set()
+        for position, layer in enumerate(structure.layers[1:]):
+            attention = layer.attention
+            q = model.get_submodule(attention.q.module)
+            up = model.get_submodule(layer.mlp.up.module)
+            group = attention.kv_group_size
+
+            def head_masks(scores: torch.Tensor, index: int = layer.index, group: int = group) -> torch.Tensor:
+                groups = scores.unflatten(-1, (-1, group)).mean(-1)
+                return self._attention_mask(index, groups.topk(kv_heads_kept, dim=-1).indices)
+
+            def neuron_masks(scores: torch.Tensor, index: int = layer.index) -> torch.Tensor:
+                return self._neuron_mask(index, scores.topk(neurons_kept, dim=-1).indices)
+
+            self._handles.append(q.register_forward_pre_hook(
+                self._selecting(("heads", layer.index), predictor.heads[position], head_masks,
+                                self._attention_masks, layer.index)))
+            self._handles.append(up.register_forward_pre_hook(
+                self._selecting(("neurons", layer.index), predictor.neurons[position], neuron_masks,
+                                self._neuron_masks, layer.index)))
+
+    def _selecting(self, key, layer_predictor: nn.Module, to_mask, masks: dict, index: int):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if key[0] == "heads":
+                self._batch = x.shape[0]  # the attention input is [B, S, E] in every supported family
+            if not self.per_token and key in self._prefilled:
+                return
+            tokens = x.reshape(self._batch, -1, x.shape[-1])
+            with torch.no_grad():
+                scores = layer_predictor(tokens if self.per_token else tokens[:, -1])
+            masks[index] = to_mask(scores)
+            self._prefilled.add(key)
+
+        return pre_hook
+
+    def clear(self) -> None:
+        super().clear()
+        self._prefilled = set()

@@ -25,18 +25,31 @@ def test_traces_hold_inputs_and_scores(tmp_path, family):
     layers, heads = found.num_layers, found.layers[0].attention.num_heads
     tensors = traces.tensors
     assert tensors["inputs"].shape == (6, found.predictor_input_size)
-    assert tensors["layer_inputs"].shape == (6, layers, found.predictor_input_size)
+    for name in ("attention_inputs", "mlp_inputs"):
+        assert tensors[name].shape == (6, layers, found.hidden_size)
+        assert tensors[f"token_{name}"].shape == (18, layers, found.hidden_size)
     assert tensors["heads"].shape == (6, layers, heads)
     assert tensors["neurons"].shape == (6, layers, found.layers[0].mlp.intermediate_size)
     assert tensors["token_heads"].shape == (18, layers, heads)
     assert [s["count"] for s in traces.header["shards"]] == [4, 2]
     assert traces.header["data"] == {"source": "random ids"} and traces.header["fingerprint"] == found.fingerprint
-    torch.testing.assert_close(tensors["inputs"], tensors["layer_inputs"][:, 0])
     # the stored per-sample scores are the criterion of the whole window
     with CriterionHooks(model, found) as hooks:
         direct = hooks.score(samples[:3], torch.ones_like(samples[:3]), "plainact")
     torch.testing.assert_close(tensors["heads"][:3], direct.heads, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(tensors["inputs"][:3], direct.context[:, -1])
+    # the layerwise inputs are what layer l's q and up projections take, at the last token
+    seen = {}
+    last = found.layers[-1]
+    handles = [model.get_submodule(module).register_forward_pre_hook(
+        lambda m, args, role=role: seen.__setitem__(role, args[0].reshape(3, -1, args[0].shape[-1])[:, -1]))
+        for role, module in (("attention", last.attention.q.module), ("mlp", last.mlp.up.module))]
+    with torch.no_grad():
+        model(input_ids=samples[:3])
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(tensors["attention_inputs"][:3, -1], seen["attention"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tensors["mlp_inputs"][:3, -1], seen["mlp"], rtol=1e-4, atol=1e-5)
 
 
 def test_interrupted_run_resumes(tmp_path):

@@ -64,7 +64,8 @@ def synthetic(n: int, *, informative: bool, seed: int = 0, layers: int = 3, widt
     else:
         head_scores = torch.randn(layers, heads, generator=g) + torch.randn(n, layers, heads, generator=g)
         neuron_scores = torch.randn(layers, neurons, generator=g) + torch.randn(n, layers, neurons, generator=g)
-    tensors = {"inputs": x, "layer_inputs": x[:, None].repeat(1, layers, 1), "heads": head_scores,
+    every_layer = x[:, None].repeat(1, layers, 1)
+    tensors = {"inputs": x, "attention_inputs": every_layer, "mlp_inputs": every_layer, "heads": head_scores,
                "neurons": neuron_scores.to(torch.bfloat16)}
     header = {"fingerprint": "synthetic", "criterion": "synthetic", "tokens_per_sample": 0,
               "model_class": "Synthetic"}
@@ -183,9 +184,9 @@ def test_neuron_blocks_shrink_the_predictor_and_repeat_scores(trained, llama_tra
     assert torch.equal(grouped, grouped[..., :1].expand_as(grouped))
 
 
-@pytest.mark.parametrize("name", ["block", "static"])
+@pytest.mark.parametrize("name", ["block", "static", "dejavu"])
 def test_trained_predictors_drive_transform(trained, name):
-    sparse = shadowfx.transform(small_model("llama"), trained[name].predictor, sparsity=0.5)
+    sparse = shadowfx.transform(small_model("llama"), trained[name].predictor, sparsity=0.5, scope="per_layer")
     logits = sparse(*padded_batch(2, 6, 512, seed=1))
     assert logits.shape == (2, 6, 512) and torch.isfinite(logits).all()
 
@@ -198,9 +199,10 @@ def test_save_load_round_trip_for_every_kind(trained, llama_traces, tmp_path):
         save_predictor(module, tmp_path / name)
         loaded = load_predictor(tmp_path / name, found)
         assert type(loaded) is type(module) and loaded.fingerprint == module.fingerprint
-        x = llama_traces.tensors["layer_inputs" if name == "dejavu" else "inputs"][:5]
+        names = ("attention_inputs", "mlp_inputs") if name == "dejavu" else ("inputs",)
+        x = [llama_traces.tensors[n][:5] for n in names]
         with torch.no_grad():
-            for a, b in zip(module(x), loaded(x)):
+            for a, b in zip(module(*x), loaded(*x)):
                 assert torch.equal(a, b), name
         with pytest.raises(FingerprintMismatch):
             load_predictor(tmp_path / name, structure("opt"))
@@ -225,15 +227,10 @@ def test_configs_without_neuron_block_still_load(tmp_path):
     assert ShadowPredictor.load(tmp_path, found).neuron_block == 1
 
 
-def test_layerwise_predictor_cannot_drive_transform(trained):
-    with pytest.raises(PredictorError, match="cannot drive transform"):
-        shadowfx.transform(small_model("llama"), trained["dejavu"].predictor, sparsity=0.5)
-
-
 def test_dejavu_at_token_granularity(llama_traces):
     result = train_predictor(llama_traces, kind="dejavu", granularity="token", **FAST)
     assert result.report["granularity"] == "token" and "predictor" in result.report["spearman"]["held_out"]
     without = Traces(header=llama_traces.header,
-                     tensors={k: v for k, v in llama_traces.tensors.items() if k != "token_layer_inputs"})
-    with pytest.raises(TrainingError, match="granularity 'prompt'"):
+                     tensors={k: v for k, v in llama_traces.tensors.items() if k != "token_mlp_inputs"})
+    with pytest.raises(TrainingError, match="lack token_mlp_inputs"):
         train_predictor(without, kind="dejavu", granularity="token", **FAST)

@@ -11,14 +11,14 @@ import shadowfx
 from shadowfx.capture import PrefillStep
 from shadowfx.families import build_small
 from shadowfx.passes.graph import output_node
-from shadowfx.predictor import PredictorError, ShadowPredictor
+from shadowfx.predictor import LayerwisePredictor, PredictorError, ShadowPredictor, SparseShape
 from shadowfx.runtimes.pytorch import InputError
 from shadowfx.selection import SparsityError
 from shadowfx.structure import FingerprintMismatch
 from torch._inductor.utils import run_and_get_code
 
 from conftest import padded_batch, small_model, structure
-from masked_reference import MaskedReference
+from masked_reference import LayerwiseMaskedReference, MaskedReference
 
 gathered_mlp = torch.ops.shadowfx.gathered_mlp.default
 gathered_attention = torch.ops.shadowfx.gathered_attention.default
@@ -345,3 +345,87 @@ def test_block_predictor_keeps_whole_neuron_blocks():
         assert torch.equal(blocks - blocks[..., :1], torch.arange(8).expand_as(blocks))  # contiguous runs of 8
         assert bool((blocks[..., 0] % 8 == 0).all())
     assert [layer.neurons_kept for layer in sparse.effective_sparsity().layers] == [192, 96, 96]
+
+
+# ---- layerwise (DejaVu-style) predictor --------------------------------------------------------------------------------
+@functools.cache
+def layerwise_predictor(family: str) -> LayerwisePredictor:
+    return LayerwisePredictor.for_structure(structure(family), hidden=32, seed=2)
+
+
+@functools.cache
+def layerwise_transformed(family: str, granularity: str = "prompt", sparsity: float = 0.5):
+    return shadowfx.transform(small_model(family), layerwise_predictor(family), sparsity=sparsity, scope="per_layer",
+                              granularity=granularity)
+
+
+def layerwise_reference(family: str, granularity: str) -> LayerwiseMaskedReference:
+    found = structure(family)
+    later = found.layers[1]
+    return LayerwiseMaskedReference(small_model(family), found, layerwise_predictor(family),
+                                    kv_heads_kept=later.attention.num_kv_heads // 2,
+                                    neurons_kept=later.mlp.intermediate_size // 2, per_token=granularity == "token")
+
+
+def test_layerwise_sparsity_zero_equals_dense(family):
+    input_ids, attention_mask = padded_batch(3, 9, 512, seed=51)
+    with torch.no_grad():
+        dense = PrefillStep(small_model(family))(input_ids, attention_mask)
+    for granularity in ("prompt", "token"):
+        logits = layerwise_transformed(family, granularity, 0.0)(input_ids, attention_mask)
+        torch.testing.assert_close(logits, dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["prompt", "token"])
+def test_layerwise_generation_equals_reference_selecting_as_it_runs(family, granularity):
+    """Each later layer is scored from the sparse model's own states; an eager model whose hooks select the same
+    way, prompt (frozen after prefill) or token by token, gives the same logits and tokens."""
+    sparse = layerwise_transformed(family, granularity)
+    input_ids, attention_mask = padded_batch(3, 8, 512, seed=53)
+    prefill = sparse(input_ids, attention_mask)
+    tokens, logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
+                                     return_logits=True)
+    with layerwise_reference(family, granularity) as reference:
+        expected_prefill = reference.logits(input_ids, attention_mask)
+        reference.clear()
+        expected_tokens, expected_logits = reference.generate_greedy(input_ids, attention_mask, 4, return_logits=True)
+    torch.testing.assert_close(prefill, expected_prefill, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(prefill, PrefillStep(small_model(family))(input_ids, attention_mask), atol=1e-3)
+
+
+def test_layerwise_rewrite_counts_are_exact(family):
+    later = structure(family).num_layers - 1
+    per_prompt, per_token = layerwise_transformed(family), layerwise_transformed(family, "token")
+    assert per_prompt.rewrites.counts()["prefill"]["insert_layerwise"] == 2 * later
+    assert "insert_layerwise" not in per_prompt.rewrites.counts()["decode"]
+    assert per_token.rewrites.counts()["decode"]["insert_layerwise"] == 2 * later
+    for graph, predictors in ((per_prompt.graphs.prefill, 2 * later), (per_prompt.graphs.decode, 0),
+                              (per_token.graphs.prefill, 2 * later), (per_token.graphs.decode, 2 * later)):
+        targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_module"]
+        assert sum(t.startswith("shadow_predictor.") for t in targets) == predictors
+        assert sum(t in ("shadow_head_selector", "shadow_neuron_selector") for t in targets) == predictors
+        graph.graph.lint()
+
+
+def test_layerwise_compile_equals_eager():
+    eager = layerwise_transformed("qwen2", "token")
+    compiled = shadowfx.transform(small_model("qwen2"), layerwise_predictor("qwen2"), sparsity=0.5,
+                                  scope="per_layer", granularity="token", runtime="compile")
+    input_ids, attention_mask = padded_batch(2, 6, 512, seed=57)
+    torch.testing.assert_close(compiled(input_ids, attention_mask), eager(input_ids, attention_mask),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_layerwise_needs_per_layer_scope_and_the_right_shape():
+    with pytest.raises(SparsityError, match="scope='per_layer'"):
+        shadowfx.transform(small_model("llama"), layerwise_predictor("llama"), sparsity=0.5)
+    found = structure("llama")
+    shape = SparseShape.layerwise(found)
+    narrow = LayerwisePredictor(SparseShape(shape.input_size, shape.sparse_layers, shape.num_heads, 128),
+                                found.fingerprint, hidden=8)
+    with pytest.raises(PredictorError, match="needs"):
+        shadowfx.transform(small_model("llama"), narrow, scope="per_layer")
+    with pytest.raises(FingerprintMismatch):
+        shadowfx.transform(small_model("llama"), layerwise_predictor("mistral"), scope="per_layer")

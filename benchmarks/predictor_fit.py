@@ -5,7 +5,8 @@ token stream (prose, API docs and code), scored with plainact (ShadowLLM's targe
 then the ShadowLLM predictor (prompt and token granularity) and the DejaVu-style per-layer predictors are trained.
 Each report carries the held-out per-example Spearman of the predictor, of the constant predictor (the mean
 normalised target: what a predictor outputs when its input tells it nothing) and of the static aggregate, and the
-margin over the constant. Writes ``predictor_fit.json`` and ``predictor_fit.png``.
+margin over the constant. Writes ``predictor_fit.json`` and ``predictor_fit.png``; entries of models not given in
+this run are kept, so the models can be measured one at a time (each entry records its settings).
 
     python benchmarks/predictor_fit.py --model ~/.cache/shadowfx/reference/llama-8x384 \\
                                        --model ~/.cache/shadowfx/reference/opt-8x384
@@ -50,9 +51,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "shadowfx" / "traces")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    results = {}
+    path = args.out / "predictor_fit.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
     for directory in args.model:
         model = load_decoder(directory, attn_implementation="eager")
         structure = shadowfx.discover(model)
@@ -63,7 +67,9 @@ def main() -> None:
         traces = {criterion: calibrate(model, windows, structure, args.work / directory.name / criterion,
                                        criterion=criterion, data=data)
                   for criterion in ("plainact", "magnitude")}
-        results[directory.name] = {}
+        results[directory.name] = {"settings": {"samples": args.samples, "window": args.window,
+                                                "hidden": args.hidden,
+                                                "tokens_per_sample": traces["plainact"].header["tokens_per_sample"]}}
         for name, criterion, kind, granularity in RUNS:
             trained = train_predictor(traces[criterion], kind=kind, granularity=granularity, structure=structure,
                                       hidden=args.hidden)
@@ -71,9 +77,11 @@ def main() -> None:
                 "criterion": criterion, "train_seconds": trained.report["train_seconds"]}
             print(directory.name, name, json.dumps(results[directory.name][name]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predictor_fit.json").write_text(json.dumps(results, indent=2))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
     _plot(results, args.out / "predictor_fit.png")
-    print(f"wrote {args.out / 'predictor_fit.json'}")
+    print(f"wrote {path}")
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -82,7 +90,7 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(model, run) for model, runs in results.items() for run in runs]
+    rows = [(model, run) for model, runs in results.items() for run in runs if run != "settings"]
     figure, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(rows), 4), sharey=True)
     for axis, unit in zip(axes, ("heads", "neurons")):
         x = range(len(rows))

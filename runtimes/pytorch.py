@@ -143,10 +143,9 @@ class SparseDecoder(nn.Module):
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
-        self._check(input_ids, attention_mask, max_new_tokens)
         eos = self._eos(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self._default_pad(eos)
-        state = self.start(input_ids, attention_mask, decode=max_new_tokens > 1)
+        state = self.start(input_ids, attention_mask, decode=max_new_tokens > 1, new_tokens=max_new_tokens)
         tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         chosen_from = []
@@ -167,12 +166,13 @@ class SparseDecoder(nn.Module):
 
     @torch.inference_mode()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-              decode: bool = True) -> DecodeState:
+              decode: bool = True, new_tokens: int = 0) -> DecodeState:
         """Prefill the prompt; the state holds the next-token logits and what :meth:`step` needs.
 
         For a per-prompt selection this is where the kept weights are gathered (``decode=False`` skips that).
+        ``new_tokens``: how many tokens will follow, refused up front if they would not fit the model's positions.
         """
-        attention_mask = self._check(input_ids, attention_mask)
+        attention_mask = self._check(input_ids, attention_mask, new_tokens)
         logits, keys, values, selection = self._unpack(self._prefill(input_ids, attention_mask))
         self.last_selection = selection
         run, inputs = self._decode_step(selection) if decode else (self._decode, [])

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shadowfx.selection import Selection, unit_rows
+from shadowfx.ops import unit_rows
+from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure, Projection
 
 ATTENTION_ROLES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias")

@@ -139,9 +139,10 @@ def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Option
     return y if bias is None else y + bias
 
 
-def _blocks(idx: Tensor, width: int) -> Tensor:
-    """Indices covered by blocks ``idx`` of ``width`` consecutive entries: ``[..., n] -> [..., n * width]``."""
-    return (idx.unsqueeze(-1) * width + torch.arange(width, device=idx.device)).flatten(-2)
+def unit_rows(units: Tensor, width: int) -> Tensor:
+    """Rows owned by units of ``width`` consecutive rows each (a KV group's q rows, a neuron block):
+    ``[..., n] -> [..., n * width]``, ascending for ascending units."""
+    return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------------------- MLP
@@ -459,7 +460,7 @@ def gathered_attention(
     if kv_head_idx is not None:
         _check_selection_values(kv_head_idx, "kv_head_idx", num_kv_heads)
         # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
-        q_rows, kv_rows = _blocks(kv_head_idx, group * head_dim), _blocks(kv_head_idx, head_dim)
+        q_rows, kv_rows = unit_rows(kv_head_idx, group * head_dim), unit_rows(kv_head_idx, head_dim)
     q, key, value = _project_qkv(
         hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_rows, kv_rows, cos, sin, past_key,
         past_value, head_dim,

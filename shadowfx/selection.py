@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from shadowfx.ops import topk_indices
+from shadowfx.ops import topk_indices, unit_rows
 from shadowfx.predictor import Scores
 from shadowfx.structure import DecoderStructure
 
@@ -125,11 +125,6 @@ def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) 
     """Turn predicted scores ``[..., L-1, H]`` / ``[..., L-1, F]`` into the kept KV heads and neurons per layer."""
     return Selection(kv_heads=kept_kv_groups(scores.heads, structure, config),
                      neurons=kept_neurons(scores.neurons, config))
-
-
-def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows owned by units of ``width`` consecutive rows each: ``[..., n] -> [..., n * width]`` (ascending)."""
-    return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten(-2)
 
 
 def full_selection(structure: DecoderStructure, batch: int, device: torch.device | None = None) -> Selection:

@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     path = args.out / "predictor_fit.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = {}
     for directory in args.model:
         model = load_decoder(directory, attn_implementation="eager")
         structure = shadowfx.discover(model)
@@ -77,6 +77,8 @@ def main() -> None:
                 "criterion": criterion, "train_seconds": trained.report["train_seconds"]}
             print(directory.name, name, json.dumps(results[directory.name][name]))
     args.out.mkdir(parents=True, exist_ok=True)
+    # read just before writing, so runs on other models that finished meanwhile are kept
+    results = (json.loads(path.read_text()) if path.is_file() else {}) | results
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)

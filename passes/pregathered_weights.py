@@ -32,8 +32,8 @@ class PregatheredWeights(GraphPass):
         found: dict[tuple[int, str], torch.fx.Node] = {}
         for node in graph.nodes:
             if is_call(node, _OPS):
-                kind, _ = _OPS[node.target]
-                index_arg = node.args[1 + len(_OPS[node.target][1])]
+                kind, roles = _OPS[node.target]
+                index_arg = node.args[1 + len(roles)]
                 found[(index_arg.meta[SELECTION_META][1], kind)] = node
         anchor = placeholders(gm)[-1]
         changed: dict[int, int] = {}

@@ -21,7 +21,7 @@ from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
 from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, load_predictor
 from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder, SparseGraphs
-from shadowfx.selection import Scope, Selector, SparsityConfig, SparsityError
+from shadowfx.selection import Scope, Selector, SparsityConfig
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
 
 GRANULARITIES = ("prompt", "token")
@@ -123,17 +123,13 @@ def transform(
     prefill_capture = capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     predictor = _resolve_predictor(model, predictor, structure).eval()
-    if isinstance(predictor, LayerwisePredictor) and config.scope != "per_layer":
-        raise SparsityError("a layerwise (DejaVu-style) predictor scores each layer as it runs, so units cannot be "
-                            "ranked across layers; pass scope='per_layer'")
     # a block-scoring predictor's neurons are kept in whole blocks, so the gathers stay contiguous
     config = replace(config, neuron_block=getattr(predictor, "neuron_block", 1))
-    decode_capture = capture(model, step="decode")
-    decode_structure = discover_structure(decode_capture)
     per_token = granularity == "token"
 
     def insert_predictor(graph_structure: DecoderStructure) -> InsertShadowPredictor | InsertLayerwisePredictor:
-        # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style)
+        # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style; its selectors
+        # refuse a global scope, before the decode graph is captured)
         if isinstance(predictor, LayerwisePredictor):
             return InsertLayerwisePredictor(graph_structure, predictor, config, per_token=per_token)
         return InsertShadowPredictor(graph_structure, predictor, Selector(structure, config), per_token=per_token)
@@ -146,6 +142,8 @@ def transform(
         SparsifyAttention(structure, cache=True, per_token=per_token),
         Cleanup(structure),
     ])
+    decode_capture = capture(model, step="decode")
+    decode_structure = discover_structure(decode_capture)
     decode = editable_module(decode_capture.program)
     select_inputs = insert_predictor(decode_structure) if per_token else AddSelectionInputs(decode_structure)
     reports["decode"] = run_passes(decode, [

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from shadowfx.criteria import CRITERIA, Criterion, CriterionHooks
+from shadowfx.criteria import CRITERIA, Criterion, CriterionHooks, UnitScores
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 HEADER = "traces.json"
@@ -160,7 +160,6 @@ def _score_batch(hooks: CriterionHooks, windows: torch.Tensor, criterion: Criter
 
 def _sample_scores(token, criterion: Criterion):
     """Per-sample scores from per-token ones (one backward serves both granularities)."""
-    from shadowfx.criteria import UnitScores
 
     def reduce(per_token: torch.Tensor) -> torch.Tensor:
         if criterion in ("plainact", "fisher"):

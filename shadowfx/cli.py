@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from shadowfx.api import discover, transform
 from shadowfx.calibrate import calibrate, load_traces
 from shadowfx.capture import CaptureError, PrefillStep, capture
 from shadowfx.criteria import CRITERIA
@@ -19,10 +20,9 @@ from shadowfx.data import read_text, token_windows
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.loading import ModelLoadError, load_decoder, load_tokenizer
 from shadowfx.passes.discover_structure import discover_structure
-from shadowfx.api import transform
 from shadowfx.predictor import ShadowPredictor, save_predictor
 from shadowfx.structure import DecoderStructure, StructureError
-from shadowfx.training import train_predictor
+from shadowfx.training import GRANULARITIES, KINDS, train_predictor
 
 USER_ERRORS = (ModelLoadError, CaptureError, StructureError, FileNotFoundError, ValueError)
 
@@ -49,7 +49,7 @@ def describe_rewrites(structure: DecoderStructure) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     model = load_decoder(args.model, attn_implementation=args.attn)
-    structure = discover_structure(capture(model))
+    structure = discover(model)
     if args.json:
         print(structure.to_json())
     else:
@@ -112,7 +112,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     windows = token_windows(tokens, args.window)
     if args.samples < windows.shape[0]:  # spread the samples over the whole text
         windows = windows[torch.linspace(0, windows.shape[0] - 1, args.samples).long()]
-    structure = discover_structure(capture(model))
+    structure = discover(model)
     data = {"text": str(Path(args.text).resolve()), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "tokens": int(tokens.numel()), "windows": int(windows.shape[0])}
     traces = calibrate(model, windows, structure, args.out, criterion=args.criterion, batch_size=args.batch_size,
@@ -124,7 +124,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Train a predictor on traces; save it (next to the checkpoint by default) with a JSON report."""
     model = load_decoder(args.model)
-    structure = discover_structure(capture(model))
+    structure = discover(model)
     traces = load_traces(args.traces, structure)
     result = train_predictor(traces, kind=args.kind, granularity=args.granularity, structure=structure,
                              hidden=args.hidden, neuron_block=args.neuron_block, seed=args.seed)
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a predictor on traces and report held-out Spearman")
     train.add_argument("traces", help="trace directory written by `shadowfx calibrate`")
     train.add_argument("--model", required=True, help="the model directory the traces were made with")
-    train.add_argument("--kind", default="shadowllm", choices=("shadowllm", "dejavu", "static"))
-    train.add_argument("--granularity", default="prompt", choices=("prompt", "token"))
+    train.add_argument("--kind", default="shadowllm", choices=KINDS)
+    train.add_argument("--granularity", default="prompt", choices=GRANULARITIES)
     train.add_argument("--hidden", type=int, default=1024)
     train.add_argument("--neuron-block", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from shadowfx.api import discover, transform
+from shadowfx.capture import PrefillStep
 from shadowfx.data import token_windows
+from shadowfx.predictor import StaticScores
 
 
 @torch.inference_mode()
@@ -28,8 +31,6 @@ def mean_nll(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], wind
 
 
 def _dense_forward(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    from shadowfx.capture import PrefillStep
-
     return PrefillStep(model.eval())
 
 
@@ -45,19 +46,16 @@ def damage_curve(model: nn.Module, tokens: torch.Tensor, *, fractions: Sequence[
     Says how much a model relies on its upper layers: where removing half costs little, no selection method can
     differ much.
     """
-    import shadowfx
-    from shadowfx.predictor import StaticScores
-
     chunks = token_windows(tokens, length, limit=windows)
     dense = math.exp(mean_nll(_dense_forward(model), chunks))
-    structure = shadowfx.discover(model)
+    structure = discover(model)
     curve = {"dense": dense}
     for fraction in fractions:
         values = []
         for seed in seeds:
-            sparse = shadowfx.transform(model, StaticScores.random(structure, seed), sparsity=fraction,
-                                        scope="per_layer")
+            sparse = transform(model, StaticScores.random(structure, seed), sparsity=fraction, scope="per_layer")
             values.append(math.exp(mean_nll(sparse, chunks)))
-        curve[f"random_{fraction:.2f}"] = statistics.mean(values)
-        curve[f"random_{fraction:.2f}_ratio"] = statistics.mean(values) / dense
+        mean = statistics.mean(values)
+        curve[f"random_{fraction:.2f}"] = mean
+        curve[f"random_{fraction:.2f}_ratio"] = mean / dense
     return curve

@@ -137,7 +137,23 @@ def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
-class ShadowPredictor(nn.Module):
+class _PredictorFiles(nn.Module):
+    """``save`` and ``load`` shared by the predictor kinds (``shadow_predictor.{safetensors,json}``, kind in the JSON)."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``shadow_predictor.{safetensors,json}`` into ``directory`` (next to the checkpoint by convention)."""
+        return _write_files(directory, self.config(), self.state_dict())
+
+    @classmethod
+    def load(cls, directory: str | Path, structure: DecoderStructure) -> nn.Module:
+        """Load the predictor saved in ``directory``; refuse one of another kind or made for another model."""
+        module = load_predictor(directory, structure)
+        if not isinstance(module, cls):
+            raise PredictorError(f"{directory} holds a {_kind_of(module)!r} predictor, not a {cls.__name__}")
+        return module
+
+
+class ShadowPredictor(_PredictorFiles):
     """ShadowLLM's predictor: ``E -> hidden -> (L-1)*H`` for heads and ``E -> hidden -> (L-1)*F/b`` for neurons.
 
     With ``neuron_block`` b > 1 the neuron MLP scores blocks of b contiguous neurons (a b-times smaller output layer,
@@ -198,10 +214,6 @@ class ShadowPredictor(nn.Module):
         return {"kind": "shadowllm", "fingerprint": self.fingerprint, "hidden": self.hidden,
                 "neuron_block": self.neuron_block, "shape": vars(self.shape)}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``shadow_predictor.{safetensors,json}`` into ``directory`` (next to the checkpoint by convention)."""
-        return _write_files(directory, self.config(), self.state_dict())
-
     @classmethod
     def load(cls, directory: str | Path, structure: DecoderStructure) -> ShadowPredictor:
         """Load the predictor saved in ``directory``; refuse one made for another model."""
@@ -230,7 +242,7 @@ class ScaledMLP(nn.Sequential):
         return super().forward(minmax_scale(x.float()).to(self[0].weight.dtype))
 
 
-class LayerwisePredictor(nn.Module):
+class LayerwisePredictor(_PredictorFiles):
     """The DejaVu-style baseline: per layer l >= 1, ``E -> hidden -> H`` from the input of layer l's attention and
     ``E -> hidden -> F`` from the input of layer l's MLP (each min-max scaled per row).
 
@@ -281,18 +293,8 @@ class LayerwisePredictor(nn.Module):
     def config(self) -> dict:
         return {"kind": "dejavu", "fingerprint": self.fingerprint, "hidden": self.hidden, "shape": vars(self.shape)}
 
-    def save(self, directory: str | Path) -> Path:
-        return _write_files(directory, self.config(), self.state_dict())
 
-    @classmethod
-    def load(cls, directory: str | Path, structure: DecoderStructure) -> LayerwisePredictor:
-        module = load_predictor(directory, structure)
-        if not isinstance(module, cls):
-            raise PredictorError(f"{directory} holds a {_kind_of(module)!r} predictor, not a LayerwisePredictor")
-        return module
-
-
-class StaticScores(nn.Module):
+class StaticScores(_PredictorFiles):
     """Scores that ignore the input: an aggregate criterion, a random ranking, or the mean of a predictor's targets.
 
     Plugs into :func:`shadowfx.transform` like any predictor, so static selection is compared on equal terms.
@@ -326,16 +328,6 @@ class StaticScores(nn.Module):
                 "shape": {"sparse_layers": layers, "num_heads": heads,
                           "intermediate_size": self.neuron_scores.shape[1]}}
 
-    def save(self, directory: str | Path) -> Path:
-        return _write_files(directory, self.config(), self.state_dict())
-
-    @classmethod
-    def load(cls, directory: str | Path, structure: DecoderStructure) -> StaticScores:
-        module = load_predictor(directory, structure)
-        if not isinstance(module, cls):
-            raise PredictorError(f"{directory} holds a {_kind_of(module)!r} predictor, not StaticScores")
-        return module
-
 
 def _kind_of(module: nn.Module) -> str:
     if isinstance(module, ShadowPredictor):
@@ -349,7 +341,7 @@ def _kind_of(module: nn.Module) -> str:
 
 def save_predictor(module: nn.Module, directory: str | Path) -> Path:
     """Save any of the three kinds into ``directory`` (``shadow_predictor.{safetensors,json}``, kind in the JSON)."""
-    if not isinstance(module, (ShadowPredictor, LayerwisePredictor, StaticScores)):
+    if not isinstance(module, _PredictorFiles):
         raise PredictorError(f"cannot save a {type(module).__name__}; save_predictor handles ShadowPredictor, "
                              "LayerwisePredictor and StaticScores")
     return module.save(directory)

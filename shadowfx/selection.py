@@ -238,8 +238,8 @@ class LayerSelector(torch.nn.Module):
     def __init__(self, structure: DecoderStructure, config: SparsityConfig, unit: Literal["kv_heads", "neurons"]):
         super().__init__()
         if config.scope != "per_layer":
-            raise SparsityError("a layerwise predictor scores each layer as it runs, so units cannot be ranked "
-                                "across layers; use scope='per_layer'")
+            raise SparsityError("a layerwise (DejaVu-style) predictor scores each layer as it runs, so units cannot "
+                                "be ranked across layers; pass scope='per_layer'")
         self.structure = structure
         self.config = config
         self.unit = unit

@@ -511,17 +511,22 @@ def test_gathered_attention_decode_with_cache_equals_full_sequence(
     close(value, full_value, torch.float32)
 
 
-def test_gathered_attention_all_heads_equals_dense() -> None:
-    c = attention_case((8, 2, 2), 2, 4, HEAD_DIM, bias=True, per_row=False, dtype=torch.float32)
-    c.idx = torch.arange(2)
-    out, _, _ = run_op(c, c.hidden, c.rope)
+def dense_gqa_attention(c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain HF-style attention of a (8 heads, 2 KV heads) x [2, 4] case: output, key after RoPE, value."""
     w = c.w
     q = F.linear(c.hidden, w["q_weight"], w["q_bias"]).view(2, 4, 8, HEAD_DIM).transpose(1, 2)
     k = F.linear(c.hidden, w["k_weight"], w["k_bias"]).view(2, 4, 2, HEAD_DIM).transpose(1, 2)
     v = F.linear(c.hidden, w["v_weight"], w["v_bias"]).view(2, 4, 2, HEAD_DIM).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, *c.rope)
     context = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    dense = F.linear(context.transpose(1, 2).reshape(2, 4, -1), w["o_weight"], w["o_bias"])
+    return F.linear(context.transpose(1, 2).reshape(2, 4, -1), w["o_weight"], w["o_bias"]), k, v
+
+
+def test_gathered_attention_all_heads_equals_dense() -> None:
+    c = attention_case((8, 2, 2), 2, 4, HEAD_DIM, bias=True, per_row=False, dtype=torch.float32)
+    c.idx = torch.arange(2)
+    out, _, _ = run_op(c, c.hidden, c.rope)
+    dense, _, _ = dense_gqa_attention(c)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
 
@@ -689,13 +694,7 @@ def test_token_sparse_attention_all_groups_equals_dense() -> None:
     c = token_case((8, 2, 2), 2, 4, HEAD_DIM, bias=True, dtype=torch.float32)
     c.idx = torch.arange(2).expand(2, 4, 2)
     out, key, value = run_token_op(c, c.hidden, c.rope)
-    w = c.w
-    q = F.linear(c.hidden, w["q_weight"], w["q_bias"]).view(2, 4, 8, HEAD_DIM).transpose(1, 2)
-    k = F.linear(c.hidden, w["k_weight"], w["k_bias"]).view(2, 4, 2, HEAD_DIM).transpose(1, 2)
-    v = F.linear(c.hidden, w["v_weight"], w["v_bias"]).view(2, 4, 2, HEAD_DIM).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *c.rope)
-    context = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    dense = F.linear(context.transpose(1, 2).reshape(2, 4, -1), w["o_weight"], w["o_bias"])
+    dense, k, v = dense_gqa_attention(c)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(key, k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(value, v, atol=1e-5, rtol=1e-5)

@@ -34,13 +34,14 @@ Conventions (the contract):
   (``torch.compile`` with parameters that require grad traces a backward and fails).
 """
 
+import inspect
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import custom_op
+from torch.library import CustomOpDef, custom_op
 
 __all__ = ["ACTIVATIONS", "gathered_attention", "gathered_mlp", "token_sparse_attention", "topk_indices"]
 
@@ -145,140 +146,167 @@ def unit_rows(units: Tensor, width: int) -> Tensor:
     return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten(-2)
 
 
+_Args = TypeVar("_Args", bound=tuple)
+
+
+def _define_op(
+    name: str,
+    args: type[_Args],
+    returns: object,
+    kernel: Callable[[_Args], object],
+    fake: Callable[[_Args], object],
+    **annotations: object,
+) -> CustomOpDef:
+    """The custom op ``shadowfx::name``, returning ``returns``, whose arguments are the fields of the NamedTuple
+    ``args`` with their annotations (or, by name, those in ``annotations``); the eager ``kernel`` and the ``fake``
+    take them as one ``args``."""
+    # custom_op infers the schema from the kernel's signature, set here to the NamedTuple's fields: so one NamedTuple
+    # is the signature of the op, of its kernel and fake, and of its checks
+    fields = inspect.signature(args).parameters.values()
+    signature = inspect.Signature(
+        [field.replace(annotation=annotations.get(field.name, field.annotation)) for field in fields],
+        return_annotation=returns,
+    )
+
+    def eager(*values: object) -> object:
+        return kernel(args(*values))
+
+    eager.__signature__ = signature  # type: ignore[attr-defined]
+    op = custom_op(f"shadowfx::{name}", eager, mutates_args=())
+    op.register_fake(lambda *values: fake(args(*values)))
+    return op
+
+
 # ---------------------------------------------------------------------------------------------------------- MLP
 
 
-def _check_mlp_args(
-    x: Tensor,
-    up_weight: Tensor,
-    up_bias: Optional[Tensor],
-    gate_weight: Optional[Tensor],
-    gate_bias: Optional[Tensor],
-    down_weight: Tensor,
-    down_bias: Optional[Tensor],
-    neuron_idx: Optional[Tensor],
-    activation: str,
-) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+class _MLPArgs(NamedTuple):
+    """The arguments of ``gathered_mlp``, in order."""
+
+    x: Tensor
+    up_weight: Tensor
+    up_bias: Optional[Tensor]
+    gate_weight: Optional[Tensor]
+    gate_bias: Optional[Tensor]
+    down_weight: Tensor
+    down_bias: Optional[Tensor]
+    neuron_idx: Optional[Tensor]
+    activation: str
+
+
+def _check_mlp_args(a: _MLPArgs) -> None:
+    if a.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {a.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    x = a.x
     torch._check_value(x.dim() == 3, lambda: f"x must be [B, S, E], got shape {tuple(x.shape)}")
     torch._check_value(x.is_floating_point(), lambda: f"x must be floating point, got {x.dtype}")
     batch, seq, embed = x.shape
     lead: tuple[int, ...] = ()  # the leading dims of every weight and of the up/gate biases: () or (B,)
-    if neuron_idx is None:  # pre-gathered: the weights are the kept neurons, F' of them
-        lead = _check_lead(up_weight, "up_weight", "[F', E] or, per batch row, [B, F', E]", batch)
+    if a.neuron_idx is None:  # pre-gathered: the weights are the kept neurons, F' of them
+        lead = _check_lead(a.up_weight, "up_weight", "[F', E] or, per batch row, [B, F', E]", batch)
     else:
-        _check_selection(neuron_idx, "neuron_idx", batch, seq, dims=(1, 2, 3))
-    ffn = up_weight.shape[-2]
-    _check_tensor(up_weight, "up_weight", (*lead, ffn, embed), x.dtype)
-    _check_tensor(down_weight, "down_weight", (*lead, embed, ffn), x.dtype)
-    if up_bias is not None:
-        _check_tensor(up_bias, "up_bias", (*lead, ffn), x.dtype)
-    if gate_weight is not None:
-        _check_tensor(gate_weight, "gate_weight", (*lead, ffn, embed), x.dtype)
-    if gate_bias is not None:
-        torch._check_value(gate_weight is not None, lambda: "gate_bias given without gate_weight")
-        _check_tensor(gate_bias, "gate_bias", (*lead, ffn), x.dtype)
-    if down_bias is not None:
-        _check_tensor(down_bias, "down_bias", (embed,), x.dtype)
+        _check_selection(a.neuron_idx, "neuron_idx", batch, seq, dims=(1, 2, 3))
+    ffn = a.up_weight.shape[-2]
+    _check_tensor(a.up_weight, "up_weight", (*lead, ffn, embed), x.dtype)
+    _check_tensor(a.down_weight, "down_weight", (*lead, embed, ffn), x.dtype)
+    if a.up_bias is not None:
+        _check_tensor(a.up_bias, "up_bias", (*lead, ffn), x.dtype)
+    if a.gate_weight is not None:
+        _check_tensor(a.gate_weight, "gate_weight", (*lead, ffn, embed), x.dtype)
+    if a.gate_bias is not None:
+        torch._check_value(a.gate_weight is not None, lambda: "gate_bias given without gate_weight")
+        _check_tensor(a.gate_bias, "gate_bias", (*lead, ffn), x.dtype)
+    if a.down_bias is not None:
+        _check_tensor(a.down_bias, "down_bias", (embed,), x.dtype)
 
 
-@custom_op("shadowfx::gathered_mlp", mutates_args=())
-def gathered_mlp(
-    x: Tensor,
-    up_weight: Tensor,
-    up_bias: Optional[Tensor],
-    gate_weight: Optional[Tensor],
-    gate_bias: Optional[Tensor],
-    down_weight: Tensor,
-    down_bias: Optional[Tensor],
-    neuron_idx: Optional[Tensor],
-    activation: str,
-) -> Tensor:
-    """MLP computed on the selected intermediate neurons only.
-
-    x [B, S, E]; up/gate weight [F, E], bias [F]; down weight [E, F], bias [E]; neuron_idx int64 [k] or [B, k].
-    Plain (gate_weight None): h = act(up(x)); gated: h = act(gate(x)) * up(x); out = down(h), all restricted to
-    neuron_idx. Returns [B, S, E].
-
-    neuron_idx None (pre-gathered): the weights are the kept neurons: up/gate weight [F', E] or per batch row
-    [B, F', E], their biases [F'] or [B, F'], down weight [E, F'] or [B, E, F'], down bias [E]; all of them are
-    computed, nothing is gathered. neuron_idx [B, S, k] (per token): full weights, and each token keeps its own k
-    neurons.
-    """
-    _check_mlp_args(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, neuron_idx, activation)
+def _gathered_mlp(a: _MLPArgs) -> Tensor:
+    _check_mlp_args(a)
+    neuron_idx, ffn = a.neuron_idx, a.up_weight.shape[0]
     if neuron_idx is not None:
-        _check_selection_values(neuron_idx, "neuron_idx", up_weight.shape[0])
-    act = ACTIVATIONS[activation]
+        _check_selection_values(neuron_idx, "neuron_idx", ffn)
+    act = ACTIVATIONS[a.activation]
     # a [k] / [B, k] selection gathers weight rows/cols; pre-gathered weights (None) and per token use them whole
     per_token = neuron_idx is not None and neuron_idx.dim() == 3
     rows = None if per_token else neuron_idx
-    up = _linear_rows(x, up_weight, up_bias, rows)
-    h = act(up) if gate_weight is None else act(_linear_rows(x, gate_weight, gate_bias, rows)) * up
+    up = _linear_rows(a.x, a.up_weight, a.up_bias, rows)
+    h = act(up) if a.gate_weight is None else act(_linear_rows(a.x, a.gate_weight, a.gate_bias, rows)) * up
     if neuron_idx is not None and per_token:
         # The dense intermediate times each token's 0/1 keep mask (as a where, so that an inf in a dropped neuron
         # cannot become NaN). Exact, and for prefill-sized S cheaper than per-token weight gathers, which would copy
         # [B, S, k, E] per projection; a fused kernel can gather the kept rows/cols for S == 1.
-        h = h.where(_keep_mask(neuron_idx, up_weight.shape[0]), 0)
-    return _linear_cols(h, down_weight, down_bias, rows)
+        h = h.where(_keep_mask(neuron_idx, ffn), 0)
+    return _linear_cols(h, a.down_weight, a.down_bias, rows)
 
 
-@gathered_mlp.register_fake
-def _gathered_mlp_fake(
-    x: Tensor,
-    up_weight: Tensor,
-    up_bias: Optional[Tensor],
-    gate_weight: Optional[Tensor],
-    gate_bias: Optional[Tensor],
-    down_weight: Tensor,
-    down_bias: Optional[Tensor],
-    neuron_idx: Optional[Tensor],
-    activation: str,
-) -> Tensor:
-    _check_mlp_args(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, neuron_idx, activation)
-    return x.new_empty(x.shape)
+def _gathered_mlp_fake(a: _MLPArgs) -> Tensor:
+    _check_mlp_args(a)
+    return a.x.new_empty(a.x.shape)
+
+
+gathered_mlp = _define_op("gathered_mlp", _MLPArgs, Tensor, _gathered_mlp, _gathered_mlp_fake)
+"""MLP computed on the selected intermediate neurons only.
+
+x [B, S, E]; up/gate weight [F, E], bias [F]; down weight [E, F], bias [E]; neuron_idx int64 [k] or [B, k].
+Plain (gate_weight None): h = act(up(x)); gated: h = act(gate(x)) * up(x); out = down(h), all restricted to
+neuron_idx. Returns [B, S, E].
+
+neuron_idx None (pre-gathered): the weights are the kept neurons: up/gate weight [F', E] or per batch row [B, F', E],
+their biases [F'] or [B, F'], down weight [E, F'] or [B, E, F'], down bias [E]; all of them are computed, nothing is
+gathered. neuron_idx [B, S, k] (per token): full weights, and each token keeps its own k neurons.
+"""
 
 
 # ---------------------------------------------------------------------------------------------------- attention
 
 
-def _check_attention_args(
-    hidden: Tensor,
-    q_weight: Tensor,
-    q_bias: Optional[Tensor],
-    k_weight: Tensor,
-    k_bias: Optional[Tensor],
-    v_weight: Tensor,
-    v_bias: Optional[Tensor],
-    o_weight: Tensor,
-    o_bias: Optional[Tensor],
-    kv_head_idx: Optional[Tensor],
-    cos: Optional[Tensor],
-    sin: Optional[Tensor],
-    attention_mask: Optional[Tensor],
-    past_key: Optional[Tensor],
-    past_value: Optional[Tensor],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    per_token: bool = False,
-) -> int:
+class _AttentionArgs(NamedTuple):
+    """The arguments of ``gathered_attention`` and ``token_sparse_attention``, in order (the latter requires
+    kv_head_idx)."""
+
+    hidden: Tensor
+    q_weight: Tensor
+    q_bias: Optional[Tensor]
+    k_weight: Tensor
+    k_bias: Optional[Tensor]
+    v_weight: Tensor
+    v_bias: Optional[Tensor]
+    o_weight: Tensor
+    o_bias: Optional[Tensor]
+    kv_head_idx: Optional[Tensor]
+    cos: Optional[Tensor]
+    sin: Optional[Tensor]
+    attention_mask: Optional[Tensor]
+    past_key: Optional[Tensor]
+    past_value: Optional[Tensor]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+_AttentionResult = tuple[Tensor, Tensor, Tensor]  # (out, key, value)
+
+
+def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
     """Shape checks of both attention ops; returns the number of KV heads of the cache (past and present)."""
+    num_heads, num_kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
     if min(num_heads, num_kv_heads, head_dim) < 1 or num_heads % num_kv_heads:
         raise ValueError(
             f"need num_heads, num_kv_heads, head_dim >= 1 and num_heads divisible by num_kv_heads, got "
             f"{num_heads}, {num_kv_heads}, {head_dim}"
         )
+    hidden = a.hidden
     torch._check_value(hidden.dim() == 3, lambda: f"hidden must be [B, S, E], got shape {tuple(hidden.shape)}")
     torch._check_value(hidden.is_floating_point(), lambda: f"hidden must be floating point, got {hidden.dtype}")
     batch, seq, embed = hidden.shape
     dtype = hidden.dtype
     lead: tuple[int, ...] = ()  # the leading dims of every weight and of the q/k/v biases: () or (B,)
-    if kv_head_idx is None:
+    if a.kv_head_idx is None:
         # pre-gathered: the weights hold the kept KV groups only, as many as k_weight has heads (the count may
         # change from call to call, so it comes from the weights, not from an argument)
-        lead = _check_lead(k_weight, "k_weight", "[g*D, E] or, per batch row, [B, g*D, E]", batch)
-        kv_out = k_weight.shape[-2]
+        lead = _check_lead(a.k_weight, "k_weight", "[g*D, E] or, per batch row, [B, g*D, E]", batch)
+        kv_out = a.k_weight.shape[-2]
         torch._check_value(
             kv_out % head_dim == 0, lambda: f"k_weight has {kv_out} rows, not a multiple of head_dim {head_dim}"
         )
@@ -286,24 +314,25 @@ def _check_attention_args(
         q_out = cache_heads * (num_heads // num_kv_heads) * head_dim
     else:
         if per_token:
-            _check_selection(kv_head_idx, "kv_head_idx", batch, seq, dims=(3,))
+            _check_selection(a.kv_head_idx, "kv_head_idx", batch, seq, dims=(3,))
             cache_heads = num_kv_heads  # the complete cache
         else:
-            _check_selection(kv_head_idx, "kv_head_idx", batch)
-            cache_heads = kv_head_idx.shape[-1]
+            _check_selection(a.kv_head_idx, "kv_head_idx", batch)
+            cache_heads = a.kv_head_idx.shape[-1]
         q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
     for name, weight, bias, out_features in (
-        ("q", q_weight, q_bias, q_out),
-        ("k", k_weight, k_bias, kv_out),
-        ("v", v_weight, v_bias, kv_out),
+        ("q", a.q_weight, a.q_bias, q_out),
+        ("k", a.k_weight, a.k_bias, kv_out),
+        ("v", a.v_weight, a.v_bias, kv_out),
     ):
         _check_tensor(weight, f"{name}_weight", (*lead, out_features, embed), dtype)
         if bias is not None:
             _check_tensor(bias, f"{name}_bias", (*lead, out_features), dtype)
-    _check_tensor(o_weight, "o_weight", (*lead, embed, q_out), dtype)
-    if o_bias is not None:
-        _check_tensor(o_bias, "o_bias", (embed,), dtype)
+    _check_tensor(a.o_weight, "o_weight", (*lead, embed, q_out), dtype)
+    if a.o_bias is not None:
+        _check_tensor(a.o_bias, "o_bias", (embed,), dtype)
 
+    cos, sin = a.cos, a.sin
     torch._check_value((cos is None) == (sin is None), lambda: "cos and sin must be given together")
     if cos is not None and sin is not None:
         torch._check_value(cos.dim() == 3, lambda: f"cos must be [B, S, rot], got shape {tuple(cos.shape)}")
@@ -315,6 +344,7 @@ def _check_attention_args(
         for name, t in (("cos", cos), ("sin", sin)):
             _check_tensor(t, name, (cos.shape[0], seq, rot), dtype)
 
+    past_key, past_value = a.past_key, a.past_value
     torch._check_value((past_key is None) == (past_value is None), lambda: "past_key and past_value go together")
     past = 0
     if past_key is not None and past_value is not None:
@@ -322,8 +352,8 @@ def _check_attention_args(
         _check_tensor(past_key, "past_key", (batch, cache_heads, past, head_dim), dtype)
         _check_tensor(past_value, "past_value", (batch, cache_heads, past, head_dim), dtype)
 
-    if attention_mask is not None:
-        mask = attention_mask
+    if a.attention_mask is not None:
+        mask = a.attention_mask
         torch._check_value(
             mask.dtype == torch.bool or mask.is_floating_point(),
             lambda: f"attention_mask must be bool or floating point, got {mask.dtype}",
@@ -356,38 +386,6 @@ def _additive_mask(attention_mask: Optional[Tensor], seq: int, total: int, devic
     return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def _project_qkv(
-    hidden: Tensor,
-    q_weight: Tensor,
-    q_bias: Optional[Tensor],
-    k_weight: Tensor,
-    k_bias: Optional[Tensor],
-    v_weight: Tensor,
-    v_bias: Optional[Tensor],
-    q_rows: Optional[Tensor],
-    kv_rows: Optional[Tensor],
-    cos: Optional[Tensor],
-    sin: Optional[Tensor],
-    past_key: Optional[Tensor],
-    past_value: Optional[Tensor],
-    head_dim: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """q [B, n, S, D] and the present key/value [B, m, P+S, D] (key after RoPE) of the given weight rows (all when
-    None)."""
-
-    def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
-        return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
-
-    q = heads(_linear_rows(hidden, q_weight, q_bias, q_rows))
-    key = heads(_linear_rows(hidden, k_weight, k_bias, kv_rows))
-    value = heads(_linear_rows(hidden, v_weight, v_bias, kv_rows))
-    if cos is not None and sin is not None:
-        q, key = _rope(q, cos, sin), _rope(key, cos, sin)
-    if past_key is not None and past_value is not None:
-        key, value = torch.cat((past_key, key), dim=2), torch.cat((past_value, value), dim=2)
-    return q, key, value
-
-
 def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], scaling: float, group: int) -> Tensor:
     """softmax(q k^T * scaling + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D], r = group; returns
     [B, S, g*r*D]."""
@@ -409,183 +407,92 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], s
     return context.flatten(1, 2).transpose(1, 2).flatten(2)
 
 
-@custom_op("shadowfx::gathered_attention", mutates_args=())
-def gathered_attention(
-    hidden: Tensor,
-    q_weight: Tensor,
-    q_bias: Optional[Tensor],
-    k_weight: Tensor,
-    k_bias: Optional[Tensor],
-    v_weight: Tensor,
-    v_bias: Optional[Tensor],
-    o_weight: Tensor,
-    o_bias: Optional[Tensor],
-    kv_head_idx: Optional[Tensor],
-    cos: Optional[Tensor],
-    sin: Optional[Tensor],
-    attention_mask: Optional[Tensor],
-    past_key: Optional[Tensor],
-    past_value: Optional[Tensor],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    scaling: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-attention computed on the selected KV groups only. Returns (out [B, S, E], key, value [B, g, P+S, D]).
-
-    hidden [B, S, E]; q_weight [Hq*D, E]; k/v_weight [Hkv*D, E]; o_weight [E, Hq*D]; biases optional.
-    kv_head_idx int64 [g] or [B, g] picks KV heads; the kept query heads are all query heads of those groups (query
-    head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. cos/sin [B or 1, S, rot] apply
-    RoPE (rotate_half convention) to the first rot dims of each head of q and k. past_key/past_value
-    [B, g, P, D] hold the kept heads' cache and come before the new keys. attention_mask: None (causal),
-    bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. A query with no key to attend
-    to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of
-    HF's finite float mask otherwise; never NaN. Scores and softmax are float32. The returned key/value are the
-    present cache of the kept KV heads (key after RoPE).
-
-    kv_head_idx None (pre-gathered): the weights hold the kept KV groups only, g = k_weight.shape[-2] // D of them
-    (num_heads / num_kv_heads stay the full model's; only their ratio r matters): q_weight [g*r*D, E] or per batch
-    row [B, g*r*D, E], k/v_weight [g*D, E] or [B, g*D, E], o_weight [E, g*r*D] or [B, E, g*r*D], q/k/v biases
-    [n] or [B, n], o_bias [E]; past_key/past_value [B, g, P, D]. Under torch.export with g dynamic, give the weights'
-    row counts as dims derived from g's (k/v: D * g, q/o: r * D * g) and pass the cache: without a cache, the
-    output's g is k_weight.shape[-2] // D, and torch guards that != 1 when traced with g > 1.
-    """
-    _check_attention_args(
-        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
-        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim,
-    )  # fmt: skip
-    group = num_heads // num_kv_heads
-    q_rows: Optional[Tensor] = None  # pre-gathered: every row
+def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
+    """The eager implementation of both attention ops."""
+    _check_attention_args(a, per_token)
+    group, head_dim, kv_head_idx = a.num_heads // a.num_kv_heads, a.head_dim, a.kv_head_idx
+    q_rows: Optional[Tensor] = None  # pre-gathered or per token: every row
     kv_rows: Optional[Tensor] = None
     if kv_head_idx is not None:
-        _check_selection_values(kv_head_idx, "kv_head_idx", num_kv_heads)
-        # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
-        q_rows, kv_rows = unit_rows(kv_head_idx, group * head_dim), unit_rows(kv_head_idx, head_dim)
-    q, key, value = _project_qkv(
-        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, q_rows, kv_rows, cos, sin, past_key,
-        past_value, head_dim,
-    )  # fmt: skip
-    out = _linear_cols(_attend(q, key, value, attention_mask, scaling, group), o_weight, o_bias, q_rows)
+        _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
+        if not per_token:
+            # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
+            q_rows, kv_rows = unit_rows(kv_head_idx, group * head_dim), unit_rows(kv_head_idx, head_dim)
+
+    def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
+        return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+    q = heads(_linear_rows(a.hidden, a.q_weight, a.q_bias, q_rows))
+    key = heads(_linear_rows(a.hidden, a.k_weight, a.k_bias, kv_rows))
+    value = heads(_linear_rows(a.hidden, a.v_weight, a.v_bias, kv_rows))
+    if a.cos is not None and a.sin is not None:
+        q, key = _rope(q, a.cos, a.sin), _rope(key, a.cos, a.sin)
+    if a.past_key is not None and a.past_value is not None:
+        key, value = torch.cat((a.past_key, key), dim=2), torch.cat((a.past_value, value), dim=2)
+    context = _attend(q, key, value, a.attention_mask, a.scaling, group)
+    if kv_head_idx is not None and per_token:
+        # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
+        # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
+        keep = _keep_mask(kv_head_idx, a.num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D
+        context = context.unflatten(-1, (a.num_kv_heads, -1)).where(keep, 0).flatten(-2)
+    out = _linear_cols(context, a.o_weight, a.o_bias, q_rows)
     # contiguous, like the fake outputs (the no-cache key/value are transposed views otherwise)
     return out, key.contiguous(), value.contiguous()
 
 
-@gathered_attention.register_fake
-def _gathered_attention_fake(
-    hidden: Tensor,
-    q_weight: Tensor,
-    q_bias: Optional[Tensor],
-    k_weight: Tensor,
-    k_bias: Optional[Tensor],
-    v_weight: Tensor,
-    v_bias: Optional[Tensor],
-    o_weight: Tensor,
-    o_bias: Optional[Tensor],
-    kv_head_idx: Optional[Tensor],
-    cos: Optional[Tensor],
-    sin: Optional[Tensor],
-    attention_mask: Optional[Tensor],
-    past_key: Optional[Tensor],
-    past_value: Optional[Tensor],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    scaling: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    kept = _check_attention_args(
-        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
-        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim,
-    )  # fmt: skip
-    batch, seq, _ = hidden.shape
-    if past_key is not None:
+def _attention_fake(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
+    cache_heads = _check_attention_args(a, per_token)
+    batch, seq, _ = a.hidden.shape
+    total = seq
+    if a.past_key is not None:
         # past_key's own size rather than the equal k_weight.shape[-2] // head_dim of pre-gathered weights: under
         # torch.export, torch's contiguity check of the output guards a floor-division size != 1 (which would fail
         # for g = 1), while a plain size is assumed != 1 without a guard
-        kept = past_key.shape[1]
-    total = seq if past_key is None else past_key.shape[2] + seq
-    cache_shape = (batch, kept, total, head_dim)
-    return hidden.new_empty(hidden.shape), hidden.new_empty(cache_shape), hidden.new_empty(cache_shape)
+        cache_heads, total = a.past_key.shape[1], a.past_key.shape[2] + seq
+    cache_shape = (batch, cache_heads, total, a.head_dim)
+    return a.hidden.new_empty(a.hidden.shape), a.hidden.new_empty(cache_shape), a.hidden.new_empty(cache_shape)
 
 
-@custom_op("shadowfx::token_sparse_attention", mutates_args=())
-def token_sparse_attention(
-    hidden: Tensor,
-    q_weight: Tensor,
-    q_bias: Optional[Tensor],
-    k_weight: Tensor,
-    k_bias: Optional[Tensor],
-    v_weight: Tensor,
-    v_bias: Optional[Tensor],
-    o_weight: Tensor,
-    o_bias: Optional[Tensor],
-    kv_head_idx: Tensor,
-    cos: Optional[Tensor],
-    sin: Optional[Tensor],
-    attention_mask: Optional[Tensor],
-    past_key: Optional[Tensor],
-    past_value: Optional[Tensor],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    scaling: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-attention with a selection of KV groups per token. Returns (out [B, S, E], key, value [B, Hkv, P+S, D]).
-
-    The arguments are gathered_attention's (full weights; RoPE, mask and fully masked rows the same) except:
-    kv_head_idx int64 [B, S, g] picks each token's g KV groups, and the token keeps the query heads of those;
-    past_key/past_value [B, Hkv, P, D] are the complete cache, and the returned key/value the complete present
-    cache: K/V are computed for every KV head of every token, since a later token may select a group that this one
-    skipped. out equals the dense attention whose unselected query heads' context is zeroed per token before the
-    output projection (o_bias kept).
-    """
-    _check_attention_args(
-        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
-        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, per_token=True,
+def _attention_op(name: str, per_token: bool) -> CustomOpDef:
+    # per token, kv_head_idx is required: there are no pre-gathered weights per token
+    retyped = {"kv_head_idx": Tensor} if per_token else {}
+    return _define_op(
+        name, _AttentionArgs, _AttentionResult, partial(_attention, per_token=per_token),
+        partial(_attention_fake, per_token=per_token), **retyped,
     )  # fmt: skip
-    _check_selection_values(kv_head_idx, "kv_head_idx", num_kv_heads)
-    # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
-    # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
-    q, key, value = _project_qkv(
-        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, None, None, cos, sin, past_key, past_value,
-        head_dim,
-    )  # fmt: skip
-    context = _attend(q, key, value, attention_mask, scaling, num_heads // num_kv_heads)  # [B, S, Hq*D]
-    keep = _keep_mask(kv_head_idx, num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D
-    context = context.unflatten(-1, (num_kv_heads, -1)).where(keep, 0).flatten(-2)
-    out = _linear_cols(context, o_weight, o_bias, None)
-    return out, key.contiguous(), value.contiguous()
 
 
-@token_sparse_attention.register_fake
-def _token_sparse_attention_fake(
-    hidden: Tensor,
-    q_weight: Tensor,
-    q_bias: Optional[Tensor],
-    k_weight: Tensor,
-    k_bias: Optional[Tensor],
-    v_weight: Tensor,
-    v_bias: Optional[Tensor],
-    o_weight: Tensor,
-    o_bias: Optional[Tensor],
-    kv_head_idx: Tensor,
-    cos: Optional[Tensor],
-    sin: Optional[Tensor],
-    attention_mask: Optional[Tensor],
-    past_key: Optional[Tensor],
-    past_value: Optional[Tensor],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    scaling: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    _check_attention_args(
-        hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx,
-        cos, sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, per_token=True,
-    )  # fmt: skip
-    batch, seq, _ = hidden.shape
-    total = seq if past_key is None else past_key.shape[2] + seq
-    cache_shape = (batch, num_kv_heads, total, head_dim)
-    return hidden.new_empty(hidden.shape), hidden.new_empty(cache_shape), hidden.new_empty(cache_shape)
+gathered_attention = _attention_op("gathered_attention", per_token=False)
+"""Self-attention computed on the selected KV groups only. Returns (out [B, S, E], key, value [B, g, P+S, D]).
+
+hidden [B, S, E]; q_weight [Hq*D, E]; k/v_weight [Hkv*D, E]; o_weight [E, Hq*D]; biases optional.
+kv_head_idx int64 [g] or [B, g] picks KV heads; the kept query heads are all query heads of those groups (query
+head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. cos/sin [B or 1, S, rot] apply
+RoPE (rotate_half convention) to the first rot dims of each head of q and k. past_key/past_value
+[B, g, P, D] hold the kept heads' cache and come before the new keys. attention_mask: None (causal),
+bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. A query with no key to attend
+to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of
+HF's finite float mask otherwise; never NaN. Scores and softmax are float32. The returned key/value are the
+present cache of the kept KV heads (key after RoPE).
+
+kv_head_idx None (pre-gathered): the weights hold the kept KV groups only, g = k_weight.shape[-2] // D of them
+(num_heads / num_kv_heads stay the full model's; only their ratio r matters): q_weight [g*r*D, E] or per batch
+row [B, g*r*D, E], k/v_weight [g*D, E] or [B, g*D, E], o_weight [E, g*r*D] or [B, E, g*r*D], q/k/v biases
+[n] or [B, n], o_bias [E]; past_key/past_value [B, g, P, D]. Under torch.export with g dynamic, give the weights'
+row counts as dims derived from g's (k/v: D * g, q/o: r * D * g) and pass the cache: without a cache, the
+output's g is k_weight.shape[-2] // D, and torch guards that != 1 when traced with g > 1.
+"""
+
+token_sparse_attention = _attention_op("token_sparse_attention", per_token=True)
+"""Self-attention with a selection of KV groups per token. Returns (out [B, S, E], key, value [B, Hkv, P+S, D]).
+
+The arguments are gathered_attention's (full weights; RoPE, mask and fully masked rows the same) except:
+kv_head_idx int64 [B, S, g] picks each token's g KV groups, and the token keeps the query heads of those;
+past_key/past_value [B, Hkv, P, D] are the complete cache, and the returned key/value the complete present
+cache: K/V are computed for every KV head of every token, since a later token may select a group that this one
+skipped. out equals the dense attention whose unselected query heads' context is zeroed per token before the
+output projection (o_bias kept).
+"""
 
 
 # -------------------------------------------------------------------------------------------------------- top-k

@@ -6,6 +6,7 @@ never the op's helpers. Pre-gathered weights are gathered by hand here and check
 the selection.
 """
 
+from functools import partial
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -296,6 +297,11 @@ def rotary(batch: int, start: int, seq: int, rot: int, dtype: torch.dtype) -> tu
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_part(rope: Optional[tuple[Tensor, Tensor]], positions: slice) -> Optional[tuple[Tensor, Tensor]]:
+    """cos/sin [B, S, rot] of the given positions only (None: no RoPE)."""
+    return None if rope is None else (rope[0][:, positions], rope[1][:, positions])
+
+
 def rope_reference(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rot = cos.shape[-1]
     rotated, _ = apply_rotary_pos_emb(t[..., :rot], t[..., :rot], cos, sin)
@@ -315,30 +321,25 @@ def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def dense_attention_reference(
+def run_reference(
+    c: SimpleNamespace,
     hidden: Tensor,
-    w: dict[str, Optional[Tensor]],
-    kv_head_idx: Tensor,
     rope: Optional[tuple[Tensor, Tensor]],
-    mask: Optional[Tensor],
-    past: Optional[tuple[Tensor, Tensor]],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    scaling: float,
+    mask: Optional[Tensor] = None,
+    past: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense float64 attention over all heads, unselected query heads' context zeroed before o_proj (per token for
-    [B, S, g] kv_head_idx).
+    """Dense float64 attention of the case c (see attention_case) over all heads, unselected query heads' context
+    zeroed before o_proj (per token for a [B, S, g] c.idx).
 
     mask is None (causal) or bool [B or 1, 1, S, P+S]; past holds all KV heads [B, Hkv, P, D].
     Returns (out, key, value) with key/value of all KV heads.
     """
-    d = {name: None if t is None else t.double() for name, t in w.items()}
+    d = {name: None if t is None else t.double() for name, t in c.w.items()}
     hidden = hidden.double()
     batch, seq, _ = hidden.shape
 
     def split(t: Tensor) -> Tensor:
-        return t.view(batch, seq, -1, head_dim).transpose(1, 2)
+        return t.view(batch, seq, -1, HEAD_DIM).transpose(1, 2)
 
     q = split(F.linear(hidden, d["q_weight"], d["q_bias"]))
     k = split(F.linear(hidden, d["k_weight"], d["k_bias"]))
@@ -351,11 +352,11 @@ def dense_attention_reference(
     total = k.shape[2]
     if mask is None:
         mask = torch.ones(seq, total, dtype=torch.bool).tril(total - seq)
-    group = num_heads // num_kv_heads
+    group = c.num_heads // c.num_kv_heads
     context = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask, scale=scaling
+        q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask, scale=HEAD_DIM**-0.5
     )
-    keep_q = token_keep(kv_head_idx, num_kv_heads, batch).repeat_interleave(group, dim=-1)  # [B, S or 1, Hq]
+    keep_q = token_keep(c.idx, c.num_kv_heads, batch).repeat_interleave(group, dim=-1)  # [B, S or 1, Hq]
     context = (context * keep_q.transpose(1, 2)[..., None]).transpose(1, 2).reshape(batch, seq, -1)
     return F.linear(context, d["o_weight"], d["o_bias"]), k, v
 
@@ -435,18 +436,6 @@ def run_op(
     )  # fmt: skip
 
 
-def run_reference(
-    c: SimpleNamespace,
-    hidden: Tensor,
-    rope: Optional[tuple[Tensor, Tensor]],
-    mask: Optional[Tensor] = None,
-    past: Optional[tuple[Tensor, Tensor]] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return dense_attention_reference(
-        hidden, c.w, c.idx, rope, mask, past, c.num_heads, c.num_kv_heads, HEAD_DIM, HEAD_DIM**-0.5
-    )
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -499,12 +488,9 @@ def test_gathered_attention_decode_with_cache_equals_full_sequence(
     c = attention_case(heads, 2, prefix + new_tokens, rot, bias=True, per_row=True, dtype=torch.float32)
     full_out, full_key, full_value = run_op(c, c.hidden, c.rope)
 
-    def part(t: Optional[tuple[Tensor, Tensor]], sl: slice) -> Optional[tuple[Tensor, Tensor]]:
-        return None if t is None else (t[0][:, sl], t[1][:, sl])
-
-    _, prefix_key, prefix_value = run_op(c, c.hidden[:, :prefix], part(c.rope, slice(None, prefix)))
+    _, prefix_key, prefix_value = run_op(c, c.hidden[:, :prefix], rope_part(c.rope, slice(None, prefix)))
     out, key, value = run_op(
-        c, c.hidden[:, prefix:], part(c.rope, slice(prefix, None)), past=(prefix_key, prefix_value)
+        c, c.hidden[:, prefix:], rope_part(c.rope, slice(prefix, None)), past=(prefix_key, prefix_value)
     )
     close(out, full_out[:, prefix:], torch.float32)
     close(key, full_key, torch.float32)
@@ -610,14 +596,7 @@ def test_gathered_attention_errors(changes: dict[str, object], error: type[Excep
 # -------------------------------------------------------------------------------------- per-token attention
 
 
-def run_token_op(
-    c: SimpleNamespace,
-    hidden: Tensor,
-    rope: Optional[tuple[Tensor, Tensor]],
-    mask: Optional[Tensor] = None,
-    past: Optional[tuple[Tensor, Tensor]] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return run_op(c, hidden, rope, mask, past, op=ops.token_sparse_attention)
+run_token_op = partial(run_op, op=ops.token_sparse_attention)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -672,17 +651,14 @@ def test_token_sparse_attention_decode_with_complete_cache_equals_full_sequence(
     c = token_case(heads, 2, prefix + new_tokens, rot, bias=True, dtype=torch.float32)
     full_out, full_key, full_value = run_token_op(c, c.hidden, c.rope)
 
-    def part(t: Optional[tuple[Tensor, Tensor]], sl: slice) -> Optional[tuple[Tensor, Tensor]]:
-        return None if t is None else (t[0][:, sl], t[1][:, sl])
-
     head, tail = slice(None, prefix), slice(prefix, None)
     _, prefix_key, prefix_value = run_token_op(
-        SimpleNamespace(**{**vars(c), "idx": c.idx[:, head]}), c.hidden[:, head], part(c.rope, head)
+        SimpleNamespace(**{**vars(c), "idx": c.idx[:, head]}), c.hidden[:, head], rope_part(c.rope, head)
     )
     # the prefix's cache holds every KV head, whatever the prefix tokens selected
     assert prefix_key.shape == (2, heads[1], prefix, HEAD_DIM)
     out, key, value = run_token_op(
-        SimpleNamespace(**{**vars(c), "idx": c.idx[:, tail]}), c.hidden[:, tail], part(c.rope, tail),
+        SimpleNamespace(**{**vars(c), "idx": c.idx[:, tail]}), c.hidden[:, tail], rope_part(c.rope, tail),
         past=(prefix_key, prefix_value),
     )  # fmt: skip
     close(out, full_out[:, tail], torch.float32)

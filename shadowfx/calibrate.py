@@ -11,8 +11,8 @@ is layer 0's attention context at the window's last token (where a prompt ends).
                     and inputs (the token granularity's targets and inputs)
 
 Traces are written in shards (safetensors) with a JSON header (``traces.json``: model fingerprint, criterion, data
-description, shards). Each shard is written to a temporary name and renamed, and the header is rewritten after it,
-so an interrupted run leaves only whole shards and resumes after the last one.
+description, shards). Each shard and then the header naming it are written atomically (:mod:`shadowfx.files`), so an
+interrupted run leaves only whole shards and resumes after the last one the header names.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from shadowfx.criteria import CRITERIA, Criterion, CriterionHooks, UnitScores
+from shadowfx.files import atomic_write, atomic_write_text, writable_directory
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 HEADER = "traces.json"
@@ -56,20 +58,36 @@ class Traces:
         return self.tensors["heads"].float().sum(0), self.tensors["neurons"].float().sum(0)
 
 
+# what a header must hold to be resumed or read; every one of them is written by calibrate()
+HEADER_KEYS = ("format_version", "fingerprint", "model_class", "criterion", "window", "samples", "tokens_per_sample",
+               "seed", "data", "shards")
+SHARD_KEYS = ("file", "count")
+
+
 def _read_header(directory: Path) -> dict | None:
+    """The header of the traces in ``directory`` (None when there is none), refused when a field is missing."""
     path = directory / HEADER
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise TraceError(f"{path} is not a readable trace header: {error}") from error
-
-
-def _write_header(directory: Path, header: dict) -> None:
-    tmp = directory / (HEADER + ".tmp")
-    tmp.write_text(json.dumps(header, indent=2))
-    tmp.replace(directory / HEADER)
+        header = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TraceError(f"{path} is not a readable trace header: {error}; re-run calibration into a new "
+                         "directory") from error
+    if not isinstance(header, dict):
+        raise TraceError(f"{path} is not a trace header (not a JSON object); re-run calibration into a new directory")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise TraceError(f"{path}: trace format {header.get('format_version')!r} is not {FORMAT_VERSION} (made by "
+                         "another shadowfx version); re-run calibration into a new directory")
+    missing = [key for key in HEADER_KEYS if key not in header]
+    if not missing and not isinstance(header["shards"], list):
+        missing = ["shards (a list)"]
+    missing += [f"shards[{i}].{key}" for i, shard in enumerate(header.get("shards") or [])
+                for key in SHARD_KEYS if not isinstance(shard, dict) or key not in shard]
+    if missing:
+        raise TraceError(f"{path} lacks {', '.join(missing)} (written by another shadowfx version, or edited); "
+                         "re-run calibration into a new directory")
+    return header
 
 
 def calibrate(model: nn.Module, samples: torch.Tensor, structure: DecoderStructure, out: str | Path, *,
@@ -86,8 +104,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, structure: DecoderStructu
         raise TraceError(f"samples must be token windows [N >= 1, W >= 2], got shape {tuple(samples.shape)}")
     if not 0 <= tokens_per_sample <= samples.shape[1]:
         raise TraceError(f"tokens_per_sample must be in 0..{samples.shape[1]}, got {tokens_per_sample}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_directory(out)  # before any sample is scored
     identity = {"format_version": FORMAT_VERSION, "fingerprint": structure.fingerprint,
                 "model_class": structure.model_class, "criterion": criterion, "window": int(samples.shape[1]),
                 "samples": int(samples.shape[0]), "tokens_per_sample": tokens_per_sample, "seed": seed,
@@ -118,11 +135,10 @@ def calibrate(model: nn.Module, samples: torch.Tensor, structure: DecoderStructu
                         pieces.setdefault(name, []).append(tensor)
                     bar.update(end - start)
                 name = f"shard-{len(header['shards']):05d}.safetensors"
-                tmp = out / (name + ".tmp")
-                save_file({k: torch.cat(v) for k, v in pieces.items()}, str(tmp))
-                tmp.replace(out / name)
+                shard = {k: torch.cat(v) for k, v in pieces.items()}
+                atomic_write(out / name, lambda temporary: save_file(shard, str(temporary)))
                 header["shards"].append({"file": name, "count": stop - done})
-                _write_header(out, header)
+                atomic_write_text(out / HEADER, json.dumps(header, indent=2))
                 done = stop
     finally:
         bar.close()
@@ -177,19 +193,18 @@ def load_traces(directory: str | Path, structure: DecoderStructure | None = None
     header = _read_header(directory)
     if header is None:
         raise TraceError(f"no traces in {directory} (no {HEADER}); run calibration first")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise TraceError(f"{directory}: trace format {header.get('format_version')!r} is not {FORMAT_VERSION} (made "
-                         "by another shadowfx version); re-run calibration into a new directory")
     if not header["shards"]:
         raise TraceError(f"{directory} has a header but no finished shard; re-run calibration to resume")
     if structure is not None:
         check_fingerprint(header["fingerprint"], structure, what=f"the traces in {directory}")
     pieces: dict[str, list[torch.Tensor]] = {}
     for shard in header["shards"]:
+        path = directory / shard["file"]
         try:
-            tensors = load_file(str(directory / shard["file"]))
-        except (OSError, RuntimeError) as error:
-            raise TraceError(f"cannot read {directory / shard['file']}: {error}") from error
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise TraceError(f"cannot read the trace shard {path}: {error}; re-run calibration into a new "
+                             "directory") from error
         for name, tensor in tensors.items():
             pieces.setdefault(name, []).append(tensor)
     tensors = {name: torch.cat(parts) for name, parts in pieces.items()}

@@ -12,19 +12,23 @@ from pathlib import Path
 
 import torch
 
-from shadowfx.api import discover, transform
+from shadowfx.api import GRANULARITIES, discover, transform
 from shadowfx.calibrate import calibrate, load_traces
 from shadowfx.capture import CaptureError, PrefillStep, capture
 from shadowfx.criteria import CRITERIA
 from shadowfx.data import read_text, token_windows
 from shadowfx.families import FAMILIES, build_small
+from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
 from shadowfx.loading import ModelLoadError, load_decoder, load_tokenizer
+from shadowfx.passes.base import PassError
 from shadowfx.passes.discover_structure import discover_structure
-from shadowfx.predictor import ShadowPredictor, save_predictor
+from shadowfx.predictor import KINDS, ShadowPredictor, save_predictor
 from shadowfx.structure import DecoderStructure, StructureError
-from shadowfx.training import GRANULARITIES, KINDS, train_predictor
+from shadowfx.training import train_predictor
 
-USER_ERRORS = (ModelLoadError, CaptureError, StructureError, FileNotFoundError, ValueError)
+# ValueError covers the library's own errors (ModelLoadError, TraceError, PredictorError, FingerprintMismatch, ...);
+# OSError covers files that cannot be read or written (ArtifactError among them)
+USER_ERRORS = (ModelLoadError, CaptureError, StructureError, PassError, ValueError, OSError)
 
 
 def describe_rewrites(structure: DecoderStructure) -> str:
@@ -123,23 +127,29 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train a predictor on traces; save it (next to the checkpoint by default) with a JSON report."""
+    out = writable_directory(args.out or args.model)  # before the model is captured and the predictor trained
     model = load_decoder(args.model)
     structure = discover(model)
     traces = load_traces(args.traces, structure)
     result = train_predictor(traces, kind=args.kind, granularity=args.granularity, structure=structure,
                              hidden=args.hidden, neuron_block=args.neuron_block, seed=args.seed)
-    out = Path(args.out or args.model)
     save_predictor(result.predictor, out)
-    report = out / f"shadow_predictor_report_{args.kind}_{args.granularity}.json"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(json.dumps(result.report, indent=2))
-    tmp.replace(report)
+    report = atomic_write_text(out / f"shadow_predictor_report_{args.kind}_{args.granularity}.json",
+                               json.dumps(result.report, indent=2))
     held_out = result.report["spearman"]["held_out"]
     for unit in ("heads", "neurons"):
-        print(f"{unit:7s} held-out Spearman: predictor {held_out['predictor'][unit]['flat']:.3f}, constant "
-              f"{held_out['constant'][unit]['flat']:.3f}, static {held_out['static'][unit]['flat']:.3f}")
+        rho = {method: _format_rho(held_out[method][unit]["flat"]) for method in ("predictor", "constant", "static")}
+        print(f"{unit:7s} held-out Spearman: predictor {rho['predictor']}, constant {rho['constant']}, "
+              f"static {rho['static']}")
+    if any(held_out[method][unit]["flat"] is None for method in held_out for unit in ("heads", "neurons")):
+        print("(undefined: every held-out target row is constant, so no ranking can be compared; calibrate more "
+              "or more varied text)")
     print(f"predictor saved in {out}; report {report}")
     return 0
+
+
+def _format_rho(rho: float | None) -> str:
+    return "undefined" if rho is None else f"{rho:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,16 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    """The error as one line; a bare OSError (one the library did not word) gets the path and what to check."""
+    if isinstance(error, OSError) and not isinstance(error, ArtifactError) and error.filename:
+        message = f"cannot use {error.filename}: {error.strerror}; check that it exists and may be read and written"
+    else:
+        message = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as error:
-        print(f"shadowfx {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head` and the like
+    except BrokenPipeError:  # output piped into `head` and the like (an OSError, so caught first)
         sys.stderr.close()
         return 0
+    except USER_ERRORS as error:
+        print(f"shadowfx {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -66,8 +67,9 @@ def load_decoder(path: str | Path, *, attn_implementation: str = "sdpa", dtype: 
                 "with AutoModelForCausalLM"
             ) from error
         raise ModelLoadError(f"cannot load the model at {path}: {error}") from error
-    except OSError as error:
-        raise ModelLoadError(f"cannot read the weights at {path}: {error}") from error
+    except (OSError, SafetensorError) as error:
+        raise ModelLoadError(f"cannot read the weights at {path}: {error}; the checkpoint is damaged or incomplete, "
+                             "save it again (save_pretrained)") from error
 
 
 def load_tokenizer(path: str | Path):

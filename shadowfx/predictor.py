@@ -6,7 +6,7 @@ scaled per sample, then one MLP predicts all layers' head scores and another all
 one score per block of contiguous neurons). Scores are higher for more important units; only their order within
 (scope "per_layer") or across (scope "global") layers matters.
 
-Two more kinds share the file format (``shadow_predictor.{safetensors,json}`` with a ``kind`` field in the JSON):
+Two more kinds share the file format (a JSON config with a ``kind`` field, naming its safetensors weights file):
 :class:`LayerwisePredictor` (the DejaVu-style baseline: small MLPs per layer, each reading that layer's own attention
 or MLP input as the layer runs) and :class:`StaticScores` (input-independent scores). All three drive
 :func:`shadowfx.transform`; :func:`save_predictor` and :func:`load_predictor` handle all three.
@@ -14,18 +14,24 @@ or MLP input as the layer runs) and :class:`StaticScores` (input-independent sco
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple, TypeVar, get_args
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
+from shadowfx.files import atomic_write, atomic_write_text
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
-PREDICTOR_WEIGHTS = "shadow_predictor.safetensors"
+T = TypeVar("T")
+
 PREDICTOR_CONFIG = "shadow_predictor.json"
 
 
@@ -74,29 +80,51 @@ def minmax_scale(context: torch.Tensor) -> torch.Tensor:
     return (context - low) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-KINDS = ("shadowllm", "dejavu", "static")
+PredictorKind = Literal["shadowllm", "dejavu", "static"]
+KINDS: tuple[PredictorKind, ...] = get_args(PredictorKind)
+
+
+def seeded(seed: int, build: Callable[[], T]) -> T:
+    """``build()`` with parameters drawn from ``seed``, leaving the global generator as it was."""
+    with torch.random.fork_rng(devices=[]):  # modules are built on the CPU; other devices' generators stay untouched
+        torch.manual_seed(seed)
+        return build()
+
+
+def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
 # ---- files shared by every kind ------------------------------------------------------------------------------------
+# A predictor is one JSON config that names its weights file by content (``shadow_predictor.<sha256 prefix>.
+# safetensors``) and records the file's sha256. The weights are written first under a new name, then the config is
+# replaced in one step, then weights no config names are removed: a crash at any point leaves a complete predictor.
+WEIGHTS_GLOB = "shadow_predictor.*.safetensors"
+
+
+def _weights_name(digest: str) -> str:
+    return f"shadow_predictor.{digest[:16]}.safetensors"
+
+
 def _write_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write the weights and the JSON config; each goes to a temporary name first, so a crash leaves the old pair."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights, meta = directory / PREDICTOR_WEIGHTS, directory / PREDICTOR_CONFIG
-    tmp_weights, tmp_meta = (path.with_name(path.name + ".tmp") for path in (weights, meta))
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp_weights))
-    tmp_meta.write_text(json.dumps(config, indent=2))
-    tmp_weights.replace(weights)
-    tmp_meta.replace(meta)
-    return weights
+    data = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    weights = atomic_write(directory / _weights_name(digest), lambda temporary: temporary.write_bytes(data))
+    meta = atomic_write_text(directory / PREDICTOR_CONFIG,
+                             json.dumps(config | {"weights": {"file": weights.name, "sha256": digest}}, indent=2))
+    for stale in directory.glob(WEIGHTS_GLOB):
+        if stale != weights:
+            stale.unlink(missing_ok=True)
+    return meta
 
 
 def _read_config(directory: Path) -> dict:
     meta = directory / PREDICTOR_CONFIG
     if not meta.is_file():
         raise PredictorError(
-            f"no shadow predictor in {directory} (expected {PREDICTOR_CONFIG} and {PREDICTOR_WEIGHTS}); pass "
-            "predictor=... to transform(), or save one there with ShadowPredictor.save(directory)"
+            f"no shadow predictor in {directory} (expected {PREDICTOR_CONFIG}); pass predictor=... to transform(), "
+            "or save one there with ShadowPredictor.save(directory)"
         )
     try:
         config = json.loads(meta.read_text())
@@ -107,41 +135,45 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _parse(directory: Path, read):
-    """Apply ``read`` to the config, turning a missing or malformed field into a PredictorError."""
+def _read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file ``config`` names, refused unless its sha256 is the one recorded."""
+    meta = directory / PREDICTOR_CONFIG
+    record = config.get("weights")
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "sha256" not in record:
+        raise PredictorError(f"{meta} names no weights file with its sha256 (saved by an older shadowfx?); save the "
+                             "predictor again (shadowfx train, or save_predictor)")
+    path = directory / Path(record["file"]).name
     try:
-        return read()
-    except (ValueError, KeyError, TypeError) as error:
-        raise PredictorError(f"{directory / PREDICTOR_CONFIG} is not a readable shadow predictor config: "
-                             f"{type(error).__name__}: {error}") from error
-
-
-def _load_weights(module: nn.Module, directory: Path) -> None:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PredictorError(f"cannot read the predictor weights {path}: {error.strerror or error}; save the "
+                             "predictor again") from error
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise PredictorError(f"the predictor weights {path} do not match the sha256 recorded in {meta} (the file was "
+                             "changed or damaged after saving); save the predictor again")
     try:
-        module.load_state_dict(load_file(str(directory / PREDICTOR_WEIGHTS)))
-    except (OSError, RuntimeError) as error:
-        raise PredictorError(f"cannot read the predictor weights in {directory}: {error}") from error
-
-
-def _seeded(seed: int, build):
-    """Build a module with parameters drawn from ``seed`` without disturbing the global generator."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return build()
-    finally:
-        torch.random.set_rng_state(generator_state)
-
-
-def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+        return load_tensors(data)
+    except SafetensorError as error:
+        raise PredictorError(f"{path} is not a readable safetensors file ({error}); save the predictor again") \
+            from error
 
 
 class _PredictorFiles(nn.Module):
-    """``save`` and ``load`` shared by the predictor kinds (``shadow_predictor.{safetensors,json}``, kind in the JSON)."""
+    """Files shared by the predictor kinds: ``config()`` and ``from_config`` are each kind's only description of
+    itself on disk; ``save`` and ``load`` are the same for all."""
+
+    kind: ClassVar[PredictorKind]
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict) -> _PredictorFiles:
+        """An untrained module of the size ``config`` describes (its weights are loaded after)."""
+        raise NotImplementedError
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``shadow_predictor.{safetensors,json}`` into ``directory`` (next to the checkpoint by convention)."""
+        """Write the predictor into ``directory`` (next to the checkpoint by convention); returns the config path."""
         return _write_files(directory, self.config(), self.state_dict())
 
     @classmethod
@@ -149,7 +181,8 @@ class _PredictorFiles(nn.Module):
         """Load the predictor saved in ``directory``; refuse one of another kind or made for another model."""
         module = load_predictor(directory, structure)
         if not isinstance(module, cls):
-            raise PredictorError(f"{directory} holds a {_kind_of(module)!r} predictor, not a {cls.__name__}")
+            raise PredictorError(f"{directory} holds a {_kind_of(module)!r} predictor, not a {cls.__name__}; load it "
+                                 "with shadowfx.predictor.load_predictor(directory, structure)")
         return module
 
 
@@ -160,6 +193,8 @@ class ShadowPredictor(_PredictorFiles):
     trained on the block means of the targets); ``forward`` still returns one score per neuron, each block's score
     repeated over its neurons.
     """
+
+    kind = "shadowllm"
 
     def __init__(self, shape: SparseShape, fingerprint: str, *, hidden: int = 1024, neuron_block: int = 1) -> None:
         super().__init__()
@@ -185,7 +220,7 @@ class ShadowPredictor(_PredictorFiles):
                       seed: int = 0) -> ShadowPredictor:
         """An untrained predictor with the output layout of ``structure`` (training comes from calibration)."""
         shape = SparseShape.of(structure)
-        return _seeded(seed, lambda: cls(shape, structure.fingerprint, hidden=hidden, neuron_block=neuron_block))
+        return seeded(seed, lambda: cls(shape, structure.fingerprint, hidden=hidden, neuron_block=neuron_block))
 
     def _scaled(self, context: torch.Tensor) -> torch.Tensor:
         return minmax_scale(context.float()).to(self.heads[0].weight.dtype)
@@ -211,25 +246,13 @@ class ShadowPredictor(_PredictorFiles):
 
     # ---- files ---------------------------------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"kind": "shadowllm", "fingerprint": self.fingerprint, "hidden": self.hidden,
+        return {"kind": self.kind, "fingerprint": self.fingerprint, "hidden": self.hidden,
                 "neuron_block": self.neuron_block, "shape": vars(self.shape)}
 
     @classmethod
-    def load(cls, directory: str | Path, structure: DecoderStructure) -> ShadowPredictor:
-        """Load the predictor saved in ``directory``; refuse one made for another model."""
-        directory = Path(directory)
-        config = _read_config(directory)
-        kind = config.get("kind", "shadowllm")
-        if kind != "shadowllm":
-            raise PredictorError(f"{directory} holds a {kind!r} predictor, not a ShadowPredictor; load it with "
-                                 "shadowfx.predictor.load_predictor(directory, structure)")
-        shape, fingerprint, hidden, block = _parse(directory, lambda: (
-            SparseShape(**config["shape"]), str(config["fingerprint"]), int(config["hidden"]),
-            int(config.get("neuron_block", 1))))
-        check_fingerprint(fingerprint, structure, what=f"the shadow predictor in {directory}")
-        predictor = cls(shape, fingerprint, hidden=hidden, neuron_block=block)
-        _load_weights(predictor, directory)
-        return predictor.eval()
+    def from_config(cls, config: dict) -> ShadowPredictor:
+        return cls(SparseShape(**config["shape"]), str(config["fingerprint"]), hidden=int(config["hidden"]),
+                   neuron_block=int(config.get("neuron_block", 1)))  # configs older than neuron_block have 1
 
 
 class ScaledMLP(nn.Sequential):
@@ -254,6 +277,8 @@ class LayerwisePredictor(_PredictorFiles):
     layer's inputs ``[B, L, E]`` (layer 0's are ignored), as calibration traces hold them.
     """
 
+    kind = "dejavu"
+
     def __init__(self, shape: SparseShape, fingerprint: str, *, hidden: int = 1024) -> None:
         super().__init__()
         if hidden < 1:
@@ -269,9 +294,9 @@ class LayerwisePredictor(_PredictorFiles):
     @classmethod
     def for_structure(cls, structure: DecoderStructure, *, hidden: int = 1024, seed: int = 0) -> LayerwisePredictor:
         shape = SparseShape.layerwise(structure)
-        return _seeded(seed, lambda: cls(shape, structure.fingerprint, hidden=hidden))
+        return seeded(seed, lambda: cls(shape, structure.fingerprint, hidden=hidden))
 
-    def _apply(self, mlps: nn.ModuleList, layer_inputs: torch.Tensor, what: str) -> torch.Tensor:
+    def _score_layers(self, mlps: nn.ModuleList, layer_inputs: torch.Tensor, what: str) -> torch.Tensor:
         want = (self.shape.sparse_layers + 1, self.shape.input_size)
         if layer_inputs.dim() != 3 or tuple(layer_inputs.shape[1:]) != want:
             raise PredictorError(f"a layerwise (DejaVu-style) predictor reads every layer's {what} input "
@@ -280,18 +305,22 @@ class LayerwisePredictor(_PredictorFiles):
 
     def head_scores(self, attention_inputs: torch.Tensor) -> torch.Tensor:
         """Head scores ``[B, L - 1, H]`` from every layer's attention input ``[B, L, E]``."""
-        return self._apply(self.heads, attention_inputs, "attention")
+        return self._score_layers(self.heads, attention_inputs, "attention")
 
     def block_scores(self, mlp_inputs: torch.Tensor) -> torch.Tensor:
         """Neuron scores ``[B, L - 1, F]`` from every layer's MLP input ``[B, L, E]`` (named like ShadowPredictor's;
         a layerwise predictor has no blocks)."""
-        return self._apply(self.neurons, mlp_inputs, "MLP")
+        return self._score_layers(self.neurons, mlp_inputs, "MLP")
 
     def forward(self, attention_inputs: torch.Tensor, mlp_inputs: torch.Tensor) -> Scores:
         return Scores(heads=self.head_scores(attention_inputs), neurons=self.block_scores(mlp_inputs))
 
     def config(self) -> dict:
-        return {"kind": "dejavu", "fingerprint": self.fingerprint, "hidden": self.hidden, "shape": vars(self.shape)}
+        return {"kind": self.kind, "fingerprint": self.fingerprint, "hidden": self.hidden, "shape": vars(self.shape)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> LayerwisePredictor:
+        return cls(SparseShape(**config["shape"]), str(config["fingerprint"]), hidden=int(config["hidden"]))
 
 
 class StaticScores(_PredictorFiles):
@@ -299,6 +328,8 @@ class StaticScores(_PredictorFiles):
 
     Plugs into :func:`shadowfx.transform` like any predictor, so static selection is compared on equal terms.
     """
+
+    kind = "static"
 
     def __init__(self, heads: torch.Tensor, neurons: torch.Tensor, fingerprint: str) -> None:
         super().__init__()
@@ -324,23 +355,28 @@ class StaticScores(_PredictorFiles):
 
     def config(self) -> dict:
         layers, heads = self.head_scores.shape
-        return {"kind": "static", "fingerprint": self.fingerprint,
+        return {"kind": self.kind, "fingerprint": self.fingerprint,
                 "shape": {"sparse_layers": layers, "num_heads": heads,
                           "intermediate_size": self.neuron_scores.shape[1]}}
 
+    @classmethod
+    def from_config(cls, config: dict) -> StaticScores:
+        shape = config["shape"]
+        layers = int(shape["sparse_layers"])
+        return cls(torch.zeros(layers, int(shape["num_heads"])), torch.zeros(layers, int(shape["intermediate_size"])),
+                   str(config["fingerprint"]))
+
+
+PREDICTOR_CLASSES: dict[PredictorKind, type[_PredictorFiles]] = {
+    cls.kind: cls for cls in (ShadowPredictor, LayerwisePredictor, StaticScores)}
+
 
 def _kind_of(module: nn.Module) -> str:
-    if isinstance(module, ShadowPredictor):
-        return "shadowllm"
-    if isinstance(module, LayerwisePredictor):
-        return "dejavu"
-    if isinstance(module, StaticScores):
-        return "static"
-    return type(module).__name__
+    return module.kind if isinstance(module, _PredictorFiles) else type(module).__name__
 
 
 def save_predictor(module: nn.Module, directory: str | Path) -> Path:
-    """Save any of the three kinds into ``directory`` (``shadow_predictor.{safetensors,json}``, kind in the JSON)."""
+    """Save any of the three kinds into ``directory`` (see :meth:`ShadowPredictor.save`)."""
     if not isinstance(module, _PredictorFiles):
         raise PredictorError(f"cannot save a {type(module).__name__}; save_predictor handles ShadowPredictor, "
                              "LayerwisePredictor and StaticScores")
@@ -349,24 +385,22 @@ def save_predictor(module: nn.Module, directory: str | Path) -> Path:
 
 def load_predictor(directory: str | Path, structure: DecoderStructure) -> nn.Module:
     """Load the predictor saved in ``directory``, whatever its kind; refuse one made for another model
-    (:class:`~shadowfx.structure.FingerprintMismatch`)."""
+    (:class:`~shadowfx.structure.FingerprintMismatch`) or whose weights are not the ones its config records."""
     directory = Path(directory)
     config = _read_config(directory)
-    kind = config.get("kind", "shadowllm")
-    if kind == "shadowllm":
-        return ShadowPredictor.load(directory, structure)
-    if kind not in KINDS:
+    kind = config.get("kind", "shadowllm")  # configs older than the kind field are ShadowLLM's
+    if kind not in PREDICTOR_CLASSES:
         raise PredictorError(f"{directory / PREDICTOR_CONFIG} names an unknown predictor kind {kind!r}; "
                              f"expected one of {', '.join(KINDS)}")
-    fingerprint = _parse(directory, lambda: str(config["fingerprint"]))
-    check_fingerprint(fingerprint, structure, what=f"the {kind} predictor in {directory}")
-    if kind == "dejavu":
-        shape, hidden = _parse(directory, lambda: (SparseShape(**config["shape"]), int(config["hidden"])))
-        module = LayerwisePredictor(shape, fingerprint, hidden=hidden)
-    else:
-        layers, heads, width = _parse(directory, lambda: (int(config["shape"]["sparse_layers"]),
-                                                          int(config["shape"]["num_heads"]),
-                                                          int(config["shape"]["intermediate_size"])))
-        module = StaticScores(torch.zeros(layers, heads), torch.zeros(layers, width), fingerprint)
-    _load_weights(module, directory)
+    try:
+        module = PREDICTOR_CLASSES[kind].from_config(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise PredictorError(f"{directory / PREDICTOR_CONFIG} is not a readable {kind} predictor config: "
+                             f"{type(error).__name__}: {error}") from error
+    check_fingerprint(module.fingerprint, structure, what=f"the {kind} predictor in {directory}")
+    try:
+        module.load_state_dict(_read_weights(directory, config))
+    except RuntimeError as error:  # tensors of other names or shapes than the config describes
+        raise PredictorError(f"the weights of the predictor in {directory} do not fit its config: {error}; save "
+                             "the predictor again") from error
     return module.eval()

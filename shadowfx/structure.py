@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from shadowfx.files import atomic_write_text
+
 FORMAT_VERSION = 1
 
 MLPKind = Literal["plain", "gated"]
@@ -165,10 +167,7 @@ class DecoderStructure:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)  # never leave a half-written file behind
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> DecoderStructure:

@@ -26,33 +26,33 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from shadowfx.api import GRANULARITIES
 from shadowfx.calibrate import Traces
 from shadowfx.predictor import (
+    KINDS,
     LayerwisePredictor,
+    PredictorKind,
     ShadowPredictor,
     SparseShape,
     StaticScores,
     load_predictor,
     minmax_scale,
     save_predictor,
+    seeded,
 )
+from shadowfx.runtimes.pytorch import Granularity
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
-Kind = Literal["shadowllm", "dejavu", "static"]
-TrainGranularity = Literal["prompt", "token"]
-KINDS: tuple[Kind, ...] = ("shadowllm", "dejavu", "static")
-GRANULARITIES: tuple[TrainGranularity, ...] = ("prompt", "token")
 DEFAULT_EPOCHS = (100, 20)  # heads, neurons
 DEFAULT_BATCH_SIZE = (32, 16)
 EVAL_CHUNK = 128  # rows per prediction/ranking chunk (bounds the memory of the neuron rankings)
 
-__all__ = ["KINDS", "GRANULARITIES", "TrainResult", "TrainingError", "load_predictor", "normalise_targets",
+__all__ = ["TrainResult", "TrainingError", "load_predictor", "normalise_targets",
            "rank", "save_predictor", "spearman", "train_predictor"]
 
 
@@ -160,7 +160,7 @@ class _Data:
         return (samples[:, None] * t + torch.arange(t)).flatten()
 
 
-def _data(traces: Traces, kind: Kind, granularity: TrainGranularity) -> _Data:
+def _data(traces: Traces, kind: PredictorKind, granularity: Granularity) -> _Data:
     tensors = traces.tensors
     n = len(traces)
     input_names = ("attention_inputs", "mlp_inputs") if kind == "dejavu" else ("inputs",)
@@ -279,7 +279,7 @@ class TrainResult:
     held_out_samples: torch.Tensor = field(repr=False)
 
 
-def train_predictor(traces: Traces, *, kind: Kind = "shadowllm", granularity: TrainGranularity = "prompt",
+def train_predictor(traces: Traces, *, kind: PredictorKind = "shadowllm", granularity: Granularity = "prompt",
                     structure: DecoderStructure | None = None, hidden: int = 1024, neuron_block: int = 1,
                     epochs: int | tuple[int, int] | None = None, batch_size: int | tuple[int, int] | None = None,
                     lr: float = 1e-3, holdout: float = 0.1, seed: int = 0, progress: bool = True) -> TrainResult:
@@ -333,14 +333,8 @@ def train_predictor(traces: Traces, *, kind: Kind = "shadowllm", granularity: Tr
     if kind == "static":
         module: nn.Module = static
     else:
-        build = (lambda: ShadowPredictor(shape, fingerprint, hidden=hidden, neuron_block=neuron_block)) \
-            if kind == "shadowllm" else (lambda: LayerwisePredictor(shape, fingerprint, hidden=hidden))
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            module = build()
-        finally:
-            torch.random.set_rng_state(generator_state)
+        module = seeded(seed, (lambda: ShadowPredictor(shape, fingerprint, hidden=hidden, neuron_block=neuron_block))
+                        if kind == "shadowllm" else (lambda: LayerwisePredictor(shape, fingerprint, hidden=hidden)))
         block = neuron_block if kind == "shadowllm" else 1
 
         def head_loss(batch: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 import shadowfx
 from shadowfx.capture import positions_from_mask
+from shadowfx.files import atomic_write, atomic_write_text
 
 
 def alternating(first, second, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -131,8 +132,7 @@ def main() -> None:
                   f"{timing['decode_step_s'] * 1e3:.0f} ms, path {timing['decode_path']}), "
                   f"prefill {row['prefill_speedup']:.2f}x")
             del sparse
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_speed.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.out / "decode_speed.json", json.dumps(results, indent=2))
     _plot(results, args.out / "decode_speed.png")
     print(f"wrote {args.out / 'decode_speed.json'} and decode_speed.png")
 
@@ -162,7 +162,7 @@ def _plot(results: dict, path: Path) -> None:
     axis.set_title(f"shadowfx vs dense, batch 1, {results['config']['layers']} layers x {results['config']['hidden']}")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """How well each predictor ranks heads and neurons on held-out samples, next to the constant predictor.
 
 For each reference model (``scripts/train_reference.py``): calibration windows are drawn evenly from its training
-token stream (prose, API docs and code), scored with plainact (ShadowLLM's targets) and magnitude (DejaVu's), and
-then the ShadowLLM predictor (prompt and token granularity) and the DejaVu-style per-layer predictors are trained.
+token stream (API docs and code, and prose where it was trained with WikiText-2; ``--streams``) or from a text file
+tokenised with the model's tokenizer (``--text``), scored with plainact (ShadowLLM's targets) and magnitude
+(DejaVu's), and then the ShadowLLM predictor (prompt and token granularity) and the DejaVu-style per-layer
+predictors are trained.
 Each report carries the held-out per-example Spearman of the predictor, of the constant predictor (the mean
 normalised target: what a predictor outputs when its input tells it nothing) and of the static aggregate, and the
 margin over the constant. Writes ``predictor_fit.json`` and ``predictor_fit.png``; entries of models not given in
@@ -10,6 +12,7 @@ this run are kept, so the models can be measured one at a time (each entry recor
 
     python benchmarks/predictor_fit.py --model ~/.cache/shadowfx/reference/llama-8x384 \\
                                        --model ~/.cache/shadowfx/reference/opt-8x384
+    python benchmarks/predictor_fit.py --model <dir> --text path/to/wikitext-2/test.txt --out /tmp/fit
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from safetensors.torch import load_file
 
 import shadowfx
 from shadowfx.calibrate import calibrate
-from shadowfx.loading import load_decoder
+from shadowfx.data import DataError, read_text
+from shadowfx.files import atomic_write, atomic_write_text
+from shadowfx.loading import load_decoder, load_tokenizer
 from shadowfx.training import train_predictor
 
 RUNS = (  # (name, criterion, kind, granularity)
@@ -43,9 +48,32 @@ def summary(report: dict) -> dict:
             for unit in ("heads", "neurons")}
 
 
+def calibration_stream(directory: Path, streams: Path | None, text: Path | None,
+                       window: int) -> tuple[torch.Tensor, str]:
+    """The tokens that windows are drawn from, and where they came from."""
+    if text is not None:
+        stream = torch.tensor(load_tokenizer(directory)(read_text(text))["input_ids"])
+        source = f"text file {text.resolve()}"
+    else:
+        # train_reference.py keeps the streams in its --home, two levels above the model (<home>/reference/<name>)
+        path = streams or directory.parent.parent / "streams.safetensors"
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: pass --streams (the streams.safetensors that "
+                            "scripts/train_reference.py wrote in its --home) or --text (a text file)")
+        stream, source = load_file(str(path))["train"].long(), f"training stream {path.resolve()}"
+    if stream.numel() <= window:
+        raise DataError(f"the {source} has {stream.numel()} tokens, too few for windows of {window}")
+    return stream, source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, action="append", required=True, help="reference model directory")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--streams", type=Path,
+                        help="the token streams the models were trained on (default: "
+                             "<model>/../../streams.safetensors, where scripts/train_reference.py puts them)")
+    source.add_argument("--text", type=Path, help="calibrate on this text file instead (e.g. WikiText-2's test.txt)")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -60,14 +88,17 @@ def main() -> None:
     for directory in args.model:
         model = load_decoder(directory, attn_implementation="eager")
         structure = shadowfx.discover(model)
-        stream = load_file(str(directory.parent.parent / "streams.safetensors"))["train"].long()
+        try:
+            stream, source = calibration_stream(directory, args.streams, args.text, args.window)
+        except DataError as error:
+            raise SystemExit(f"predictor_fit.py: {error}") from error
         starts = torch.linspace(0, stream.numel() - args.window - 1, args.samples).long()
         windows = torch.stack([stream[s:s + args.window] for s in starts.tolist()])
-        data = {"source": "training stream of the reference model", "window": args.window, "samples": args.samples}
+        data = {"source": source, "window": args.window, "samples": args.samples}
         traces = {criterion: calibrate(model, windows, structure, args.work / directory.name / criterion,
                                        criterion=criterion, data=data)
                   for criterion in ("plainact", "magnitude")}
-        results[directory.name] = {"settings": {"samples": args.samples, "window": args.window,
+        results[directory.name] = {"settings": {"source": source, "samples": args.samples, "window": args.window,
                                                 "hidden": args.hidden,
                                                 "tokens_per_sample": traces["plainact"].header["tokens_per_sample"]}}
         for name, criterion, kind, granularity in RUNS:
@@ -76,12 +107,9 @@ def main() -> None:
             results[directory.name][name] = summary(trained.report) | {
                 "criterion": criterion, "train_seconds": trained.report["train_seconds"]}
             print(directory.name, name, json.dumps(results[directory.name][name]))
-    args.out.mkdir(parents=True, exist_ok=True)
     # read just before writing, so runs on other models that finished meanwhile are kept
     results = (json.loads(path.read_text()) if path.is_file() else {}) | results
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(results, indent=2))
     _plot(results, args.out / "predictor_fit.png")
     print(f"wrote {path}")
 
@@ -102,7 +130,7 @@ def _plot(results: dict, path: Path) -> None:
         axis.set_title(f"{unit}: held-out Spearman")
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,26 @@
 """Train the reference models: small decoders whose upper layers matter, saved as ordinary HF directories.
 
-No pretrained weights can be downloaded here, so the project trains its own on varied text (WikiText-2 prose, the
-installed Python packages' API documentation and code; see ``shadowfx.data``). A byte-level BPE tokenizer is trained
-first and shared by both models. Training checkpoints every few minutes and resumes from the last checkpoint, so it
-can run across sessions; at the end the model and tokenizer are written with ``save_pretrained`` and evaluated
-(perplexity per domain and the damage curve) into ``report.json``.
+No pretrained weights can be downloaded here, so the project trains its own on varied text: the installed Python
+packages' API documentation and code, and WikiText-2 prose where ``--wikitext`` (or ``$SHADOWFX_WIKITEXT``) names a
+folder holding its valid.txt and test.txt (see ``shadowfx.data``). A byte-level BPE tokenizer is trained first and
+shared by both models; it and the token streams are cached under ``--home`` with the settings they were built from,
+and a run asking for other settings there is refused. Training checkpoints every few minutes and resumes from the
+last checkpoint, so it can run across sessions; at the end the model is evaluated (perplexity per domain and the
+damage curve, on held-out prose or else on API docs) and written with its tokenizer and ``report.json`` as one
+``save_pretrained`` directory.
 
-    python scripts/train_reference.py --arch llama            # LLaMA-style, GQA
-    python scripts/train_reference.py --arch opt              # OPT-style, ReLU
+    python scripts/train_reference.py --arch llama --wikitext path/to/wikitext-2   # LLaMA-style, GQA
+    python scripts/train_reference.py --arch opt --wikitext path/to/wikitext-2     # OPT-style, ReLU
     python scripts/train_reference.py --arch llama --steps 20 --layers 2 --hidden 64 --home /tmp/ref   # smoke run
 
-Artifacts go under ``--home`` (default ``$SHADOWFX_HOME`` or ``~/.cache/shadowfx``), outside the repository.
+Artifacts go under ``--home`` (default ``$SHADOWFX_HOME`` or ``~/.cache/shadowfx``), outside the repository: the
+models in ``reference/<name>``, their training state in ``checkpoints/<name>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import (
@@ -32,8 +38,18 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from shadowfx.data import Corpus, build_corpus
+from shadowfx.data import (
+    WIKITEXT_ENV,
+    WIKITEXT_FILES,
+    Corpus,
+    DataError,
+    build_corpus,
+    read_text,
+    wikitext_dir,
+    wikitext_file,
+)
 from shadowfx.evaluate import damage_curve, perplexity
+from shadowfx.files import atomic_write, atomic_write_directory
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -42,7 +58,7 @@ def default_home() -> Path:
     return Path(os.environ.get("SHADOWFX_HOME", Path.home() / ".cache" / "shadowfx"))
 
 
-def train_tokenizer(corpus: Corpus, directory: Path, vocab: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Corpus, vocab: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
@@ -51,9 +67,7 @@ def train_tokenizer(corpus: Corpus, directory: Path, vocab: int) -> PreTrainedTo
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
     tokenizer.train_from_iterator(corpus.texts("train"), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
-    fast.save_pretrained(directory)
-    return fast
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
@@ -66,21 +80,39 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.int32)
 
 
-def prepare_data(home: Path, vocab: int, corpus_chars: int) -> tuple[PreTrainedTokenizerFast, dict[str, torch.Tensor]]:
-    """Tokenizer and token streams (train, and held out per domain), built once and cached under ``home``."""
+def data_settings(vocab: int, corpus_chars: int, wikitext: Path | None) -> str:
+    """What the tokenizer and streams are built from, as JSON; WikiText-2 by content, so a moved folder still
+    matches."""
+    prose = None if wikitext is None else {
+        name: hashlib.sha256(read_text(wikitext_file(wikitext, name)).encode()).hexdigest()
+        for name in WIKITEXT_FILES.values()}
+    return json.dumps({"vocab": vocab, "corpus_chars": corpus_chars, "wikitext_sha256": prose}, sort_keys=True)
+
+
+def prepare_data(home: Path, vocab: int, corpus_chars: int,
+                 wikitext: Path | None) -> tuple[PreTrainedTokenizerFast, dict[str, torch.Tensor]]:
+    """Tokenizer and token streams (train, and held out per domain), built once and cached under ``home``.
+
+    The streams file records the settings it was built from (written last, so its presence means both are complete);
+    a cache built from other settings is refused rather than silently reused, since both models must share it.
+    """
     tokenizer_dir, streams_file = home / "tokenizer", home / "streams.safetensors"
-    if tokenizer_dir.is_dir() and streams_file.is_file():
+    settings = data_settings(vocab, corpus_chars, wikitext)
+    if streams_file.is_file():
+        with safe_open(str(streams_file), "pt") as cached:
+            built_from = (cached.metadata() or {}).get("settings", "unrecorded settings")
+        if built_from != settings:
+            raise DataError(f"{streams_file} was built from {built_from}, this run asks for {settings}: use another "
+                            f"--home, or delete {tokenizer_dir} and {streams_file} to rebuild them")
         return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir), load_file(str(streams_file))
-    corpus = build_corpus(docs_chars=corpus_chars, code_chars=corpus_chars)
+    corpus = build_corpus(docs_chars=corpus_chars, code_chars=corpus_chars, wikitext=wikitext)
     print("corpus characters:", json.dumps(corpus.sizes()))
-    tokenizer = train_tokenizer(corpus, tokenizer_dir, vocab)
+    tokenizer = train_tokenizer(corpus, vocab)
+    atomic_write_directory(tokenizer_dir, tokenizer.save_pretrained)
     streams = {"train": encode(tokenizer, corpus.texts("train"))}
-    for domain in ("prose", "docs", "code"):
+    for domain in corpus.documents["heldout"]:
         streams[f"heldout_{domain}"] = encode(tokenizer, corpus.texts("heldout", domain))
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = streams_file.with_name(streams_file.name + ".tmp")
-    save_file(streams, str(tmp))
-    tmp.replace(streams_file)
+    atomic_write(streams_file, lambda temporary: save_file(streams, str(temporary), metadata={"settings": settings}))
     return tokenizer, streams
 
 
@@ -96,11 +128,11 @@ def model_config(arch: str, vocab: int, layers: int, hidden: int, heads: int, kv
                      **special)
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "state.pt.tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    tmp.replace(path / "state.pt")
+def save_checkpoint(path: Path, model, optimizer, step: int, train_seconds: float) -> None:
+    """Training state; ``train_seconds`` is the training time of every run so far, which the next run adds to."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "train_seconds": train_seconds}
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -115,6 +147,9 @@ def main() -> None:
     parser.add_argument("--arch", choices=("llama", "opt"), required=True)
     parser.add_argument("--home", type=Path, default=default_home())
     parser.add_argument("--name", help="model directory name (default: <arch>-<layers>x<hidden>)")
+    parser.add_argument("--wikitext", type=Path, default=wikitext_dir(),
+                        help=f"WikiText-2 folder holding {' and '.join(WIKITEXT_FILES.values())}, for a prose domain "
+                             f"(default: ${WIKITEXT_ENV}; neither: API documentation and code only)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--corpus-chars", type=int, default=8_000_000, help="characters of API docs and of code")
     parser.add_argument("--layers", type=int, default=8)
@@ -130,26 +165,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tokenizer, streams = prepare_data(args.home, args.vocab, args.corpus_chars)
+    try:
+        tokenizer, streams = prepare_data(args.home, args.vocab, args.corpus_chars, args.wikitext)
+    except DataError as error:
+        raise SystemExit(f"train_reference.py: {error}") from error
     name = args.name or f"{args.arch}-{args.layers}x{args.hidden}"
     out = args.home / "reference" / name
-    checkpoint = out / "checkpoint"
+    # outside the model folder, which is replaced whole when a run finishes
+    state_file = args.home / "checkpoints" / name / "state.pt"
     torch.manual_seed(0)
     config = model_config(args.arch, len(tokenizer), args.layers, args.hidden, args.heads, args.kv_heads, tokenizer)
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    step = 0
-    if (checkpoint / "state.pt").is_file():
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
+    step, earlier_seconds = 0, 0.0
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, earlier_seconds = state["step"], state["train_seconds"]
         print(f"resuming {name} at step {step}")
     train = streams["train"].long()
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{name}: {parameters / 1e6:.1f}M parameters, {train.numel() / 1e6:.1f}M training tokens")
     model.train()
     last_save, started, losses = time.monotonic(), time.monotonic(), []
+    train_seconds = earlier_seconds
     progress = tqdm(total=args.steps, initial=step, desc=name)
     while step < args.steps:
         # windows drawn from a generator seeded by the step, so a resumed run sees the same data
@@ -169,21 +209,29 @@ def main() -> None:
         losses.append(loss.item())
         progress.update(1)
         progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        train_seconds = earlier_seconds + time.monotonic() - started
         if time.monotonic() - last_save > 60 * args.checkpoint_minutes or step == args.steps:
-            save_checkpoint(checkpoint, model, optimizer, step)
+            save_checkpoint(state_file, model, optimizer, step, train_seconds)
             last_save = time.monotonic()
     progress.close()
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    train_minutes = (time.monotonic() - started) / 60
+    domains = sorted(key.removeprefix("heldout_") for key in streams if key.startswith("heldout_"))
+    damage_domain = "prose" if "prose" in domains else "docs"
     report = {"name": name, "arch": args.arch, "parameters": parameters, "steps": args.steps,
-              "tokens_seen": args.steps * args.batch * args.length, "train_minutes_this_run": train_minutes,
+              "tokens_seen": args.steps * args.batch * args.length, "train_minutes": train_seconds / 60,
+              "train_minutes_this_run": (train_seconds - earlier_seconds) / 60,
               "threads": args.threads, "config": config.to_diff_dict(),
               "perplexity": {domain: perplexity(model, streams[f"heldout_{domain}"].long(), length=args.length)
-                             for domain in ("prose", "docs", "code")},
-              "damage": damage_curve(model, streams["heldout_prose"].long(), length=args.length)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+                             for domain in domains},
+              "damage_domain": damage_domain,
+              "damage": damage_curve(model, streams[f"heldout_{damage_domain}"].long(), length=args.length)}
+
+    def write_model(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "report.json").write_text(json.dumps(report, indent=2))  # the folder's rename makes it atomic
+
+    atomic_write_directory(out, write_model)
     print(json.dumps({k: report[k] for k in ("name", "parameters", "perplexity", "damage")}, indent=2))
 
 

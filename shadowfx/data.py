@@ -1,9 +1,11 @@
 """Text for calibration, training the reference models and evaluation, read at run time from local files.
 
-Three domains: prose (WikiText-2 from ``shared/data``), API documentation (the docstrings of the installed Python
-packages and the standard library) and code (their source files). Documentation and code are split into train and
-held-out by a hash of the file path, so the split is the same on every machine with the same packages. Nothing here
-is copied into the repository.
+Two domains are always there, read from this interpreter's own files: API documentation (the docstrings of the
+installed Python packages and the standard library) and code (their source files). They are split into train and
+held-out by a hash of the file path, so the split is the same on every machine with the same packages. A third,
+prose, is WikiText-2 where the user points at it (``SHADOWFX_WIKITEXT`` or a script's ``--wikitext``: a folder
+holding ``valid.txt`` and ``test.txt``); nothing is looked for beside the checkout. Nothing here is copied into the
+repository.
 """
 
 from __future__ import annotations
@@ -17,20 +19,29 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT_ENV = "SHADOWFX_WIKITEXT"
+# the WikiText-2 file that gives each corpus split its prose
+WIKITEXT_FILES = {"train": "valid.txt", "heldout": "test.txt"}
 
 
 class DataError(ValueError):
     """Text that cannot be used: a missing or unreadable file, or too little of it."""
 
 
-def shared_dir() -> Path:
-    """``shared/`` beside the checkout (``SHADOWFX_SHARED`` overrides)."""
-    return Path(os.environ.get("SHADOWFX_SHARED", REPO_ROOT.parent / "shared"))
+def wikitext_dir() -> Path | None:
+    """The WikiText-2 folder that ``$SHADOWFX_WIKITEXT`` names, or None (unset or empty: no prose)."""
+    folder = os.environ.get(WIKITEXT_ENV)
+    return Path(folder) if folder else None
 
 
-def wikitext_path(split: str) -> Path:
-    return shared_dir() / "data" / "wikitext-2" / f"{split}.txt"
+def wikitext_file(folder: str | Path, name: str) -> Path:
+    """``folder/name``, or a clear error that says how to point at WikiText-2."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: WikiText-2 is read from a folder holding "
+                        f"{' and '.join(WIKITEXT_FILES.values())}; point {WIKITEXT_ENV} "
+                        f"(or the script's --wikitext) at that folder, or leave both unset to go without prose")
+    return path
 
 
 def read_text(path: str | Path) -> str:
@@ -90,13 +101,16 @@ class Corpus:
 
 
 def build_corpus(*, docs_chars: int = 8_000_000, code_chars: int = 8_000_000, held_out: float = 0.05,
-                 roots: list[Path] | None = None) -> Corpus:
-    """WikiText-2 valid (prose) and test (held out), plus documentation and code from the installed Python files.
+                 roots: list[Path] | None = None, wikitext: str | Path | None = None) -> Corpus:
+    """Documentation and code from the installed Python files, plus prose where ``wikitext`` names a WikiText-2
+    folder (its valid split trains, its test split is held out).
 
     Files are visited in sorted order and taken until each domain reaches its size, so the corpus is deterministic.
     """
-    corpus = Corpus({"train": {"prose": [read_text(wikitext_path("valid"))], "docs": [], "code": []},
-                     "heldout": {"prose": [read_text(wikitext_path("test"))], "docs": [], "code": []}})
+    corpus = Corpus({split: {"docs": [], "code": []} for split in ("train", "heldout")})
+    if wikitext is not None:
+        for split, name in WIKITEXT_FILES.items():
+            corpus.documents[split]["prose"] = [read_text(wikitext_file(wikitext, name))]
     # held-out files are the hash-chosen `held_out` share; their budget keeps that share of each domain
     limits = {(split, domain): (limit if split == "train" else int(limit * held_out / (1 - held_out)))
               for split in ("train", "heldout") for domain, limit in (("docs", docs_chars), ("code", code_chars))}
@@ -105,9 +119,10 @@ def build_corpus(*, docs_chars: int = 8_000_000, code_chars: int = 8_000_000, he
         for path in sorted(root.rglob("*.py")):
             if all(taken[key] >= limits[key] for key in limits):
                 return corpus
-            if "test" in path.parts or "tests" in path.parts:
+            relative = path.relative_to(root)  # only below the root: a checkout may itself sit in a "test" folder
+            if "test" in relative.parts or "tests" in relative.parts:
                 continue
-            split = "heldout" if _held_out(path.relative_to(root), held_out) else "train"
+            split = "heldout" if _held_out(relative, held_out) else "train"
             if taken[(split, "docs")] >= limits[(split, "docs")] and taken[(split, "code")] >= limits[(split, "code")]:
                 continue
             try:

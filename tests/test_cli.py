@@ -77,12 +77,18 @@ def test_console_script_runs(saved_model):
 
 
 @pytest.fixture(scope="module")
-def model_with_tokenizer(tmp_path_factory):
-    """A small OPT saved with a byte-level BPE tokenizer trained here on a slice of WikiText-2."""
+def corpus():
+    """A slice of the built-in corpus (the installed packages' docs and code): text that every machine has."""
+    from shadowfx.data import build_corpus
+
+    return build_corpus(docs_chars=60_000, code_chars=60_000)
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory, corpus):
+    """A small OPT saved with a byte-level BPE tokenizer trained here on the corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from shadowfx.data import read_text, wikitext_path
 
     path = tmp_path_factory.mktemp("models") / "opt-tok"
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -90,18 +96,16 @@ def model_with_tokenizer(tmp_path_factory):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([read_text(wikitext_path("valid"))[:100_000]], trainer=trainer)
+    tokenizer.train_from_iterator(corpus.texts("train"), trainer=trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
     build_small("opt").save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from shadowfx.data import read_text, wikitext_path
-
+def text_file(tmp_path_factory, corpus):
     path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_text(read_text(wikitext_path("valid"))[:30_000])
+    path.write_text("\n\n".join(corpus.texts("train", "docs"))[:30_000])
     return path
 
 

@@ -10,9 +10,11 @@ is layer 0's attention context at the window's last token (where a prompt ends).
 * ``token_*``       the same for ``tokens_per_sample`` positions of the window, each with its own per-token scores
                     and inputs (the token granularity's targets and inputs)
 
-Traces are written in shards (safetensors) with a JSON header (``traces.json``: model fingerprint, criterion, data
-description, shards). Each shard and then the header naming it are written atomically (:mod:`shadowfx.files`), so an
-interrupted run leaves only whole shards and resumes after the last one the header names.
+Everything but the head scores is stored in bfloat16 (see ``STORED_DTYPE``). Traces are written in shards
+(safetensors) with a JSON header (``traces.json``: model fingerprint, criterion, data description, shards). Each
+shard and then the header naming it are written atomically (:mod:`shadowfx.files`), so an interrupted run leaves
+only whole shards and resumes after the last one the header names; a run into traces of other settings or another
+model is refused before any work (:func:`refuse_other_traces`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ from tqdm import tqdm
 
 from shadowfx.criteria import CRITERIA, Criterion, CriterionHooks, UnitScores
 from shadowfx.files import atomic_write, atomic_write_text, writable_directory
-from shadowfx.structure import DecoderStructure, check_fingerprint
+from shadowfx.structure import DecoderStructure, Fingerprint, check_fingerprint
 
 HEADER = "traces.json"
-FORMAT_VERSION = 2  # 2: per-layer attention and MLP inputs replace per-layer contexts
+FORMAT_VERSION = 3  # 2: per-layer attention and MLP inputs; 3: bfloat16 inputs, fingerprints in parts
+# bfloat16 has float32's range, so no activation overflows and no tiny score (Fisher's squared gradients)
+# underflows; its 3 significant digits are plenty for predictor inputs and targets that are min-max scaled. Head
+# scores stay float32: a few per layer, so they cost little, and rounding would tie heads whose ranking is the target.
+STORED_DTYPE = torch.bfloat16
+
+RECALIBRATE_FP32 = ("re-run calibration in float32 into a new directory "
+                    "(shadowfx calibrate ... --dtype float32 --out NEW)")
 
 
 class TraceError(ValueError):
@@ -90,6 +99,50 @@ def _read_header(directory: Path) -> dict | None:
     return header
 
 
+def refuse_other_traces(out: str | Path, settings: dict, fingerprint: Fingerprint) -> dict | None:
+    """The header of the traces in ``out`` (None when there are none), refused (:class:`TraceError`) when they were
+    made with settings other than ``settings`` (any of the header's fields; of a dict field, the keys given) or for
+    another model than ``fingerprint`` (whole, or :meth:`Fingerprint.of_weights` before the graph is captured).
+
+    Resuming checks this before any work: cheap settings and the weights first, everything once known."""
+    header = _read_header(Path(out))
+    if header is None:
+        return None
+
+    def differing(made: dict, wanted: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in wanted.items():
+            there = made.get(key) if isinstance(made, dict) else None
+            if isinstance(value, dict):
+                found += differing(there or {}, value, f"{prefix}{key}.")
+            elif there != value:
+                found.append(f"{prefix}{key} {there!r} (here {value!r})")
+        return found
+
+    problems = differing(header, settings)
+    made = Fingerprint.parse(header["fingerprint"], what=f"the traces in {out}")
+    model = made.differences(fingerprint)
+    if {"architecture", "weights"} & set(model):
+        problems.append(f"the model (other {' and '.join(d for d in model if d != 'dtype')})")
+    elif model:
+        problems.append(f"the model's dtype {made.dtype} (here {fingerprint.dtype}; pass --dtype {made.dtype} to "
+                        "resume)")
+    if problems:
+        raise TraceError(f"{out} holds traces made with other settings: {'; '.join(problems)}; write into another "
+                         "directory (--out), or resume with the settings they were made with")
+    return header
+
+
+def trace_bytes(directory: str | Path) -> int:
+    """Bytes on disk of the traces in ``directory``: the header and every shard it names."""
+    directory = Path(directory)
+    header = _read_header(directory)
+    if header is None:
+        return 0
+    return (directory / HEADER).stat().st_size + sum((directory / shard["file"]).stat().st_size
+                                                     for shard in header["shards"])
+
+
 def calibrate(model: nn.Module, samples: torch.Tensor, structure: DecoderStructure, out: str | Path, *,
               criterion: Criterion = "plainact", batch_size: int = 8, shard_size: int = 256,
               tokens_per_sample: int = 4, data: dict | None = None, seed: int = 0, progress: bool = True) -> Traces:
@@ -105,16 +158,12 @@ def calibrate(model: nn.Module, samples: torch.Tensor, structure: DecoderStructu
     if not 0 <= tokens_per_sample <= samples.shape[1]:
         raise TraceError(f"tokens_per_sample must be in 0..{samples.shape[1]}, got {tokens_per_sample}")
     out = writable_directory(out)  # before any sample is scored
-    identity = {"format_version": FORMAT_VERSION, "fingerprint": structure.fingerprint,
-                "model_class": structure.model_class, "criterion": criterion, "window": int(samples.shape[1]),
+    settings = {"model_class": structure.model_class, "criterion": criterion, "window": int(samples.shape[1]),
                 "samples": int(samples.shape[0]), "tokens_per_sample": tokens_per_sample, "seed": seed,
                 "data": data or {}}
-    header = _read_header(out)
+    header = refuse_other_traces(out, settings, Fingerprint.parse(structure.fingerprint, what="this model"))
     if header is None:
-        header = identity | {"shards": []}
-    elif {k: header.get(k) for k in identity} != identity:
-        differing = sorted(k for k in identity if header.get(k) != identity[k])
-        raise TraceError(f"{out} holds traces that differ in {', '.join(differing)}; use another directory")
+        header = {"format_version": FORMAT_VERSION, "fingerprint": structure.fingerprint} | settings | {"shards": []}
     done = sum(shard["count"] for shard in header["shards"])
     generator = torch.Generator().manual_seed(seed)
     positions = torch.stack([torch.randperm(samples.shape[1], generator=generator)[:tokens_per_sample].sort().values
@@ -155,20 +204,20 @@ def _score_batch(hooks: CriterionHooks, windows: torch.Tensor, criterion: Criter
     else:
         token = hooks.score(windows, loss_mask, criterion, per_token=True)
         scores = _sample_scores(token, criterion)
-    attention_inputs = torch.stack(hooks.attention_inputs, 2).float()  # [B, S, L, E]
-    mlp_inputs = torch.stack(hooks.mlp_inputs, 2).float()
+    attention_inputs = torch.stack(hooks.attention_inputs, 2).to(STORED_DTYPE)  # [B, S, L, E]
+    mlp_inputs = torch.stack(hooks.mlp_inputs, 2).to(STORED_DTYPE)
     result = {
-        "inputs": scores.context[:, -1].float(),
+        "inputs": scores.context[:, -1].to(STORED_DTYPE),
         "attention_inputs": attention_inputs[:, -1],
         "mlp_inputs": mlp_inputs[:, -1],
         "heads": scores.heads.float(),
-        "neurons": scores.neurons.to(torch.bfloat16),
+        "neurons": scores.neurons.to(STORED_DTYPE),
     }
     if positions is not None and token is not None:
         rows = torch.arange(windows.shape[0])[:, None]
-        result["token_inputs"] = token.context[rows, positions].flatten(0, 1).float()
+        result["token_inputs"] = token.context[rows, positions].flatten(0, 1).to(STORED_DTYPE)
         result["token_heads"] = token.heads[rows, positions].flatten(0, 1).float()
-        result["token_neurons"] = token.neurons[rows, positions].flatten(0, 1).to(torch.bfloat16)
+        result["token_neurons"] = token.neurons[rows, positions].flatten(0, 1).to(STORED_DTYPE)
         result["token_attention_inputs"] = attention_inputs[rows, positions].flatten(0, 1)
         result["token_mlp_inputs"] = mlp_inputs[rows, positions].flatten(0, 1)
     return result
@@ -210,6 +259,5 @@ def load_traces(directory: str | Path, structure: DecoderStructure | None = None
     tensors = {name: torch.cat(parts) for name, parts in pieces.items()}
     for name in ("heads", "neurons", "token_heads", "token_neurons"):
         if name in tensors and not torch.isfinite(tensors[name].float()).all():
-            raise TraceError(f"{directory}: {name} holds non-finite scores (a diverged model?); "
-                             "re-run calibration in float32")
+            raise TraceError(f"{directory}: {name} holds non-finite scores (a diverged model?); {RECALIBRATE_FP32}")
     return Traces(header=header, tensors=tensors)

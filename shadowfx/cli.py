@@ -13,17 +13,24 @@ from pathlib import Path
 import torch
 
 from shadowfx.api import GRANULARITIES, discover, transform
-from shadowfx.calibrate import calibrate, load_traces
+from shadowfx.calibrate import calibrate, load_traces, refuse_other_traces, trace_bytes
 from shadowfx.capture import CaptureError, PrefillStep, capture
 from shadowfx.criteria import CRITERIA
 from shadowfx.data import read_text, token_windows
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
-from shadowfx.loading import ModelLoadError, load_decoder, load_tokenizer
+from shadowfx.loading import DTYPES, ModelLoadError, load_decoder, load_tokenizer
 from shadowfx.passes.base import PassError
 from shadowfx.passes.discover_structure import discover_structure
-from shadowfx.predictor import KINDS, ShadowPredictor, save_predictor
-from shadowfx.structure import DecoderStructure, StructureError
+from shadowfx.predictor import (
+    DEFAULT_PREDICTOR,
+    KINDS,
+    SavedPredictor,
+    ShadowPredictor,
+    default_predictor,
+    save_predictor,
+)
+from shadowfx.structure import DecoderStructure, Fingerprint, StructureError
 from shadowfx.training import train_predictor
 
 # ValueError covers the library's own errors (ModelLoadError, TraceError, PredictorError, FingerprintMismatch, ...);
@@ -52,7 +59,7 @@ def describe_rewrites(structure: DecoderStructure) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    model = load_decoder(args.model, attn_implementation=args.attn)
+    model = load_decoder(args.model, attn_implementation=args.attn, dtype=args.dtype)
     structure = discover(model)
     if args.json:
         print(structure.to_json())
@@ -108,32 +115,38 @@ def _demo(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     """Tokenise a text file with the model's tokenizer into windows and write criterion traces."""
     text = read_text(args.text)
-    model = load_decoder(args.model, attn_implementation="eager")
+    text_data = {"text": str(Path(args.text).resolve()), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    model = load_decoder(args.model, attn_implementation="eager", dtype=args.dtype)
     if any(p.is_meta for p in model.parameters()):
         raise ModelLoadError(f"{args.model} has no weights; calibration needs a trained checkpoint")
+    # resuming into traces of other settings or another model fails now, not after tokenising and capturing
+    refuse_other_traces(args.out, {"criterion": args.criterion, "window": args.window,
+                                   "tokens_per_sample": args.tokens_per_sample, "data": text_data},
+                        Fingerprint.of_weights(model))
     tokenizer = load_tokenizer(args.model)
     tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     windows = token_windows(tokens, args.window)
     if args.samples < windows.shape[0]:  # spread the samples over the whole text
         windows = windows[torch.linspace(0, windows.shape[0] - 1, args.samples).long()]
     structure = discover(model)
-    data = {"text": str(Path(args.text).resolve()), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "tokens": int(tokens.numel()), "windows": int(windows.shape[0])}
+    data = text_data | {"tokens": int(tokens.numel()), "windows": int(windows.shape[0])}
     traces = calibrate(model, windows, structure, args.out, criterion=args.criterion, batch_size=args.batch_size,
                        tokens_per_sample=args.tokens_per_sample, data=data)
-    print(f"{len(traces)} samples of {args.window} tokens scored with {args.criterion}; traces in {args.out}")
+    print(f"{len(traces)} samples of {args.window} tokens scored with {args.criterion} in {args.dtype}; traces in "
+          f"{args.out} ({trace_bytes(args.out) / 2**20:.2f} MiB on disk)")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     """Train a predictor on traces; save it (next to the checkpoint by default) with a JSON report."""
     out = writable_directory(args.out or args.model)  # before the model is captured and the predictor trained
-    model = load_decoder(args.model)
+    model = load_decoder(args.model, dtype=args.dtype)
     structure = discover(model)
     traces = load_traces(args.traces, structure)
     result = train_predictor(traces, kind=args.kind, granularity=args.granularity, structure=structure,
-                             hidden=args.hidden, neuron_block=args.neuron_block, seed=args.seed)
-    save_predictor(result.predictor, out)
+                             hidden=args.hidden, neuron_block=args.neuron_block, seed=args.seed,
+                             epochs=_one_or_pair(args.epochs), batch_size=_one_or_pair(args.batch_size), lr=args.lr)
+    config = save_predictor(result.predictor, out, default=True if args.default else None)
     report = atomic_write_text(out / f"shadow_predictor_report_{args.kind}_{args.granularity}.json",
                                json.dumps(result.report, indent=2))
     held_out = result.report["spearman"]["held_out"]
@@ -144,12 +157,31 @@ def _train(args: argparse.Namespace) -> int:
     if any(held_out[method][unit]["flat"] is None for method in held_out for unit in ("heads", "neurons")):
         print("(undefined: every held-out target row is constant, so no ranking can be compared; calibrate more "
               "or more varied text)")
-    print(f"predictor saved in {out}; report {report}")
+    saved, default = SavedPredictor(args.kind, args.granularity), default_predictor(out)
+    print(f"predictor saved as {config}; report {report}")
+    if default == saved:
+        why = "as asked with --default" if args.default else f"the first one saved in {out}"
+        print(f"it is the default ({why}): transform(model) and load_predictor(directory, structure) load it "
+              f"({out / DEFAULT_PREDICTOR})")
+    else:
+        print(f"the default stays {default} (pass --default to make this one the default; load this one with "
+              f"load_predictor(directory, structure, kind={args.kind!r}, granularity={args.granularity!r}))")
     return 0
+
+
+def _one_or_pair(values: list[int] | None) -> int | tuple[int, ...] | None:
+    """One value for heads and neurons, or a (heads, neurons) pair, as train_predictor takes them."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _format_rho(rho: float | None) -> str:
     return "undefined" if rho is None else f"{rho:.3f}"
+
+
+DTYPE_OPTION = dict(default="float32", choices=tuple(DTYPES),
+                    help="dtype the model's weights are held in, whatever the checkpoint was saved in")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="directory written by save_pretrained, or a config.json")
     inspect.add_argument("--json", action="store_true", help="print the DecoderStructure as JSON")
     inspect.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    inspect.add_argument("--dtype", **DTYPE_OPTION)
     inspect.set_defaults(run=_inspect)
 
     calibrate_command = commands.add_parser("calibrate", help="score heads and neurons on a text file (traces)")
@@ -171,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_command.add_argument("--samples", type=int, default=2000, help="windows, spread over the text")
     calibrate_command.add_argument("--tokens-per-sample", type=int, default=4, help="per-token targets per window")
     calibrate_command.add_argument("--batch-size", type=int, default=8)
+    calibrate_command.add_argument("--dtype", **DTYPE_OPTION)
     calibrate_command.set_defaults(run=_calibrate)
 
     train = commands.add_parser("train", help="train a predictor on traces and report held-out Spearman")
@@ -180,8 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--granularity", default="prompt", choices=GRANULARITIES)
     train.add_argument("--hidden", type=int, default=1024)
     train.add_argument("--neuron-block", type=int, default=1)
+    train.add_argument("--epochs", type=int, nargs="+", metavar="N",
+                       help="epochs for heads and neurons, or a heads and a neurons count (default 100 20)")
+    train.add_argument("--batch-size", type=int, nargs="+", metavar="N",
+                       help="batch size for heads and neurons, or a heads and a neurons size (default 32 16)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--dtype", **DTYPE_OPTION)
     train.add_argument("--out", help="where to save the predictor (default: the model directory)")
+    train.add_argument("--default", action="store_true",
+                       help="make it the predictor transform(model) loads (the first one saved becomes it anyway)")
     train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="capture the embedded small models and show what shadowfx would rewrite")

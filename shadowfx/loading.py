@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(ValueError):
@@ -36,16 +37,29 @@ def _read_config(path: Path) -> PretrainedConfig:
         raise ModelLoadError(f"{config_file} is not a config transformers understands: {error}") from error
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of one of :data:`DTYPES` (by name or as the dtype itself)."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 def has_weights(path: Path) -> bool:
     return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
 
 
-def load_decoder(path: str | Path, *, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> nn.Module:
+def load_decoder(path: str | Path, *, attn_implementation: str = "sdpa",
+                 dtype: str | torch.dtype = "float32") -> nn.Module:
     """The causal LM at ``path``: with its weights if the directory has them, else on the meta device.
 
-    A config-only model has the exact architecture (so its structure can be discovered and inspected) but no
-    weights, so nothing can run on it.
+    ``dtype`` (a name in :data:`DTYPES` or the torch dtype) is the one the weights are held in, whatever the
+    checkpoint was saved in: float32 by default, so nothing silently runs in a checkpoint's saved float16. A
+    config-only model has the exact architecture (so its structure can be discovered and inspected) but no weights,
+    so nothing can run on it.
     """
+    dtype = torch_dtype(dtype)
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path} does not exist; pass a local model directory or a config.json file")

@@ -6,7 +6,7 @@ scaled per sample, then one MLP predicts all layers' head scores and another all
 one score per block of contiguous neurons). Scores are higher for more important units; only their order within
 (scope "per_layer") or across (scope "global") layers matters.
 
-Two more kinds share the file format (a JSON config with a ``kind`` field, naming its safetensors weights file):
+Two more kinds share the file format (a JSON config per kind and granularity, naming its safetensors weights file):
 :class:`LayerwisePredictor` (the DejaVu-style baseline: small MLPs per layer, each reading that layer's own attention
 or MLP input as the layer runs) and :class:`StaticScores` (input-independent scores). All three drive
 :func:`shadowfx.transform`; :func:`save_predictor` and :func:`load_predictor` handle all three.
@@ -31,8 +31,6 @@ from shadowfx.files import atomic_write, atomic_write_text
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 T = TypeVar("T")
-
-PREDICTOR_CONFIG = "shadow_predictor.json"
 
 
 class Scores(NamedTuple):
@@ -96,48 +94,133 @@ def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
 
 
 # ---- files shared by every kind ------------------------------------------------------------------------------------
-# A predictor is one JSON config that names its weights file by content (``shadow_predictor.<sha256 prefix>.
-# safetensors``) and records the file's sha256. The weights are written first under a new name, then the config is
-# replaced in one step, then weights no config names are removed: a crash at any point leaves a complete predictor.
-WEIGHTS_GLOB = "shadow_predictor.*.safetensors"
+# A directory holds any number of predictors, one per kind and granularity, and names one of them the default (what
+# transform(model) loads). Each predictor is one unit: a JSON config (``shadow_predictor.<kind>.<granularity>.json``)
+# that names its weights file by content (``shadow_predictor.<kind>.<granularity>.<sha256 prefix>.safetensors``) and
+# records the file's sha256. The weights are written first under a new name, then the config is replaced in one step,
+# then the default, then weights no config names are removed: a crash at any point leaves complete predictors.
+DEFAULT_PREDICTOR = "shadow_predictor.json"  # {"default": {"kind": ..., "granularity": ...}}
 
 
-def _weights_name(digest: str) -> str:
-    return f"shadow_predictor.{digest[:16]}.safetensors"
+@dataclass(frozen=True, order=True)
+class SavedPredictor:
+    """One predictor in a directory, named by its kind and the granularity it was trained for."""
+
+    kind: str
+    granularity: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or not self.granularity.isalpha():  # both become parts of file names
+            raise PredictorError(f"a saved predictor needs a kind among {', '.join(KINDS)} and a granularity of "
+                                 f"letters (prompt, token), got {self.kind!r} and {self.granularity!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.granularity}"
+
+    @property
+    def stem(self) -> str:
+        return f"shadow_predictor.{self.kind}.{self.granularity}"
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.stem}.json"
+
+    def weights_name(self, digest: str) -> str:
+        return f"{self.stem}.{digest[:16]}.safetensors"
 
 
-def _write_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    directory = Path(directory)
+def saved_predictors(directory: str | Path) -> list[SavedPredictor]:
+    """The predictors saved in ``directory``, sorted."""
+    found = []
+    for path in Path(directory).glob("shadow_predictor.*.*.json"):
+        parts = path.name.split(".")
+        if len(parts) == 4 and parts[1] in KINDS and parts[2].isalpha():
+            found.append(SavedPredictor(parts[1], parts[2]))
+    return sorted(found)
+
+
+def default_predictor(directory: str | Path) -> SavedPredictor | None:
+    """The predictor ``transform(model)`` loads from ``directory``; None when none is named."""
+    path = Path(directory) / DEFAULT_PREDICTOR
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())["default"]
+        return SavedPredictor(str(entry["kind"]), str(entry["granularity"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PredictorError(f"{path} does not name a default predictor ({type(error).__name__}: {error}; one "
+                             "written by an older shadowfx holds a whole predictor); train the predictor again "
+                             "with shadowfx train, or save it with save_predictor(module, directory)") from error
+
+
+def _listing(saved: list[SavedPredictor], default: SavedPredictor | None) -> str:
+    return ", ".join(f"{p} (default)" if p == default else str(p) for p in saved) or "none"
+
+
+def _write_files(directory: Path, unit: SavedPredictor, config: dict, tensors: dict[str, torch.Tensor], *,
+                 default: bool | None) -> Path:
     data = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
-    weights = atomic_write(directory / _weights_name(digest), lambda temporary: temporary.write_bytes(data))
-    meta = atomic_write_text(directory / PREDICTOR_CONFIG,
-                             json.dumps(config | {"weights": {"file": weights.name, "sha256": digest}}, indent=2))
-    for stale in directory.glob(WEIGHTS_GLOB):
+    weights = atomic_write(directory / unit.weights_name(digest), lambda temporary: temporary.write_bytes(data))
+    meta = atomic_write_text(directory / unit.config_name, json.dumps(
+        config | {"granularity": unit.granularity, "weights": {"file": weights.name, "sha256": digest}}, indent=2))
+    if default is None:  # the first predictor saved in a directory becomes its default
+        try:
+            default = default_predictor(directory) not in saved_predictors(directory)
+        except PredictorError:  # an unreadable (older) default file is replaced
+            default = True
+    if default:
+        atomic_write_text(directory / DEFAULT_PREDICTOR, json.dumps({"default": vars(unit)}, indent=2))
+    for stale in directory.glob(f"{unit.stem}.*.safetensors"):
         if stale != weights:
             stale.unlink(missing_ok=True)
     return meta
 
 
-def _read_config(directory: Path) -> dict:
-    meta = directory / PREDICTOR_CONFIG
-    if not meta.is_file():
-        raise PredictorError(
-            f"no shadow predictor in {directory} (expected {PREDICTOR_CONFIG}); pass predictor=... to transform(), "
-            "or save one there with ShadowPredictor.save(directory)"
-        )
+def _choose(directory: Path, kind: str | None, granularity: str | None) -> SavedPredictor:
+    """The saved predictor of ``kind`` and ``granularity`` (either may be None: any); the default where several or
+    none is asked for."""
+    if kind is not None and kind not in KINDS:
+        raise PredictorError(f"unknown predictor kind {kind!r}; expected one of {', '.join(KINDS)}")
+    saved = saved_predictors(directory)
+    default = default_predictor(directory)
+    wanted = [p for p in saved if kind in (None, p.kind) and granularity in (None, p.granularity)]
+    if default in wanted:
+        return default
+    asked = "/".join((kind or "*", granularity or "*"))
+    if (kind, granularity) != (None, None) and len(wanted) == 1:
+        return wanted[0]
+    if not saved:
+        problem = f"no shadow predictor in {directory}"
+    elif (kind, granularity) == (None, None):
+        problem = (f"{directory} names no default shadow predictor" if default is None
+                   else f"the default shadow predictor of {directory}, {default}, is not there")
+    elif not wanted:
+        problem = f"{directory} holds no {asked} shadow predictor"
+    else:
+        problem = f"{directory} holds several {asked} shadow predictors and none of them is the default"
+    raise PredictorError(
+        f"{problem} (it holds: {_listing(saved, default)}); "
+        + ("pick one with load_predictor(directory, structure, kind=..., granularity=...), or make one the default "
+           "with shadowfx train --default" if saved else
+           "pass predictor=... to transform(), or train one there with shadowfx train --out, or save one with "
+           "save_predictor(module, directory)"))
+
+
+def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(meta.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise PredictorError(f"{meta} is not a readable shadow predictor config: {error}") from error
+        raise PredictorError(f"{path} is not a readable shadow predictor config: {error}; save the predictor "
+                             "again") from error
     if not isinstance(config, dict):
-        raise PredictorError(f"{meta} is not a readable shadow predictor config: not a JSON object")
+        raise PredictorError(f"{path} is not a readable shadow predictor config: not a JSON object; save the "
+                             "predictor again")
     return config
 
 
-def _read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, meta: Path, config: dict) -> dict[str, torch.Tensor]:
     """The tensors of the weights file ``config`` names, refused unless its sha256 is the one recorded."""
-    meta = directory / PREDICTOR_CONFIG
     record = config.get("weights")
     if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "sha256" not in record:
         raise PredictorError(f"{meta} names no weights file with its sha256 (saved by an older shadowfx?); save the "
@@ -160,9 +243,14 @@ def _read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
 
 class _PredictorFiles(nn.Module):
     """Files shared by the predictor kinds: ``config()`` and ``from_config`` are each kind's only description of
-    itself on disk; ``save`` and ``load`` are the same for all."""
+    itself on disk; ``save`` and ``load`` are the same for all.
+
+    ``granularity`` is the one the predictor was trained for ("prompt" or "token", set by training); it names the
+    predictor's files beside its kind.
+    """
 
     kind: ClassVar[PredictorKind]
+    granularity: str = "prompt"
 
     def config(self) -> dict:
         raise NotImplementedError
@@ -172,18 +260,20 @@ class _PredictorFiles(nn.Module):
         """An untrained module of the size ``config`` describes (its weights are loaded after)."""
         raise NotImplementedError
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the predictor into ``directory`` (next to the checkpoint by convention); returns the config path."""
-        return _write_files(directory, self.config(), self.state_dict())
+    def save(self, directory: str | Path, *, default: bool | None = None) -> Path:
+        """Write the predictor into ``directory`` (next to the checkpoint by convention) under its kind and
+        granularity, replacing only a predictor of the same kind and granularity; returns the config path.
+
+        ``default`` makes it the one ``transform(model)`` loads (None: only if the directory names no default yet).
+        """
+        return _write_files(Path(directory), SavedPredictor(self.kind, self.granularity), self.config(),
+                            self.state_dict(), default=default)
 
     @classmethod
-    def load(cls, directory: str | Path, structure: DecoderStructure) -> nn.Module:
-        """Load the predictor saved in ``directory``; refuse one of another kind or made for another model."""
-        module = load_predictor(directory, structure)
-        if not isinstance(module, cls):
-            raise PredictorError(f"{directory} holds a {_kind_of(module)!r} predictor, not a {cls.__name__}; load it "
-                                 "with shadowfx.predictor.load_predictor(directory, structure)")
-        return module
+    def load(cls, directory: str | Path, structure: DecoderStructure, *, granularity: str | None = None) -> nn.Module:
+        """Load the predictor of this kind saved in ``directory`` (the default one where several are); refuse one
+        made for another model."""
+        return load_predictor(directory, structure, kind=cls.kind, granularity=granularity)
 
 
 class ShadowPredictor(_PredictorFiles):
@@ -252,7 +342,7 @@ class ShadowPredictor(_PredictorFiles):
     @classmethod
     def from_config(cls, config: dict) -> ShadowPredictor:
         return cls(SparseShape(**config["shape"]), str(config["fingerprint"]), hidden=int(config["hidden"]),
-                   neuron_block=int(config.get("neuron_block", 1)))  # configs older than neuron_block have 1
+                   neuron_block=int(config["neuron_block"]))
 
 
 class ScaledMLP(nn.Sequential):
@@ -371,36 +461,36 @@ PREDICTOR_CLASSES: dict[PredictorKind, type[_PredictorFiles]] = {
     cls.kind: cls for cls in (ShadowPredictor, LayerwisePredictor, StaticScores)}
 
 
-def _kind_of(module: nn.Module) -> str:
-    return module.kind if isinstance(module, _PredictorFiles) else type(module).__name__
-
-
-def save_predictor(module: nn.Module, directory: str | Path) -> Path:
+def save_predictor(module: nn.Module, directory: str | Path, *, default: bool | None = None) -> Path:
     """Save any of the three kinds into ``directory`` (see :meth:`ShadowPredictor.save`)."""
     if not isinstance(module, _PredictorFiles):
         raise PredictorError(f"cannot save a {type(module).__name__}; save_predictor handles ShadowPredictor, "
                              "LayerwisePredictor and StaticScores")
-    return module.save(directory)
+    return module.save(directory, default=default)
 
 
-def load_predictor(directory: str | Path, structure: DecoderStructure) -> nn.Module:
-    """Load the predictor saved in ``directory``, whatever its kind; refuse one made for another model
+def load_predictor(directory: str | Path, structure: DecoderStructure, *, kind: str | None = None,
+                   granularity: str | None = None) -> nn.Module:
+    """Load a predictor saved in ``directory``: the default one, or the one of ``kind`` and ``granularity`` (either
+    may be left out where only one matches). Refuse one made for another model
     (:class:`~shadowfx.structure.FingerprintMismatch`) or whose weights are not the ones its config records."""
     directory = Path(directory)
-    config = _read_config(directory)
-    kind = config.get("kind", "shadowllm")  # configs older than the kind field are ShadowLLM's
-    if kind not in PREDICTOR_CLASSES:
-        raise PredictorError(f"{directory / PREDICTOR_CONFIG} names an unknown predictor kind {kind!r}; "
-                             f"expected one of {', '.join(KINDS)}")
+    unit = _choose(directory, kind, granularity)
+    meta = directory / unit.config_name
+    config = _read_config(meta)
+    if (config.get("kind"), config.get("granularity")) != (unit.kind, unit.granularity):
+        raise PredictorError(f"{meta} describes a {config.get('kind')}/{config.get('granularity')} predictor, not "
+                             f"the {unit} its name says (edited or renamed?); save the predictor again")
     try:
-        module = PREDICTOR_CLASSES[kind].from_config(config)
+        module = PREDICTOR_CLASSES[unit.kind].from_config(config)
     except (ValueError, KeyError, TypeError) as error:
-        raise PredictorError(f"{directory / PREDICTOR_CONFIG} is not a readable {kind} predictor config: "
-                             f"{type(error).__name__}: {error}") from error
-    check_fingerprint(module.fingerprint, structure, what=f"the {kind} predictor in {directory}")
+        raise PredictorError(f"{meta} is not a readable {unit.kind} predictor config: {type(error).__name__}: "
+                             f"{error}; save the predictor again") from error
+    module.granularity = unit.granularity
+    check_fingerprint(module.fingerprint, structure, what=f"the {unit} predictor in {directory}")
     try:
-        module.load_state_dict(_read_weights(directory, config))
+        module.load_state_dict(_read_weights(directory, meta, config))
     except RuntimeError as error:  # tensors of other names or shapes than the config describes
-        raise PredictorError(f"the weights of the predictor in {directory} do not fit its config: {error}; save "
-                             "the predictor again") from error
+        raise PredictorError(f"the weights of the {unit} predictor in {directory} do not fit its config: {error}; "
+                             "save the predictor again") from error
     return module.eval()

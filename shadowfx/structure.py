@@ -6,14 +6,16 @@ nodes carry the per-head attention context (the predictor's input at layer 0) an
 parameter names are relative to the user's model (``model.layers.3.mlp.up_proj``); node names refer to the prefill
 graph it was discovered from.
 
-The ``fingerprint`` covers the architecture and a strided sample of every weight, so a predictor or trace made for
-one checkpoint is refused by another (see :func:`check_fingerprint`).
+The ``fingerprint`` covers the architecture, a strided sample of every weight and the weights' dtype in separate parts
+(:class:`Fingerprint`), so a predictor or trace made for one checkpoint is refused by another, and one made for the
+same checkpoint in another dtype is accepted with a warning (see :func:`check_fingerprint`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -178,7 +180,9 @@ class DecoderStructure:
         lines = [
             f"{self.model_class} ({self.model_type}): {self.num_layers} layers, hidden {self.hidden_size}, "
             f"vocab {self.vocab_size}",
-            f"  fingerprint {self.fingerprint[:16]}  weights {'sampled' if self.weights_digest else 'none (config only)'}",
+            f"  fingerprint {self.fingerprint}  weights "
+            + (f"sampled, {Fingerprint.parse(self.fingerprint, what='this structure').dtype}" if self.weights_digest
+               else "none (config only)"),
             f"  embedding {self.embedding}"
             + (f", positions {self.position_embedding}" if self.position_embedding else "")
             + (f", final norm {self.final_norm}" if self.final_norm else "")
@@ -221,9 +225,10 @@ def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
     )
 
 
-# Graph-specific fields (node names, the attention kernel chosen) do not change what a predictor means for a model.
+# Graph-specific fields (node names, the attention kernel chosen) do not change what a predictor means for a model;
+# the weight digest has its own parts in the fingerprint.
 _CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "context_node", "intermediate_node", "cos_node",
-                        "sin_node", "fingerprint"}
+                        "sin_node", "fingerprint", "weights_digest"}
 
 
 def _architecture_view(value: Any) -> Any:
@@ -234,38 +239,123 @@ def _architecture_view(value: Any) -> Any:
     return value
 
 
+FINGERPRINT_HEX = 16  # hex digits kept of each sha256: 64 bits tell models apart
+CONFIG_ONLY = "config-only"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The parts of a fingerprint, ``<architecture>.<values>.<signs>.<dtype>`` (``<architecture>.config-only`` for a
+    model without weights).
+
+    ``values`` hashes a strided sample of every weight as held, so it changes with the dtype; ``signs`` hashes the
+    signs of the same sample, which no cast between float dtypes changes (rounding keeps the sign, and an underflow
+    keeps a signed zero). So the same checkpoint in float32, float16 and bfloat16 has one architecture and one
+    ``signs``, and a predictor made in one dtype is recognised in another.
+    """
+
+    architecture: str | None  # None when not known yet: the weights are read before the graph is captured
+    values: str | None  # None: a model built from a config, on the meta device
+    signs: str | None
+    dtype: str | None
+
+    def __str__(self) -> str:
+        weights = CONFIG_ONLY if self.values is None else f"{self.values}.{self.signs}.{self.dtype}"
+        return f"{self.architecture}.{weights}"
+
+    @classmethod
+    def parse(cls, text: str, *, what: str) -> Fingerprint:
+        parts = text.split(".") if isinstance(text, str) else []
+        if len(parts) == 2 and parts[1] == CONFIG_ONLY:
+            return cls(parts[0], None, None, None)
+        if len(parts) == 4:
+            return cls(*parts)
+        raise FingerprintMismatch(f"{what} carries a fingerprint {text!r} of a form this shadowfx does not write "
+                                  "(made by an older version?); re-run calibration and predictor training for this "
+                                  "model")
+
+    @classmethod
+    def of(cls, architecture: str | None, digest: str | None) -> Fingerprint:
+        """From the architecture hash and a :func:`weights_digest`."""
+        if digest is None:
+            return cls(architecture, None, None, None)
+        dtype, values, signs = digest.split(":")
+        return cls(architecture, values[:FINGERPRINT_HEX], signs[:FINGERPRINT_HEX], dtype)
+
+    @classmethod
+    def of_weights(cls, model: nn.Module) -> Fingerprint:
+        """The weights' part of the fingerprint, read from ``model`` before its graph is captured."""
+        return cls.of(None, weights_digest(model))
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """What tells ``self`` from ``other``: "architecture" (when both know it), "weights", "dtype"."""
+        found = []
+        if None not in (self.architecture, other.architecture) and self.architecture != other.architecture:
+            found.append("architecture")
+        if (self.values is None) != (other.values is None) or (
+                self.values is not None and (self.values != other.values if self.dtype == other.dtype
+                                             else self.signs != other.signs)):
+            found.append("weights")
+        if None not in (self.dtype, other.dtype) and self.dtype != other.dtype:
+            found.append("dtype")
+        return found
+
+
 def compute_fingerprint(structure: DecoderStructure) -> str:
-    """sha256 over the architecture (without capture-specific node names) and the weight digest."""
+    """The :class:`Fingerprint` string: sha256 of the architecture (without capture-specific node names), then the
+    parts of the weight digest."""
     view = _architecture_view({f.name: getattr(structure, f.name) for f in fields(structure)} | {
         "layers": [asdict(layer) for layer in structure.layers],
         "lm_head": asdict(structure.lm_head),
     })
-    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
+    architecture = hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:FINGERPRINT_HEX]
+    return str(Fingerprint.of(architecture, structure.weights_digest))
 
 
 def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str | None:
-    """sha256 of each parameter's name, shape, dtype and an evenly strided sample of its values.
+    """``<dtype>:<values>:<signs>``: the floating dtypes of the weights (``+``-joined when mixed), the sha256 of each
+    tensor's name, shape, dtype and an evenly strided sample of its values, and the sha256 of the same samples'
+    names, shapes and signs (the part no change of dtype alters).
 
     Sampling keeps this cheap on billion-parameter models while any retrained or fine-tuned checkpoint changes it.
     Returns None for a model on the meta device (built from a config only).
     """
-    digest = hashlib.sha256()
+    values, signs = hashlib.sha256(), hashlib.sha256()
+    dtypes = set()
     for name, tensor in sorted(model.state_dict().items()):
         if tensor.is_meta:
             return None
+        if tensor.is_floating_point():
+            dtypes.add(str(tensor.dtype).removeprefix("torch."))
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::stride].to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
+        values.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        values.update(sample.numpy().tobytes())
+        signs.update(f"{name}:{tuple(tensor.shape)}".encode())
+        signs.update(sample.signbit().numpy().tobytes())
+    return f"{'+'.join(sorted(dtypes)) or 'none'}:{values.hexdigest()}:{signs.hexdigest()}"
+
+
+class DtypeWarning(UserWarning):
+    """An artifact made for the same model (architecture and weights) held in another dtype."""
 
 
 def check_fingerprint(expected: str, structure: DecoderStructure, *, what: str) -> None:
-    """Raise :class:`FingerprintMismatch` when ``what`` was made for a model other than ``structure``'s."""
-    if expected != structure.fingerprint:
+    """Raise :class:`FingerprintMismatch` when ``what`` was made for a model other than ``structure``'s, naming what
+    differs; warn (:class:`DtypeWarning`) when only the dtype does."""
+    made = Fingerprint.parse(expected, what=what)
+    here = Fingerprint.parse(structure.fingerprint, what="this model")
+    differences = made.differences(here)
+    if {"architecture", "weights"} & set(differences):
+        other = " and ".join({"architecture": "another architecture", "weights": "other weights",
+                              "dtype": f"another dtype ({made.dtype}, not {here.dtype})"}[d] for d in differences)
         raise FingerprintMismatch(
-            f"{what} was made for a model with fingerprint {expected[:16]}, but this model "
-            f"({structure.model_class}, {structure.num_layers} layers) has fingerprint {structure.fingerprint[:16]}; "
-            "re-run calibration and predictor training for this model"
+            f"{what} was made for a model with {other} (fingerprint {expected}; this {structure.model_class} with "
+            f"{structure.num_layers} layers has {structure.fingerprint}); re-run calibration and predictor training "
+            "for this model"
         )
+    if differences:
+        warnings.warn(f"{what} was made with the model in {made.dtype}; this model holds its weights in {here.dtype} "
+                      "(same architecture and weights), so it is used as it is; for scores fitted to this dtype, "
+                      f"calibrate and train with --dtype {here.dtype}", DtypeWarning, stacklevel=2)

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shadowfx.api import GRANULARITIES
-from shadowfx.calibrate import Traces
+from shadowfx.calibrate import RECALIBRATE_FP32, Traces
 from shadowfx.predictor import (
     KINDS,
     LayerwisePredictor,
@@ -181,8 +181,7 @@ def _data(traces: Traces, kind: PredictorKind, granularity: Granularity) -> _Dat
         if tensor.shape[0] != n * per_sample:
             raise TrainingError(f"traces: {name} has {tensor.shape[0]} rows, expected {n} samples x {per_sample}")
         if not torch.isfinite(tensor.float()).all():
-            raise TrainingError(f"traces: {name} holds non-finite values (a diverged model?); re-run calibration "
-                                "in float32")
+            raise TrainingError(f"traces: {name} holds non-finite values (a diverged model?); {RECALIBRATE_FP32}")
     *inputs, heads, neurons = (tensors[name] for name in names)
     if heads.dim() != 3 or neurons.dim() != 3 or heads.shape[1] != neurons.shape[1]:
         raise TrainingError(f"traces: heads {tuple(heads.shape)} and neurons {tuple(neurons.shape)} are not "
@@ -353,6 +352,7 @@ def train_predictor(traces: Traces, *, kind: PredictorKind = "shadowllm", granul
                                   generator=torch.Generator().manual_seed(seed + 1 + index),
                                   desc=f"training {kind} {unit}", progress=progress)
         module.eval()
+    module.granularity = granularity  # names its files beside its kind
 
     controls = {"predictor": module, "constant": constant, "static": static}
     held_out = _evaluate(controls, data, held_rows)

@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from shadowfx.calibrate import TraceError, calibrate, load_traces
+from shadowfx.api import discover
+from shadowfx.calibrate import TraceError, calibrate, load_traces, trace_bytes
 from shadowfx.criteria import CriterionHooks
+from shadowfx.families import build_small
 from shadowfx.structure import FingerprintMismatch
 from conftest import small_model, structure
 
@@ -37,7 +40,7 @@ def test_traces_hold_inputs_and_scores(tmp_path, family):
     with CriterionHooks(model, found) as hooks:
         direct = hooks.score(samples[:3], torch.ones_like(samples[:3]), "plainact")
     torch.testing.assert_close(tensors["heads"][:3], direct.heads, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(tensors["inputs"][:3], direct.context[:, -1])
+    assert_close_bf16(tensors["inputs"][:3], direct.context[:, -1])
     # the layerwise inputs are what layer l's q and up projections take, at the last token
     seen = {}
     last = found.layers[-1]
@@ -48,8 +51,36 @@ def test_traces_hold_inputs_and_scores(tmp_path, family):
         model(input_ids=samples[:3])
     for handle in handles:
         handle.remove()
-    torch.testing.assert_close(tensors["attention_inputs"][:3, -1], seen["attention"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(tensors["mlp_inputs"][:3, -1], seen["mlp"], rtol=1e-4, atol=1e-5)
+    assert_close_bf16(tensors["attention_inputs"][:3, -1], seen["attention"])
+    assert_close_bf16(tensors["mlp_inputs"][:3, -1], seen["mlp"])
+
+
+def assert_close_bf16(stored: torch.Tensor, computed: torch.Tensor) -> None:
+    """Stored inputs are the computed ones rounded to bfloat16 (one rounding step apart at most)."""
+    assert stored.dtype == torch.bfloat16
+    torch.testing.assert_close(stored.float(), computed.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)
+
+
+def test_traces_are_stored_in_half_precision_where_it_suffices(tmp_path):
+    traces = calibrate(small_model("llama"), windows(6), structure("llama"), tmp_path, shard_size=4,
+                       tokens_per_sample=2, progress=False)
+    dtypes = {name: tensor.dtype for name, tensor in traces.tensors.items()}
+    assert dtypes.pop("heads") == dtypes.pop("token_heads") == torch.float32  # few, and ranked exactly
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+    on_disk = sum(path.stat().st_size for path in tmp_path.iterdir())
+    assert trace_bytes(tmp_path) == on_disk
+    as_float32 = sum(tensor.numel() * 4 for tensor in traces.tensors.values())
+    assert on_disk < 0.6 * as_float32
+
+
+def test_non_finite_scores_name_a_command_that_recalibrates_in_float32(tmp_path):
+    calibrate(small_model("opt"), windows(2), structure("opt"), tmp_path, tokens_per_sample=0, progress=False)
+    shard = tmp_path / "shard-00000.safetensors"
+    tensors = load_file(str(shard))
+    tensors["heads"][0, 1, 0] = float("inf")
+    save_file(tensors, str(shard))
+    with pytest.raises(TraceError, match="shadowfx calibrate ... --dtype float32 --out NEW"):
+        load_traces(tmp_path)
 
 
 def test_interrupted_run_resumes(tmp_path):
@@ -71,8 +102,16 @@ def test_interrupted_run_resumes(tmp_path):
 def test_other_traces_in_the_directory_are_not_overwritten(tmp_path):
     model, found = small_model("gpt2"), structure("gpt2")
     calibrate(model, windows(4), found, tmp_path, progress=False)
-    with pytest.raises(TraceError, match="differ in criterion"):
+    with pytest.raises(TraceError, match="other settings: criterion 'plainact' \\(here 'magnitude'\\); write into "
+                                         "another directory"):
         calibrate(model, windows(4), found, tmp_path, criterion="magnitude", progress=False)
+    with pytest.raises(TraceError, match="window 12 \\(here 8\\); samples 4 \\(here 3\\)"):
+        calibrate(model, windows(3, length=8), found, tmp_path, progress=False)
+    with pytest.raises(TraceError, match="the model \\(other weights\\)"):
+        calibrate(model, windows(4), discover(build_small("gpt2", seed=1)), tmp_path, progress=False)
+    with pytest.raises(TraceError, match="the model's dtype float32 \\(here bfloat16; pass --dtype float32 to "
+                                         "resume\\)"):
+        calibrate(model, windows(4), discover(build_small("gpt2").to(torch.bfloat16)), tmp_path, progress=False)
     with pytest.raises(FingerprintMismatch):
         load_traces(tmp_path, structure("qwen2"))
 

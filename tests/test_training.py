@@ -11,7 +11,6 @@ import torch
 import shadowfx
 from shadowfx.calibrate import Traces, calibrate
 from shadowfx.predictor import (
-    PREDICTOR_CONFIG,
     LayerwisePredictor,
     PredictorError,
     ShadowPredictor,
@@ -244,7 +243,7 @@ def test_save_load_round_trip_for_every_kind(trained, llama_traces, tmp_path):
                 assert torch.equal(a, b), name
         with pytest.raises(FingerprintMismatch):
             load_predictor(tmp_path / name, structure("opt"))
-    assert json.loads((tmp_path / "dejavu" / PREDICTOR_CONFIG).read_text())["kind"] == "dejavu"
+    assert json.loads((tmp_path / "dejavu" / "shadow_predictor.dejavu.prompt.json").read_text())["kind"] == "dejavu"
     # the ShadowPredictor-specific loader still works, keeps neuron_block, and names load_predictor for other kinds
     assert ShadowPredictor.load(tmp_path / "block", found).neuron_block == 4
     with pytest.raises(PredictorError, match="load_predictor"):
@@ -253,16 +252,11 @@ def test_save_load_round_trip_for_every_kind(trained, llama_traces, tmp_path):
         ShadowPredictor.load(tmp_path / "shadowllm", structure("opt"))
     with pytest.raises(PredictorError, match="no shadow predictor in"):
         load_predictor(tmp_path / "nothing", found)
-
-
-def test_configs_without_neuron_block_still_load(tmp_path):
-    found = structure("llama")
-    predictor = ShadowPredictor.for_structure(found, hidden=8)
-    predictor.save(tmp_path)
-    config = json.loads((tmp_path / PREDICTOR_CONFIG).read_text())
-    del config["neuron_block"]
-    (tmp_path / PREDICTOR_CONFIG).write_text(json.dumps(config))
-    assert ShadowPredictor.load(tmp_path, found).neuron_block == 1
+    # a predictor trained per token is saved, and loaded, under its granularity
+    save_predictor(trained["token"].predictor, tmp_path / "shadowllm")
+    assert (tmp_path / "shadowllm" / "shadow_predictor.shadowllm.token.json").is_file()
+    token = load_predictor(tmp_path / "shadowllm", found, granularity="token")
+    assert token.granularity == "token" and load_predictor(tmp_path / "shadowllm", found).granularity == "prompt"
 
 
 def test_dejavu_at_token_granularity(llama_traces):

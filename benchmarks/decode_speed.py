@@ -138,9 +138,10 @@ def main() -> None:
 
 
 def _dense_effective(structure):
-    from shadowfx.selection import effective_sparsity, full_selection
+    from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
 
-    return effective_sparsity(structure, full_selection(structure, 1), element_bytes=4, kv_cache_shrinks=True)
+    return effective_sparsity(structure, full_selection(structure, 1), SparsityConfig(0.0, 0.0), element_bytes=4,
+                              kv_cache_shrinks=True)
 
 
 def _plot(results: dict, path: Path) -> None:

@@ -63,33 +63,71 @@ class SparseGraphs:
     decode_pregathered: torch.fx.GraphModule | None  # per prompt only: reads the prompt's compact weights
 
 
-class SparseDecoder(nn.Module):
-    """A drop-in for the model's forward (logits for ``input_ids`` + ``attention_mask``) with ``generate``."""
+@dataclass(frozen=True)
+class RewrittenGraphs:
+    """What the passes made of the model as it was captured: its structure, the graphs and the pass reports."""
 
-    def __init__(self, model: nn.Module, structure: DecoderStructure, predictor: nn.Module, config: SparsityConfig,
-                 graphs: SparseGraphs, rewrites: RewriteReport, *, granularity: Granularity, runtime: Runtime,
-                 max_positions: int | None, max_gathered_bytes: int) -> None:
+    structure: DecoderStructure
+    graphs: SparseGraphs
+    rewrites: RewriteReport
+
+
+def layer_weight_bytes(structure: DecoderStructure, model: nn.Module) -> int:
+    """Bytes of the attention and MLP weights of layers 1..L-1 (the default bound on a prompt's gathered copy)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = 0
+    for layer in structure.layers[1:]:
+        projections = {p.weight for p in (layer.attention.q, layer.attention.k, layer.attention.v, layer.attention.o,
+                                          layer.mlp.up, layer.mlp.down) + ((layer.mlp.gate,) if layer.mlp.gate else ())}
+        total += sum(params[name].numel() * params[name].element_size() for name in projections)
+    return total
+
+
+class SparseDecoder(nn.Module):
+    """A drop-in for the model's forward (logits for ``input_ids`` + ``attention_mask``) with ``generate``.
+
+    The captured graphs are specific to the dtype and device the model had at capture, so ``.to()``, ``.half()``
+    and the like rebuild them (``rebuild`` re-captures the converted model and runs the passes again).
+    """
+
+    def __init__(self, model: nn.Module, predictor: nn.Module, config: SparsityConfig,
+                 rebuild: Callable[[], RewrittenGraphs], rewritten: RewrittenGraphs, *, granularity: Granularity,
+                 runtime: Runtime, max_positions: int | None, max_gathered_bytes: int | None) -> None:
         super().__init__()
         self.model = model
-        self.structure = structure
         self.predictor = predictor
         self.config = config
-        self.graphs = graphs
-        self.rewrites = rewrites
         self.granularity = granularity
         self.runtime = runtime
         self.max_positions = max_positions
-        self.max_gathered_bytes = max_gathered_bytes
         self.generation_config = getattr(model, "generation_config", None)
-        self._dtype = next(model.parameters()).dtype
-        run = (lambda gm: torch.compile(gm, dynamic=True)) if runtime == "compile" else (lambda gm: gm)
-        self._prefill: Callable = run(graphs.prefill)
-        self._decode: Callable = run(graphs.decode)
-        self._decode_pregathered: Callable | None = (run(graphs.decode_pregathered)
-                                                     if graphs.decode_pregathered is not None else None)
+        self._rebuild = rebuild
+        self._max_gathered_bytes = max_gathered_bytes
+        self._install(rewritten)
+
+    def _install(self, rewritten: RewrittenGraphs) -> None:
+        self.structure = rewritten.structure
+        self.graphs = rewritten.graphs
+        self.rewrites = rewritten.rewrites
+        self.max_gathered_bytes = (self._max_gathered_bytes if self._max_gathered_bytes is not None
+                                   else layer_weight_bytes(self.structure, self.model))
+        parameter = next(self.model.parameters())
+        self._dtype, self._device = parameter.dtype, parameter.device
+        run = (lambda gm: torch.compile(gm, dynamic=True)) if self.runtime == "compile" else (lambda gm: gm)
+        self._prefill: Callable = run(self.graphs.prefill)
+        self._decode: Callable = run(self.graphs.decode)
+        self._decode_pregathered: Callable | None = (run(self.graphs.decode_pregathered)
+                                                     if self.graphs.decode_pregathered is not None else None)
         self.last_selection: Selection | None = None
         self.last_decode_path: DecodePath | None = None
         self.last_gathered_bytes = 0
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> SparseDecoder:
+        super()._apply(fn, recurse)
+        parameter = next(self.model.parameters())
+        if (parameter.dtype, parameter.device) != (self._dtype, self._device):
+            self._install(self._rebuild())
+        return self
 
     # ---- inputs ------------------------------------------------------------------------------------------------------
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -197,8 +235,8 @@ class SparseDecoder(nn.Module):
             self.last_decode_path, self.last_gathered_bytes = "per_token", 0
             return self._decode, []
         if self._decode_pregathered is not None:
-            compact = compact_weights(self.model, self.structure, selection)
-            if compact.gathered_bytes <= self.max_gathered_bytes:
+            compact = compact_weights(self.model, self.structure, selection, max_bytes=self.max_gathered_bytes)
+            if compact is not None:
                 self.last_decode_path, self.last_gathered_bytes = "pregathered", compact.gathered_bytes
                 return self._decode_pregathered, compact.tensors
         self.last_decode_path, self.last_gathered_bytes = "gather_per_call", 0
@@ -237,5 +275,5 @@ class SparseDecoder(nn.Module):
         if self.last_selection is None:
             raise RuntimeError("no selection yet: call the model or generate() first")
         element_bytes = torch.finfo(self._dtype).bits // 8
-        return effective_sparsity(self.structure, self.last_selection, element_bytes=element_bytes,
+        return effective_sparsity(self.structure, self.last_selection, self.config, element_bytes=element_bytes,
                                   kv_cache_shrinks=self.granularity == "prompt")

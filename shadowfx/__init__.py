@@ -5,7 +5,7 @@ from shadowfx.api import discover, transform
 from shadowfx.capture import CapturedDecoder, CaptureError, capture
 from shadowfx.calibrate import calibrate, load_traces
 from shadowfx.predictor import PredictorError, Scores, ShadowPredictor, StaticScores, load_predictor, save_predictor
-from shadowfx.selection import SparsityError
+from shadowfx.selection import SparsityError, SparsityWarning
 from shadowfx.structure import DecoderStructure, FingerprintMismatch, StructureError
 from shadowfx.training import train_predictor
 
@@ -18,6 +18,7 @@ __all__ = [
     "Scores",
     "ShadowPredictor",
     "SparsityError",
+    "SparsityWarning",
     "StaticScores",
     "StructureError",
     "calibrate",

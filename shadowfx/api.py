@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 
-from shadowfx.capture import capture, max_positions
+from shadowfx.capture import CapturedDecoder, capture, max_positions
 from shadowfx.passes.base import run_passes
 from shadowfx.passes.cleanup import Cleanup
 from shadowfx.passes.discover_structure import discover_structure
@@ -20,12 +23,19 @@ from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
 from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, load_predictor
-from shadowfx.runtimes.pytorch import Granularity, RewriteReport, Runtime, SparseDecoder, SparseGraphs
-from shadowfx.selection import Scope, Selector, SparsityConfig
+from shadowfx.runtimes.pytorch import (
+    Granularity,
+    RewriteReport,
+    RewrittenGraphs,
+    Runtime,
+    SparseDecoder,
+    SparseGraphs,
+)
+from shadowfx.selection import Scope, Selector, SparsityConfig, SparsityWarning, planned_sparsity
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
 
-GRANULARITIES = ("prompt", "token")
-RUNTIMES = ("eager", "compile")
+GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
 
 
 def discover(model: nn.Module) -> DecoderStructure:
@@ -71,23 +81,29 @@ def _resolve_predictor(model: nn.Module, predictor: nn.Module | None, structure:
     return predictor
 
 
-def _layer_weight_bytes(structure: DecoderStructure, model: nn.Module) -> int:
-    """Bytes of the attention and MLP weights of layers 1..L-1 (the default bound on a prompt's gathered copy)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    total = 0
-    for layer in structure.layers[1:]:
-        projections = {p.weight for p in (layer.attention.q, layer.attention.k, layer.attention.v, layer.attention.o,
-                                          layer.mlp.up, layer.mlp.down) + ((layer.mlp.gate,) if layer.mlp.gate else ())}
-        total += sum(params[name].numel() * params[name].element_size() for name in projections)
-    return total
-
-
 def _require_all(report: dict, structure: DecoderStructure, graph: str) -> None:
     later = structure.num_layers - 1
     for name in ("sparsify_mlp", "sparsify_attention"):
         if report[name].total != later:
             raise StructureError(f"{name} rewrote {report[name].total} of {later} layers in the {graph} graph; "
                                  "refusing a half-sparsified model")
+
+
+def _warn_unreachable(structure: DecoderStructure, config: SparsityConfig) -> None:
+    """Say once, at transform, where the structure cannot give the requested sparsity, and what it gives instead."""
+    later = structure.layers[1]
+    block = config.neuron_block
+    units = {"heads": f"{later.attention.num_kv_heads} KV groups, at least {config.min_kv_heads} kept",
+             "neurons": (f"{later.mlp.intermediate_size // block} blocks of {block} neurons" if block > 1
+                         else f"{later.mlp.intermediate_size} neurons")
+             + f", at least {config.min_neuron_fraction:.3g} of them kept"}
+    for kind, fractions in planned_sparsity(structure, config).items():
+        # a difference under half a percent is the rounding of a budget to whole units
+        if abs(fractions["achieved"] - fractions["requested"]) > 0.005:
+            warnings.warn(f"{kind} sparsity {fractions['requested']:g} cannot be applied to "
+                          f"{structure.num_layers - 1} sparse layers of {units[kind]} per layer "
+                          f"(scope {config.scope!r}); applying {fractions['achieved']:.4g} instead",
+                          SparsityWarning, stacklevel=3)
 
 
 def transform(
@@ -98,7 +114,7 @@ def transform(
     heads_sparsity: float | None = None,
     neurons_sparsity: float | None = None,
     scope: Scope = "global",
-    granularity: Granularity = "prompt",
+    granularity: Granularity | None = None,
     runtime: Runtime = "eager",
     max_gathered_bytes: int | None = None,
 ) -> SparseDecoder:
@@ -106,14 +122,15 @@ def transform(
 
     ``sparsity`` is the fraction of KV-head groups and MLP neurons of layers 1..L-1 to skip (``heads_sparsity`` and
     ``neurons_sparsity`` override it per kind); layer 0 stays dense. ``scope`` ranks units across layers ("global")
-    or within each layer ("per_layer"; a layerwise predictor needs it). ``granularity`` "prompt" selects once per sequence (the KV cache of later
-    layers keeps only the kept heads, and decoding reuses weights gathered once); "token" selects for every token
-    (the KV cache stays complete). ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
+    or within each layer ("per_layer"; a layerwise predictor needs it). ``granularity`` "prompt" selects once per
+    sequence (the KV cache of later layers keeps only the kept heads, and decoding reuses weights gathered once);
+    "token" selects for every token (the KV cache stays complete); by default, the one the predictor was trained for
+    (a predictor's ``granularity``), else "prompt". ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
     of the later layers' weights); beyond it decoding gathers on every step instead. With ``predictor=None`` the
     predictor saved next to the checkpoint is loaded.
     """
     config = SparsityConfig.from_arguments(sparsity, heads_sparsity, neurons_sparsity, scope)
-    if granularity not in GRANULARITIES:
+    if granularity not in (*GRANULARITIES, None):
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -125,7 +142,23 @@ def transform(
     predictor = _resolve_predictor(model, predictor, structure).eval()
     # a block-scoring predictor's neurons are kept in whole blocks, so the gathers stay contiguous
     config = replace(config, neuron_block=getattr(predictor, "neuron_block", 1))
-    per_token = granularity == "token"
+    _warn_unreachable(structure, config)
+    trained_for = getattr(predictor, "granularity", None)
+    if granularity is None:
+        granularity = trained_for if trained_for in GRANULARITIES else "prompt"
+    elif trained_for in GRANULARITIES and trained_for != granularity:
+        warnings.warn(f"the predictor was trained per {trained_for}, and runs per {granularity} as asked; its scores "
+                      f"were fit to {trained_for}-level targets", UserWarning, stacklevel=2)
+    build = partial(_rewrite, model, predictor, config, granularity == "token")
+    return SparseDecoder(model, predictor, config, build, build(prefill_capture), granularity=granularity,
+                         runtime=runtime, max_positions=max_positions(model), max_gathered_bytes=max_gathered_bytes)
+
+
+def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per_token: bool,
+             prefill_capture: CapturedDecoder | None = None) -> RewrittenGraphs:
+    """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes."""
+    prefill_capture = prefill_capture or capture(model, step="prefill_cache")
+    structure = discover_structure(prefill_capture)
 
     def insert_predictor(graph_structure: DecoderStructure) -> InsertShadowPredictor | InsertLayerwisePredictor:
         # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style; its selectors
@@ -164,7 +197,4 @@ def transform(
         ])
     for graph, report in reports.items():
         _require_all(report, structure, graph)
-    limit = max_gathered_bytes if max_gathered_bytes is not None else _layer_weight_bytes(structure, model)
-    return SparseDecoder(model, structure, predictor, config, SparseGraphs(prefill, decode, decode_pregathered),
-                         RewriteReport(reports), granularity=granularity, runtime=runtime,
-                         max_positions=max_positions(model), max_gathered_bytes=limit)
+    return RewrittenGraphs(structure, SparseGraphs(prefill, decode, decode_pregathered), RewriteReport(reports))

@@ -12,7 +12,9 @@ Conventions (the contract):
 - A selection is an int64 index tensor, ``[k]`` (shared by every batch row), ``[B, k]`` (one per batch row) or,
   where an op accepts it, ``[B, S, k]`` (one per token), of distinct in-range indices in any order (a returned KV
   cache lists its heads in selection order); ``topk_indices`` returns ascending indices, which keeps weight gathers
-  contiguous.
+  contiguous. The index equal to the unit count (``F`` neurons, ``H_kv`` KV groups) is the empty slot: it keeps
+  nothing and may repeat. Rows (tokens) that keep fewer units than the widest row of their batch are padded with
+  it, so every row computes exactly its own selection in a rectangular tensor.
 - Three ways to apply a selection:
 
   - gathered (one selection per prompt): the full weights and a ``[k]`` / ``[B, k]`` selection; the op gathers the
@@ -105,16 +107,25 @@ def _check_selection_values(idx: Tensor, name: str, size: int) -> None:
     if idx.numel() == 0:
         return
     low, high = int(idx.min()), int(idx.max())
-    if low < 0 or high >= size:
-        raise IndexError(f"{name} out of range: values must be in [0, {size}), got values in [{low}, {high}]")
+    if low < 0 or high > size:
+        raise IndexError(f"{name} out of range: values must be in [0, {size}) or the empty slot {size}, got values "
+                         f"in [{low}, {high}]")
     ordered = idx.sort(dim=-1).values
-    if (ordered[..., 1:] == ordered[..., :-1]).any():
+    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < size)).any():
         raise ValueError(f"{name} has repeated indices; a selection must be distinct")
 
 
 def _keep_mask(idx: Tensor, size: int) -> Tensor:
-    """bool [..., size], True at the selected indices ``idx`` [..., k] along the last dim."""
-    return idx.new_zeros((*idx.shape[:-1], size), dtype=torch.bool).scatter(-1, idx, True)
+    """bool [..., size], True at the selected indices ``idx`` [..., k] along the last dim (empty slots keep none)."""
+    return idx.new_zeros((*idx.shape[:-1], size + 1), dtype=torch.bool).scatter(-1, idx, True)[..., :size]
+
+
+def _empty_slots(idx: Tensor, size: int) -> tuple[Tensor, Optional[Tensor]]:
+    """A gathering selection with its empty slots pointed at a real unit, and where they are (None when none).
+
+    The pointed-at unit is computed in the empty slot, and the caller zeroes that slot's contribution."""
+    empty = idx == size
+    return (idx.clamp(max=size - 1), empty) if bool(empty.any()) else (idx, None)
 
 
 def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
@@ -228,9 +239,11 @@ def _gathered_mlp(a: _MLPArgs) -> Tensor:
     act = ACTIVATIONS[a.activation]
     # a [k] / [B, k] selection gathers weight rows/cols; pre-gathered weights (None) and per token use them whole
     per_token = neuron_idx is not None and neuron_idx.dim() == 3
-    rows = None if per_token else neuron_idx
+    rows, empty = (None, None) if per_token or neuron_idx is None else _empty_slots(neuron_idx, ffn)
     up = _linear_rows(a.x, a.up_weight, a.up_bias, rows)
     h = act(up) if a.gate_weight is None else act(_linear_rows(a.x, a.gate_weight, a.gate_bias, rows)) * up
+    if empty is not None:
+        h = h.where(~empty.unsqueeze(-2), 0)  # [k] or [B, k] over the sequence dim
     if neuron_idx is not None and per_token:
         # The dense intermediate times each token's 0/1 keep mask (as a where, so that an inf in a dropped neuron
         # cannot become NaN). Exact, and for prefill-sized S cheaper than per-token weight gathers, which would copy
@@ -413,11 +426,13 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     group, head_dim, kv_head_idx = a.num_heads // a.num_kv_heads, a.head_dim, a.kv_head_idx
     q_rows: Optional[Tensor] = None  # pre-gathered or per token: every row
     kv_rows: Optional[Tensor] = None
+    empty: Optional[Tensor] = None
     if kv_head_idx is not None:
         _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
         if not per_token:
+            kept, empty = _empty_slots(kv_head_idx, a.num_kv_heads)
             # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
-            q_rows, kv_rows = unit_rows(kv_head_idx, group * head_dim), unit_rows(kv_head_idx, head_dim)
+            q_rows, kv_rows = unit_rows(kept, group * head_dim), unit_rows(kept, head_dim)
 
     def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
         return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
@@ -435,6 +450,8 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
         # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
         keep = _keep_mask(kv_head_idx, a.num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D
         context = context.unflatten(-1, (a.num_kv_heads, -1)).where(keep, 0).flatten(-2)
+    if empty is not None:  # an empty slot's query heads add nothing; [g] or [B, g] over the sequence dim
+        context = context.unflatten(-1, (empty.shape[-1], -1)).where(~empty[..., None, :, None], 0).flatten(-2)
     out = _linear_cols(context, a.o_weight, a.o_bias, q_rows)
     # contiguous, like the fake outputs (the no-cache key/value are transposed views otherwise)
     return out, key.contiguous(), value.contiguous()

@@ -1,11 +1,14 @@
-"""From predicted scores to the fixed-size index sets the sparse ops take, and what that selection skips.
+"""From predicted scores to the index sets the sparse ops take, and what that selection skips.
 
 Heads are selected by whole KV groups (a group's score is the mean of its query heads' scores), so every layer's
-K/V projections and cache shrink with its query heads and shapes stay static. Layer 0 is always dense (the
-predictor reads it). With ``scope="per_layer"`` every later layer keeps the same number of units; with
+K/V projections and cache shrink with its query heads. Layer 0 is always dense (the predictor reads it).
+
+Budgets are exact: with ``scope="per_layer"`` every later layer keeps the same number of units; with
 ``scope="global"`` the budget is ranked across layers (as ShadowLLM does; its per-layer-normalised targets make
-scores comparable), and in a batch each layer keeps the most any row asked for, so every row keeps at least its
-own selection and the batch stays rectangular. A minimum per layer keeps a layer from vanishing.
+scores comparable), after each layer's minimum has been taken out of it, so the total kept is the budget. Every
+batch row (and, per token, every token) gets exactly its own selection, whatever else is in the batch: where rows
+keep different counts in a layer, the shorter ones are padded with the empty slot ``N`` (the layer's unit count),
+which the ops skip, so the index tensors stay rectangular.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ Scope = Literal["global", "per_layer"]
 
 class SparsityError(ValueError):
     """A sparsity setting that cannot be applied."""
+
+
+class SparsityWarning(UserWarning):
+    """The sparsity applied differs from the one asked for (too few units to reach it, or the per-layer minimums)."""
 
 
 def _fraction(name: str, value: float) -> float:
@@ -83,23 +90,51 @@ def _keep(total: int, sparsity: float, minimum: int) -> int:
     return min(total, max(minimum, total - math.floor(sparsity * total + 1e-9)))
 
 
-def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: int) -> tuple[torch.Tensor, ...]:
-    """scores [..., L', N] -> per layer int64 [..., k_l] indices of the kept units.
+def kept_per_layer(layers: int, units: int, sparsity: float, scope: Scope, minimum: int) -> int:
+    """Units kept over all ``layers`` of ``units`` each: the budget, or the per-layer minimums where they exceed it."""
+    if scope == "per_layer":
+        return layers * _keep(units, sparsity, minimum)
+    return _keep(layers * units, sparsity, minimum * layers)
 
-    The leading dims are sequences ([B]) or tokens ([B, S]); with scope "global" every one of them ranks its own
-    budget across layers and a layer keeps the most any of them asked for.
+
+def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: int) -> tuple[torch.Tensor, ...]:
+    """scores [..., L', N] -> per layer int64 [..., k_l] indices of the kept units, ascending.
+
+    The leading dims are sequences ([B]) or tokens ([B, S]), each selecting on its own. Per layer every one keeps
+    the same count; with scope "global" each ranks its budget across layers after reserving its top ``minimum``
+    units of every layer, so counts differ between them and the shorter are padded with the empty slot ``N``.
     """
     *leading, layers, units = scores.shape
     rows = scores.reshape(-1, layers, units).float()
     if scope == "per_layer":
-        keep = [_keep(units, sparsity, minimum)] * layers
-    else:
-        budget = _keep(layers * units, sparsity, minimum * layers)
-        top = torch.topk(rows.reshape(rows.shape[0], -1), budget, dim=-1).indices
-        per_row = torch.zeros(rows.shape[0], layers, dtype=torch.long, device=scores.device)
-        per_row.scatter_add_(1, top // units, torch.ones_like(top))
-        keep = per_row.amax(dim=0).clamp(min=minimum).tolist()
-    return tuple(topk_indices(rows[:, layer].contiguous(), k).reshape(*leading, k) for layer, k in enumerate(keep))
+        keep = _keep(units, sparsity, minimum)
+        return tuple(topk_indices(rows[:, layer].contiguous(), keep).reshape(*leading, keep) for layer in range(layers))
+    budget = kept_per_layer(layers, units, sparsity, scope, minimum)
+    reserved = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, rows.topk(minimum, dim=-1).indices, True)
+    ranked = rows.masked_fill(reserved, float("inf")).reshape(rows.shape[0], -1)
+    kept = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, ranked.topk(budget, dim=-1).indices, True)
+    kept = kept.view(rows.shape)
+    widths = kept.sum(-1).amax(0).tolist()  # per layer, the most any row keeps
+    slots = torch.arange(units, device=scores.device).expand_as(rows)
+    # kept units first, ascending; then the empty slot `units` fills what a row does not keep
+    indices = slots.masked_fill(~kept, units).sort(dim=-1).values
+    return tuple(indices[:, layer, :width].reshape(*leading, width) for layer, width in enumerate(widths))
+
+
+def planned_sparsity(structure: DecoderStructure, config: SparsityConfig) -> dict[str, dict[str, float]]:
+    """What ``config`` will skip of the later layers' KV groups and neurons (exact: the budgets are kept), next to
+    what was asked: ``{"heads": {"requested", "achieved"}, "neurons": {...}}``."""
+    layers = structure.num_layers - 1
+    groups = structure.layers[1].attention.num_kv_heads
+    blocks = structure.layers[1].mlp.intermediate_size // config.neuron_block
+    kept_groups = kept_per_layer(layers, groups, config.heads, config.scope, min(config.min_kv_heads, groups))
+    kept_blocks = kept_per_layer(layers, blocks, config.neurons, config.scope, _min_blocks(config, blocks))
+    return {"heads": {"requested": config.heads, "achieved": 1 - kept_groups / (layers * groups)},
+            "neurons": {"requested": config.neurons, "achieved": 1 - kept_blocks / (layers * blocks)}}
+
+
+def _min_blocks(config: SparsityConfig, blocks: int) -> int:
+    return max(1, math.ceil(config.min_neuron_fraction * blocks))
 
 
 def kept_kv_groups(head_scores: torch.Tensor, structure: DecoderStructure,
@@ -116,9 +151,11 @@ def kept_neurons(neuron_scores: torch.Tensor, config: SparsityConfig) -> tuple[t
     ``config.neuron_block`` (a block scores the mean of its neurons)."""
     block = config.neuron_block
     blocks = neuron_scores.unflatten(-1, (-1, block)).mean(-1) if block > 1 else neuron_scores
-    min_blocks = max(1, math.ceil(config.min_neuron_fraction * blocks.shape[-1]))
-    kept_blocks = _select_units(blocks, config.neurons, config.scope, min_blocks)
-    return tuple(unit_rows(b, block) for b in kept_blocks) if block > 1 else kept_blocks
+    kept_blocks = _select_units(blocks, config.neurons, config.scope, _min_blocks(config, blocks.shape[-1]))
+    if block == 1:
+        return kept_blocks
+    # an empty block slot expands to rows past the width; they all become the one empty slot F
+    return tuple(unit_rows(b, block).clamp_(max=neuron_scores.shape[-1]) for b in kept_blocks)
 
 
 def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) -> Selection:
@@ -136,42 +173,60 @@ def full_selection(structure: DecoderStructure, batch: int, device: torch.device
     )
 
 
+def kept_counts(indices: torch.Tensor, units: int) -> torch.Tensor:
+    """How many units each row (token) of a layer's selection ``[..., k]`` keeps: its slots below ``units``."""
+    return (indices < units).sum(-1)
+
+
 @dataclass(frozen=True)
 class LayerSparsity:
+    """One layer's kept units, as means over the batch rows (and tokens): every row keeps its own budget."""
+
     layer: int
-    kv_heads_kept: int
+    kv_heads_kept: float
     kv_heads: int
-    heads_kept: int
+    heads_kept: float
     heads: int
-    neurons_kept: int
+    neurons_kept: float
     neurons: int
-    weight_bytes_kept: int
+    weight_bytes_kept: float
     weight_bytes: int
+    kv_heads_cached: int  # KV heads the cache holds per row: the widest row's count, or all of them per token
 
 
 @dataclass(frozen=True)
 class EffectiveSparsity:
-    """What a selection actually skips, over all layers (layer 0 counted dense), as fractions and bytes."""
+    """What a selection actually skips, as fractions and bytes.
+
+    ``heads``, ``neurons``, ``weight_bytes`` and ``kv_bytes`` count all layers (layer 0 dense); ``sparse_layers``
+    the same fractions for layers 1..L-1 alone, which is what a sparsity setting asks for; ``requested`` the
+    setting. ``padding`` is the share of the computed slots that were empty (rows of a batch that keep fewer units
+    in a layer than the widest row): computed, then discarded.
+    """
 
     layers: tuple[LayerSparsity, ...]
     heads: float
     neurons: float
     weight_bytes: float
     kv_bytes: float
-    weight_bytes_skipped: int
+    weight_bytes_skipped: float
     kv_bytes_per_token_skipped: int
+    sparse_layers: dict[str, float]
+    requested: dict[str, float]
+    padding: float
 
     def to_dict(self) -> dict:
         return {
             "heads": self.heads, "neurons": self.neurons, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
             "weight_bytes_skipped": self.weight_bytes_skipped,
             "kv_bytes_per_token_skipped": self.kv_bytes_per_token_skipped,
+            "sparse_layers": self.sparse_layers, "requested": self.requested, "padding": self.padding,
             "layers": [vars(layer) for layer in self.layers],
         }
 
 
-def effective_sparsity(structure: DecoderStructure, selection: Selection, *, element_bytes: int,
-                       kv_cache_shrinks: bool) -> EffectiveSparsity:
+def effective_sparsity(structure: DecoderStructure, selection: Selection, config: SparsityConfig, *,
+                       element_bytes: int, kv_cache_shrinks: bool) -> EffectiveSparsity:
     """Fractions of heads, neurons, layer weight bytes and KV-cache bytes that ``selection`` skips.
 
     ``kv_cache_shrinks`` is true when skipped KV heads are not cached (a per-prompt selection); a per-token selection
@@ -179,36 +234,50 @@ def effective_sparsity(structure: DecoderStructure, selection: Selection, *, ele
     """
     rows = []
     kv_total = kv_kept = 0
+    slots = empty = 0
     for layer in structure.layers:
         attention, mlp = layer.attention, layer.mlp
         if layer.index == 0:
-            groups, neurons = attention.num_kv_heads, mlp.intermediate_size
+            groups, neurons, cached = attention.num_kv_heads, mlp.intermediate_size, attention.num_kv_heads
         else:
-            groups = selection.kv_heads[layer.index - 1].shape[-1]
-            neurons = selection.neurons[layer.index - 1].shape[-1]
+            kv_index, neuron_index = selection.kv_heads[layer.index - 1], selection.neurons[layer.index - 1]
+            group_counts = kept_counts(kv_index, attention.num_kv_heads)
+            neuron_counts = kept_counts(neuron_index, mlp.intermediate_size)
+            groups, neurons = group_counts.float().mean().item(), neuron_counts.float().mean().item()
+            cached = kv_index.shape[-1] if kv_cache_shrinks else attention.num_kv_heads
+            slots += kv_index.numel() + neuron_index.numel()
+            empty += kv_index.numel() + neuron_index.numel() - int(group_counts.sum()) - int(neuron_counts.sum())
         attention_bytes = (2 * attention.num_heads + 2 * attention.num_kv_heads) * attention.head_dim
         attention_bytes *= structure.hidden_size * element_bytes
         mlp_bytes = (3 if mlp.gate else 2) * mlp.intermediate_size * structure.hidden_size * element_bytes
-        kept = attention_bytes * groups // attention.num_kv_heads + mlp_bytes * neurons // mlp.intermediate_size
+        kept = attention_bytes * groups / attention.num_kv_heads + mlp_bytes * neurons / mlp.intermediate_size
         rows.append(LayerSparsity(
             layer=layer.index, kv_heads_kept=groups, kv_heads=attention.num_kv_heads,
             heads_kept=groups * attention.kv_group_size, heads=attention.num_heads,
             neurons_kept=neurons, neurons=mlp.intermediate_size,
-            weight_bytes_kept=kept, weight_bytes=attention_bytes + mlp_bytes,
+            weight_bytes_kept=kept, weight_bytes=attention_bytes + mlp_bytes, kv_heads_cached=cached,
         ))
         per_head = 2 * attention.head_dim * element_bytes
         kv_total += attention.num_kv_heads * per_head
-        kv_kept += (groups if kv_cache_shrinks else attention.num_kv_heads) * per_head
+        kv_kept += cached * per_head
+
+    def skipped(layers: list[LayerSparsity], kept: str, total: str) -> float:
+        return 1 - sum(getattr(r, kept) for r in layers) / sum(getattr(r, total) for r in layers)
+
     weight_total = sum(r.weight_bytes for r in rows)
-    weight_kept = sum(r.weight_bytes_kept for r in rows)
     return EffectiveSparsity(
         layers=tuple(rows),
-        heads=1 - sum(r.heads_kept for r in rows) / sum(r.heads for r in rows),
-        neurons=1 - sum(r.neurons_kept for r in rows) / sum(r.neurons for r in rows),
-        weight_bytes=1 - weight_kept / weight_total,
+        heads=skipped(rows, "heads_kept", "heads"),
+        neurons=skipped(rows, "neurons_kept", "neurons"),
+        weight_bytes=skipped(rows, "weight_bytes_kept", "weight_bytes"),
         kv_bytes=1 - kv_kept / kv_total,
-        weight_bytes_skipped=weight_total - weight_kept,
+        weight_bytes_skipped=weight_total - sum(r.weight_bytes_kept for r in rows),
         kv_bytes_per_token_skipped=kv_total - kv_kept,
+        sparse_layers={"heads": skipped(rows[1:], "heads_kept", "heads"),
+                       "neurons": skipped(rows[1:], "neurons_kept", "neurons"),
+                       "weight_bytes": skipped(rows[1:], "weight_bytes_kept", "weight_bytes")},
+        requested={"heads": config.heads, "neurons": config.neurons},
+        padding=empty / slots if slots else 0.0,
     )
 
 

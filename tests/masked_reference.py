@@ -117,7 +117,8 @@ class MaskedReference:
         ``kv_head_indices[l]`` is int64 ``[B, g]``: KV head ``j`` keeps query heads ``j * r .. j * r + r - 1``
         (``r = num_heads // num_kv_heads``). ``neuron_indices[l]`` is int64 ``[B, k]``. Per-token selections are
         ``[B, S, g]`` / ``[B, S, k]`` and apply to a call over exactly those S tokens. ``g`` or ``k`` may be 0 (the
-        part computes nothing but its output bias); repeated indices are allowed. Layers absent from a dict are dense
+        part computes nothing but its output bias); repeated indices are allowed, and the unit count itself (``H_kv``
+        or ``F``) is an empty slot that keeps nothing. Layers absent from a dict are dense
         in that part. Replaces any previous selection.
         """
         if not self._handles:
@@ -171,10 +172,11 @@ class MaskedReference:
             raise ValueError(f"{what} indices must be a [batch, count] or [batch, tokens, count] tensor")
         if indices.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{what} indices must be integers, got {indices.dtype}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
-            raise ValueError(f"{what} indices must lie in 0..{size - 1}")
-        mask = torch.zeros(*indices.shape[:-1], size, dtype=torch.bool, device=indices.device)
-        return mask.scatter_(-1, indices.long(), True)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) > size):
+            raise ValueError(f"{what} indices must lie in 0..{size - 1}, or be {size} for an empty slot")
+        # one extra column catches the empty slots and is dropped
+        mask = torch.zeros(*indices.shape[:-1], size + 1, dtype=torch.bool, device=indices.device)
+        return mask.scatter_(-1, indices.long(), True)[..., :size]
 
     def _check_batch(self, batch: int) -> None:
         selected = self.selection_batch_size

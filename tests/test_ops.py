@@ -66,16 +66,24 @@ def token_selection(n: int, k: int, batch: int, seq: int) -> Tensor:
 
 
 def keep_mask(idx: Tensor, n: int, batch: int) -> Tensor:
-    """[batch, n] float64, 1 where selected."""
+    """[batch, n] float64, 1 where selected (the empty slot n selects nothing)."""
     rows = idx.expand(batch, -1) if idx.dim() == 1 else idx
-    return torch.zeros(batch, n, dtype=torch.float64).scatter_(1, rows, 1.0)
+    return torch.zeros(batch, n + 1, dtype=torch.float64).scatter_(1, rows, 1.0)[:, :n]
 
 
 def token_keep(idx: Tensor, n: int, batch: int) -> Tensor:
     """[batch, S or 1, n] float64, 1 where selected: per token for [B, S, k] indices, else the same for all tokens."""
     if idx.dim() == 3:
-        return F.one_hot(idx, n).sum(dim=-2).double()
+        return F.one_hot(idx, n + 1)[..., :n].sum(dim=-2).double()
     return keep_mask(idx, n, batch)[:, None, :]
+
+
+def with_empty_slots(idx: Tensor, n: int) -> Tensor:
+    """``idx`` [B, (S,) k] with the last slot of every other row made the empty slot n, as a batch pads a row that
+    keeps fewer units than the widest."""
+    padded = idx.clone()
+    padded[::2, ..., -1] = n
+    return padded
 
 
 def close(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
@@ -222,6 +230,21 @@ def test_gathered_mlp_per_token_agrees_with_row_selections() -> None:
     torch.testing.assert_close(nothing, weights["down_bias"].expand(3, 5, 8))
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gathered_mlp_empty_slots_equal_each_row_alone(gated: bool) -> None:
+    batch, seq, embed, ffn, k = 3, 4, 16, 40, 7
+    weights = random_mlp(embed, ffn, gated, True, torch.float32)
+    x = torch.randn(batch, seq, embed)
+    idx = with_empty_slots(random_selection(ffn, k, batch), ffn)
+    out = ops.gathered_mlp(x, **weights, neuron_idx=idx, activation="silu")
+    for row in range(batch):
+        alone = ops.gathered_mlp(x[row:row + 1], **weights, neuron_idx=idx[row][idx[row] < ffn], activation="silu")
+        close(out[row:row + 1], alone, torch.float32)
+    tokens = with_empty_slots(token_selection(ffn, k, batch, seq), ffn)
+    close(ops.gathered_mlp(x, **weights, neuron_idx=tokens, activation="silu"),
+          dense_mlp_reference(x, **weights, neuron_idx=tokens, activation="silu"), torch.float32)
+
+
 def _mlp_call(**changes: object) -> Callable[[], Tensor]:
     args: dict[str, object] = dict(
         x=torch.randn(2, 3, 8), **random_mlp(8, 16, gated=False, bias=True, dtype=torch.float32),
@@ -235,7 +258,7 @@ def _mlp_call(**changes: object) -> Callable[[], Tensor]:
     "changes, error, match",
     [
         ({"activation": "tanh"}, ValueError, "relu, silu, gelu, gelu_tanh, quick_gelu"),
-        ({"neuron_idx": torch.tensor([1, 16])}, IndexError, r"out of range.*\[0, 16\)"),
+        ({"neuron_idx": torch.tensor([1, 17])}, IndexError, r"out of range.*\[0, 16\) or the empty slot 16"),
         ({"neuron_idx": torch.tensor([-1, 3])}, IndexError, "out of range"),
         ({"neuron_idx": torch.tensor([[1, 3], [2, 2]])}, ValueError, "repeated"),
         ({"neuron_idx": torch.tensor([1, 3], dtype=torch.int32)}, ValueError, "int64"),
@@ -246,7 +269,7 @@ def _mlp_call(**changes: object) -> Callable[[], Tensor]:
         ({"neuron_idx": torch.zeros(2, 2, 1, dtype=torch.int64)}, ValueError, r"\[B, S, k\].*2 tokens for S=3"),
         ({"neuron_idx": torch.zeros(3, 3, 1, dtype=torch.int64)}, ValueError, r"\[B, S, k\].*3 rows for B=2"),
         ({"neuron_idx": torch.tensor([[[1, 2], [3, 3], [0, 1]]] * 2)}, ValueError, "repeated"),
-        ({"neuron_idx": torch.full((2, 3, 1), 16)}, IndexError, r"out of range.*\[0, 16\)"),
+        ({"neuron_idx": torch.full((2, 3, 1), 17)}, IndexError, r"out of range.*\[0, 16\)"),
         # pre-gathered (None): the full weights are a valid F' = 16; per-row weights need None
         ({"up_weight": torch.randn(2, 16, 8)}, ValueError, "up_weight must have 2 dims"),
         ({"neuron_idx": None, "up_weight": torch.randn(8)}, ValueError, r"\[F', E\] or, per batch row, \[B, F', E\]"),
@@ -455,6 +478,25 @@ def test_gathered_attention_matches_masked_dense(
         close(value, kept_heads(ref_value, c.idx), dtype)
 
 
+@pytest.mark.parametrize("heads", [(4, 4, 2), (8, 4, 3)], ids=["mha", "gqa"])
+def test_attention_empty_slots_equal_each_row_alone(heads: tuple[int, int, int]) -> None:
+    batch, seq = 3, 5
+    c = attention_case(heads, batch, seq, HEAD_DIM, True, True, torch.float32)
+    c.idx = with_empty_slots(c.idx, heads[1])
+    out, key, _ = run_op(c, c.hidden, c.rope)
+    for row in range(batch):
+        kept = c.idx[row] < heads[1]
+        alone = SimpleNamespace(**{**vars(c), "idx": c.idx[row][kept]})
+        rope = tuple(t[row:row + 1] for t in c.rope)
+        alone_out, alone_key, _ = run_op(alone, c.hidden[row:row + 1], rope)
+        close(out[row:row + 1], alone_out, torch.float32)
+        close(key[row:row + 1, kept], alone_key, torch.float32)
+    token = token_case(heads, batch, seq, HEAD_DIM, True, torch.float32)
+    token.idx = with_empty_slots(token.idx, heads[1])
+    close(run_token_op(token, token.hidden, token.rope)[0], run_reference(token, token.hidden, token.rope)[0],
+          torch.float32)
+
+
 @pytest.mark.parametrize("past", [0, 4], ids=["prefill", "with_past"])
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 def test_gathered_attention_left_padding(heads: tuple[int, int, int], past: int) -> None:
@@ -567,7 +609,7 @@ def _attention_call(
     "changes, error, match",
     [
         ({"num_heads": 3}, ValueError, "divisible"),
-        ({"kv_head_idx": torch.tensor([2])}, IndexError, r"out of range.*\[0, 2\)"),
+        ({"kv_head_idx": torch.tensor([3])}, IndexError, r"out of range.*\[0, 2\)"),
         ({"kv_head_idx": torch.tensor([[0], [1], [0]])}, ValueError, "3 rows for B=2"),
         ({"k_weight": torch.randn(3 * HEAD_DIM, EMBED)}, ValueError, "k_weight must have shape"),
         ({"attention_mask": torch.ones(2, 1, 3, 4, dtype=torch.bool)}, ValueError, "attention_mask must have shape"),
@@ -696,7 +738,7 @@ def test_token_sparse_attention_same_selection_for_every_token_equals_gathered()
         ({"kv_head_idx": torch.zeros(2, 2, 1, dtype=torch.int64)}, ValueError, "2 tokens for S=3"),
         ({"kv_head_idx": torch.zeros(1, 3, 1, dtype=torch.int64)}, ValueError, "1 rows for B=2"),
         ({"kv_head_idx": torch.zeros(2, 3, 1, dtype=torch.int32)}, ValueError, "int64"),
-        ({"kv_head_idx": torch.full((2, 3, 1), 2)}, IndexError, r"out of range.*\[0, 2\)"),
+        ({"kv_head_idx": torch.full((2, 3, 1), 3)}, IndexError, r"out of range.*\[0, 2\)"),
         ({"kv_head_idx": torch.tensor([[[0, 1], [1, 1], [1, 0]]] * 2)}, ValueError, "repeated"),
         ({"k_weight": torch.randn(HEAD_DIM, EMBED)}, ValueError, "k_weight must have shape"),
         ({"past_key": torch.ones(2, 1, 4, HEAD_DIM), "past_value": torch.ones(2, 1, 4, HEAD_DIM)}, ValueError,

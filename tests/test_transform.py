@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -429,3 +430,26 @@ def test_layerwise_needs_per_layer_scope_and_the_right_shape():
         shadowfx.transform(small_model("llama"), narrow, scope="per_layer")
     with pytest.raises(FingerprintMismatch):
         shadowfx.transform(small_model("llama"), layerwise_predictor("mistral"), scope="per_layer")
+
+
+@pytest.mark.parametrize("kind", ["shadowllm", "dejavu"])
+def test_to_dtype_rebuilds_the_graphs_and_runs_in_that_dtype(kind, one_thread):
+    model = copy.deepcopy(small_model("llama"))  # .to() converts in place
+    chosen = (ShadowPredictor.for_structure(structure("llama"), hidden=16) if kind == "shadowllm"
+              else LayerwisePredictor.for_structure(structure("llama"), hidden=16))
+    sparse = shadowfx.transform(model, chosen, sparsity=0.5, scope="per_layer")
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=6)
+    full = sparse(input_ids, attention_mask)
+    assert sparse.to(torch.bfloat16) is sparse
+    assert {p.dtype for p in sparse.parameters()} == {torch.bfloat16}
+    half = sparse(input_ids, attention_mask)
+    assert half.dtype == torch.bfloat16
+    with MaskedReference(model, structure("llama")) as reference:
+        reference.set_selection(*reference_selection(sparse))
+        expected = reference.logits(input_ids, attention_mask)
+    torch.testing.assert_close(half, expected, rtol=5e-2, atol=5e-2)
+    tokens = sparse.generate(input_ids, attention_mask, max_new_tokens=3)
+    assert tokens.shape == (2, 10) and sparse.effective_sparsity().sparse_layers["heads"] == 0.5
+    back = sparse.float()(input_ids, attention_mask)
+    assert back.dtype == torch.float32
+    torch.testing.assert_close(back, full, rtol=0.1, atol=0.1)  # the weights went through bf16 rounding

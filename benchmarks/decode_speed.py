@@ -4,7 +4,8 @@ An OPT-1.3B-shaped model with random weights (fp32, batch 1, every core) is run 
 its KV cache) and through ``shadowfx.transform`` at each sparsity, per prompt and per token. Decode at batch 1 is
 bound by the bytes it reads, so the bound for a sparse step is ``bytes_dense / (bytes_dense - bytes_skipped)`` with
 the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-layer minimums included). Dense and sparse
-run in alternation and timings are medians. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
+run in alternation; a speedup is the median ratio of the alternated pairs, and each setting is measured in
+``--runs`` independent runs, reported as their median with the range. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
 
     python benchmarks/decode_speed.py                      # OPT-1.3B shape (about 9 GB of memory, ~15 minutes)
     python benchmarks/decode_speed.py --layers 4 --hidden 512 --heads 8 --vocab 4096   # a quick check
@@ -26,8 +27,9 @@ from shadowfx.capture import positions_from_mask
 from shadowfx.files import atomic_write, atomic_write_text
 
 
-def alternating(first, second, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of ``first`` and of ``second``, called in alternation so that drift hits both alike."""
+def alternating(first, second, repeats: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median seconds of ``first`` and of ``second``, called in alternation so that drift hits both alike, and the
+    median ratio first / second over the alternated pairs."""
     times: tuple[list[float], list[float]] = ([], [])
     for index in range(repeats + warmup):
         for run, store in ((first, times[0]), (second, times[1])):
@@ -35,7 +37,8 @@ def alternating(first, second, repeats: int, warmup: int = 2) -> tuple[float, fl
             run()
             if index >= warmup:
                 store.append(time.perf_counter() - started)
-    return statistics.median(times[0]), statistics.median(times[1])
+    ratio = statistics.median(a / b for a, b in zip(*times))
+    return statistics.median(times[0]), statistics.median(times[1]), ratio
 
 
 class DenseDecoder:
@@ -60,14 +63,14 @@ class DenseDecoder:
 @torch.inference_mode()
 def compare(dense: DenseDecoder, sparse, input_ids, attention_mask, repeats: int) -> dict:
     """Prefill and decode-step medians of dense and sparse, measured in alternation."""
-    dense_prefill, sparse_prefill = alternating(dense.prefill, lambda: sparse(input_ids, attention_mask),
-                                                max(3, repeats // 4), warmup=1)
+    dense_prefill, sparse_prefill, prefill_speedup = alternating(
+        dense.prefill, lambda: sparse(input_ids, attention_mask), max(3, repeats // 4), warmup=1)
     dense.start()
     started = time.perf_counter()
     state = sparse.start(input_ids, attention_mask)
     start_s = time.perf_counter() - started  # prefill plus gathering the kept weights (per prompt)
     token = input_ids[:, -1]
-    dense_step, sparse_step = alternating(dense.step, lambda: sparse.step(state, token), repeats)
+    dense_step, sparse_step, decode_speedup = alternating(dense.step, lambda: sparse.step(state, token), repeats)
     effective = sparse.effective_sparsity()
     return {
         "dense_prefill_s": dense_prefill,
@@ -75,6 +78,8 @@ def compare(dense: DenseDecoder, sparse, input_ids, attention_mask, repeats: int
         "prefill_and_gather_s": start_s,
         "dense_decode_step_s": dense_step,
         "decode_step_s": sparse_step,
+        "prefill_speedup": prefill_speedup,
+        "decode_speedup": decode_speedup,
         "decode_path": sparse.last_decode_path,
         "gathered_bytes": sparse.last_gathered_bytes,
         "effective": {k: v for k, v in effective.to_dict().items() if k != "layers"},
@@ -90,7 +95,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=50272)
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=24, help="alternated dense/sparse decode steps per run")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="independent runs per setting; the report gives their median and range")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--granularity", nargs="+", default=["prompt", "token"])
     parser.add_argument("--predictor-hidden", type=int, default=1024)
@@ -119,18 +126,21 @@ def main() -> None:
     for granularity in args.granularity:
         for sparsity in args.sparsity:
             sparse = shadowfx.transform(model, predictor, sparsity=sparsity, granularity=granularity)
-            timing = compare(dense, sparse, input_ids, attention_mask, args.repeats)
+            runs = [compare(dense, sparse, input_ids, attention_mask, args.repeats) for _ in range(args.runs)]
+            timing = {key: (statistics.median(run[key] for run in runs) if isinstance(value, float) else value)
+                      for key, value in runs[0].items()}
             skipped = timing["weight_bytes_skipped"] + timing["kv_bytes_skipped"]
             bound = dense_bytes / (dense_bytes - skipped)
-            speedup = timing["dense_decode_step_s"] / timing["decode_step_s"]
-            row = {"granularity": granularity, "sparsity": sparsity, **timing,
-                   "decode_speedup": speedup, "decode_amdahl_bound": bound, "share_of_bound": speedup / bound,
-                   "prefill_speedup": timing["dense_prefill_s"] / timing["prefill_s"]}
+            speedup = timing["decode_speedup"]
+            spread = {f"{key}_runs": [run[key] for run in runs] for key in ("decode_speedup", "prefill_speedup")}
+            row = {"granularity": granularity, "sparsity": sparsity, **timing, **spread,
+                   "decode_amdahl_bound": bound, "share_of_bound": speedup / bound}
             results["sparse"].append(row)
-            print(f"{granularity:6s} {sparsity:.2f}: decode {speedup:.2f}x (bound {bound:.2f}x, "
-                  f"{100 * speedup / bound:.0f}% of it; dense {timing['dense_decode_step_s'] * 1e3:.0f} ms, sparse "
-                  f"{timing['decode_step_s'] * 1e3:.0f} ms, path {timing['decode_path']}), "
-                  f"prefill {row['prefill_speedup']:.2f}x")
+            low, high = min(spread["decode_speedup_runs"]), max(spread["decode_speedup_runs"])
+            print(f"{granularity:6s} {sparsity:.2f}: decode {speedup:.2f}x (runs {low:.2f}-{high:.2f}; bound "
+                  f"{bound:.2f}x, {100 * speedup / bound:.0f}% of it; dense {timing['dense_decode_step_s'] * 1e3:.0f} "
+                  f"ms, sparse {timing['decode_step_s'] * 1e3:.0f} ms, path {timing['decode_path']}), "
+                  f"prefill {timing['prefill_speedup']:.2f}x")
             del sparse
     atomic_write_text(args.out / "decode_speed.json", json.dumps(results, indent=2))
     _plot(results, args.out / "decode_speed.png")
@@ -154,7 +164,10 @@ def _plot(results: dict, path: Path) -> None:
     labels = [f"{r['granularity']}\n{r['sparsity']:.2f}" for r in rows]
     x = range(len(rows))
     figure, axis = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
-    axis.bar([i - 0.2 for i in x], [r["decode_speedup"] for r in rows], 0.4, label="decode speedup (measured)")
+    measured = [r["decode_speedup"] for r in rows]
+    error = [[m - min(r["decode_speedup_runs"]) for m, r in zip(measured, rows)],
+             [max(r["decode_speedup_runs"]) - m for m, r in zip(measured, rows)]]
+    axis.bar([i - 0.2 for i in x], measured, 0.4, yerr=error, capsize=3, label="decode speedup (median, run range)")
     axis.bar([i + 0.2 for i in x], [r["decode_amdahl_bound"] for r in rows], 0.4, label="Amdahl bound (bytes)")
     axis.plot([i for i in x], [r["prefill_speedup"] for r in rows], "k^", label="prefill speedup")
     axis.axhline(1.0, color="grey", linewidth=0.8)

@@ -143,12 +143,9 @@ def transform(
     # a block-scoring predictor's neurons are kept in whole blocks, so the gathers stay contiguous
     config = replace(config, neuron_block=getattr(predictor, "neuron_block", 1))
     _warn_unreachable(structure, config)
-    trained_for = getattr(predictor, "granularity", None)
     if granularity is None:
+        trained_for = getattr(predictor, "granularity", None)
         granularity = trained_for if trained_for in GRANULARITIES else "prompt"
-    elif trained_for in GRANULARITIES and trained_for != granularity:
-        warnings.warn(f"the predictor was trained per {trained_for}, and runs per {granularity} as asked; its scores "
-                      f"were fit to {trained_for}-level targets", UserWarning, stacklevel=2)
     build = partial(_rewrite, model, predictor, config, granularity == "token")
     return SparseDecoder(model, predictor, config, build, build(prefill_capture), granularity=granularity,
                          runtime=runtime, max_positions=max_positions(model), max_gathered_bytes=max_gathered_bytes)

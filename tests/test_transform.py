@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import shadowfx
+import shadowfx.compact
 from shadowfx.capture import PrefillStep
 from shadowfx.families import build_small
 from shadowfx.passes.graph import output_node
@@ -264,6 +265,26 @@ def test_pregathered_decode_equals_gather_per_call(family):
         sparse.max_gathered_bytes = default_limit
     assert torch.equal(tokens, slow_tokens)  # 3 rows x half the weights: over the default limit
     torch.testing.assert_close(logits, slow_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_max_gathered_bytes_is_checked_before_anything_is_copied(monkeypatch):
+    sparse = transformed("llama", 0.5)
+    input_ids, attention_mask = padded_batch(1, 6, 512, seed=8)
+    sparse.start(input_ids, attention_mask)
+    needed = sparse.last_gathered_bytes
+    assert sparse.last_decode_path == "pregathered" and needed > 0
+
+    def no_copy(self):
+        raise AssertionError("a weight was gathered beyond max_gathered_bytes")
+
+    monkeypatch.setattr(shadowfx.compact._Gather, "take", no_copy)
+    default_limit = sparse.max_gathered_bytes
+    try:
+        sparse.max_gathered_bytes = needed - 1
+        sparse.start(input_ids, attention_mask)
+        assert sparse.last_decode_path == "gather_per_call" and sparse.last_gathered_bytes == 0
+    finally:
+        sparse.max_gathered_bytes = default_limit
 
 
 def test_shared_selection_gathers_one_copy():

@@ -27,6 +27,23 @@ def structure(family: str, attn: str = "sdpa"):
     return discover_structure(captured(family, attn))
 
 
+def save_with_tokenizer(model, path, texts, vocab_size: int):
+    """``model`` saved to ``path`` with a byte-level BPE tokenizer trained here on ``texts``: a checkpoint as the CLI
+    takes it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
 def padded_batch(batch: int, length: int, vocab: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids with a different amount of left padding in every row (row 0 unpadded)."""
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,8 @@ from transformers import BertConfig
 from shadowfx.cli import main
 from shadowfx.families import build_small
 
+from conftest import save_with_tokenizer
+
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
@@ -87,19 +89,8 @@ def corpus():
 @pytest.fixture(scope="module")
 def model_with_tokenizer(tmp_path_factory, corpus):
     """A small OPT saved with a byte-level BPE tokenizer trained here on the corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("models") / "opt-tok"
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus.texts("train"), trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
-    build_small("opt").save_pretrained(path)
-    return path
+    return save_with_tokenizer(build_small("opt"), tmp_path_factory.mktemp("models") / "opt-tok",
+                               corpus.texts("train"), 500)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from shadowfx.api import discover
 from shadowfx.cli import main
 from shadowfx.families import build_small
+
+from conftest import save_with_tokenizer
 from shadowfx.loading import load_decoder
 from shadowfx.passes.base import PassError
 from shadowfx.predictor import SavedPredictor, ShadowPredictor, StaticScores, load_predictor, saved_predictors
@@ -43,19 +45,8 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, text_file):
     """A small OPT saved with a byte-level BPE tokenizer trained here on the generated text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("models") / "opt-tok"
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([text_file.read_text()], trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
-    build_small("opt").save_pretrained(path)
-    return path
+    return save_with_tokenizer(build_small("opt"), tmp_path_factory.mktemp("models") / "opt-tok",
+                               [text_file.read_text()], 400)
 
 
 @pytest.fixture(scope="module")

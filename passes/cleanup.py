@@ -31,7 +31,7 @@ class Cleanup(GraphPass):
     def __init__(self, structure: DecoderStructure) -> None:
         self.layer_of = {layer.module: layer.index for layer in structure.layers}
 
-    def run(self, gm: GraphModule) -> PassResult:
+    def call(self, gm: GraphModule) -> PassResult:
         before = {node: self._layer(node) for node in gm.graph.nodes}
         for node in list(gm.graph.nodes):
             if is_call(node, _ASSERTIONS):

@@ -87,7 +87,8 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
         attention = _attention(layer_path, layer_of_core[index], layer_nodes, params)
         mlp = _mlp(layer_path, attention, layer_nodes, params)
         layers.append(LayerStructure(index=index, module=layer_path, attention=attention, mlp=mlp))
-    lm_head = _lm_head(graph, params)
+    head = _lm_head(graph, params)
+    lm_head = projection_of(head, params)
     embedding, position_embedding = _embeddings(graph, params, captured, layers_module)
     model = captured.model
     config = getattr(model, "config", None)
@@ -100,7 +101,7 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
         layers=tuple(layers),
         embedding=embedding,
         position_embedding=position_embedding,
-        final_norm=_final_norm(graph, lm_head, layers_module),
+        final_norm=_final_norm(head, layers_module),
         lm_head=lm_head,
         weights_digest=weights_digest(model),
         fingerprint="",
@@ -126,7 +127,9 @@ def _require_causal(captured: CapturedDecoder, core: Node) -> None:
             for n in walk(inputs(core), inputs, within=lambda n: True, stop=lambda n: False)[1]
         )
     else:
-        input_ids = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+        # the device the graph was captured on (a model may hold no parameters at all)
+        device = _input_ids(captured).meta["val"].device
+        input_ids = torch.zeros(1, 4, dtype=torch.long, device=device)
         changed = input_ids.clone()
         changed[0, -1] = 1
         mask = torch.ones_like(input_ids)
@@ -400,7 +403,7 @@ def _gate_and_up(layer: str, feeders: list[Node], intermediate: Node, layer_node
         raise StructureError(f"layer {layer}: cannot tell the gate from the up projection in the gated MLP "
                              f"(activations on {len(gates)} branches)")
     gate = gates[0]
-    up = next(f for f in feeders if f is not gate)
+    up = second if gate is first else first
     return gate, up, _activation(layer, computing[gate])
 
 
@@ -437,17 +440,17 @@ def _constants(nodes: list[Node]) -> list[float]:
 
 
 # ---- around the layers -----------------------------------------------------------------------------------------------
-def _lm_head(graph: torch.fx.Graph, params: GraphParameters) -> Projection:
-    output = next(n for n in graph.nodes if n.op == "output")
+def _lm_head(graph: torch.fx.Graph, params: GraphParameters) -> Node:
+    """The projection node that computes the logits."""
+    output = graph.output_node()
     logits = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
     reached, _ = walk([logits], inputs, within=lambda n: True, stop=lambda n: projection_of(n, params) is not None)
     if len(reached) != 1:
         raise StructureError(f"the logits come from {len(reached)} projections, expected one LM head")
-    return projection_of(reached[0], params)
+    return reached[0]
 
 
-def _final_norm(graph: torch.fx.Graph, lm_head: Projection, layers_module: str) -> str | None:
-    head = next(n for n in graph.nodes if n.name == lm_head.node)
+def _final_norm(head: Node, layers_module: str) -> str | None:
     prefix = layers_module + "."
     _, seen = walk([projection_input(head)], inputs, within=lambda n: not owner(n).startswith(prefix),
                    stop=lambda n: False)
@@ -456,14 +459,19 @@ def _final_norm(graph: torch.fx.Graph, lm_head: Projection, layers_module: str) 
 
 
 def _embeddings(graph: torch.fx.Graph, params: GraphParameters, captured: CapturedDecoder, layers_module: str):
-    input_ids = captured.program.graph_signature.user_inputs[0]
+    input_ids = _input_ids(captured)
     lookups = [n for n in graph.nodes if is_call(n, {aten.embedding.default}) and params.name(n.args[0])]
-    token = [n for n in lookups if _reaches(n.args[1], _placeholder(graph, input_ids), set(graph.nodes))]
+    token = [n for n in lookups if _reaches(n.args[1], input_ids, set(graph.nodes))]
     if len(token) != 1:
         raise StructureError(f"expected one token embedding looked up by input_ids, found {len(token)}")
     positions = [n for n in lookups if n is not token[0] and not owner(n).startswith(layers_module + ".")]
     return owner(token[0]), owner(positions[0]) if positions else None
 
 
-def _placeholder(graph: torch.fx.Graph, name: str) -> Node:
-    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+def _input_ids(captured: CapturedDecoder) -> Node:
+    """The graph's placeholder for its first user input, the input ids."""
+    name = captured.program.graph_signature.user_inputs[0]
+    node = next((n for n in captured.graph.nodes if n.op == "placeholder" and n.name == name), None)
+    if node is None:
+        raise StructureError(f"the graph has no placeholder {name}, expected its first user input (the input ids)")
+    return node

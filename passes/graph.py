@@ -6,7 +6,7 @@ capture wrapper's attribute is stripped).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -197,7 +197,7 @@ def placeholders(gm: torch.fx.GraphModule) -> list[Node]:
 
 
 def output_node(gm: torch.fx.GraphModule) -> Node:
-    return next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    return gm.graph.output_node()
 
 
 def graph_outputs(gm: torch.fx.GraphModule) -> list:
@@ -211,6 +211,17 @@ def set_graph_outputs(gm: torch.fx.GraphModule, values: list) -> None:
 def selection_nodes(gm: torch.fx.GraphModule) -> dict[tuple[str, int], Node]:
     """The nodes that carry the kept indices of each later layer, keyed by ("kv_heads"|"neurons", layer)."""
     return {node.meta[SELECTION_META]: node for node in gm.graph.nodes if SELECTION_META in node.meta}
+
+
+def selections_per_layer(nodes: Iterable[Node]) -> dict[int, int]:
+    """How many of ``nodes`` carry a selection (kept KV heads or neurons), per layer."""
+    counts = Counter(node.meta[SELECTION_META][1] for node in nodes if SELECTION_META in node.meta)
+    return dict(sorted(counts.items()))
+
+
+def added_nodes(gm: torch.fx.GraphModule, before: set[Node]) -> list[Node]:
+    """The graph's nodes that are not in ``before``: what a pass inserted since, in graph order."""
+    return [node for node in gm.graph.nodes if node not in before]
 
 
 def exit_node(projection: Node) -> Node:

@@ -4,6 +4,7 @@ Per prompt, the predictor reads the context of the last position (prompts are le
 prompt token) and one selection serves the whole sequence. Per token, it reads every position's context and each
 token gets its own selection. The selection node's per-layer index tensors feed the sparsifying passes and are also
 appended to the graph outputs, so a runtime can reuse a prompt's selection while decoding and report what it skipped.
+Counts the predictor calls it put into the graph, under layer 0 (whose context they read).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import operator
 from torch import nn
 from torch.fx import GraphModule
 
-from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.base import GraphPass, PassResult, require_no_selection, require_nodes
 from shadowfx.passes.graph import (
     SELECTION_META,
+    added_nodes,
     inserting_after,
     nodes_by_name,
     output_selection,
@@ -39,7 +41,12 @@ class InsertShadowPredictor(GraphPass):
         self.selector = selector
         self.per_token = per_token
 
-    def run(self, gm: GraphModule) -> PassResult:
+    def requires(self, gm: GraphModule) -> None:
+        require_nodes(self, gm, {"layer 0 attention context": self.structure.predictor_input_node})
+        require_no_selection(self, gm)
+
+    def call(self, gm: GraphModule) -> PassResult:
+        before = set(gm.graph.nodes)
         context = nodes_by_name(gm)[self.structure.predictor_input_node]
         gm.add_submodule(PREDICTOR_ATTR, self.predictor)
         gm.add_submodule(SELECTOR_ATTR, self.selector)
@@ -57,4 +64,6 @@ class InsertShadowPredictor(GraphPass):
                 anchor = graph.call_function(operator.getitem, (selected, position))
             anchor.meta[SELECTION_META] = tag
         output_selection(gm, later)
-        return PassResult(gm, True, {0: 1})
+        predictors = [node for node in added_nodes(gm, before)
+                      if node.op == "call_module" and node.target == PREDICTOR_ATTR]
+        return PassResult(gm, True, {self.structure.layers[0].index: len(predictors)})

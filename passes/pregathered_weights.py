@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule
 
 from shadowfx.compact import ATTENTION_ROLES, MLP_ROLES
-from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.base import GraphPass, PassError, PassResult
 from shadowfx.passes.graph import SELECTION_META, is_call, placeholders
 from shadowfx.structure import DecoderStructure
 
@@ -21,20 +21,37 @@ _OPS = {
 }
 
 
+def _gathered_ops(gm: GraphModule) -> dict[tuple[int, str], torch.fx.Node]:
+    """The per-prompt sparse ops that gather by a selection, keyed by (layer, "kv_heads" | "neurons")."""
+    found = {}
+    for node in gm.graph.nodes:
+        if is_call(node, _OPS):
+            kind, roles = _OPS[node.target]
+            indices = node.args[1 + len(roles)]
+            if isinstance(indices, torch.fx.Node) and SELECTION_META in indices.meta:
+                found[(indices.meta[SELECTION_META][1], kind)] = node
+    return found
+
+
 class PregatheredWeights(GraphPass):
     name = "pregathered_weights"
 
     def __init__(self, structure: DecoderStructure) -> None:
         self.structure = structure
 
-    def run(self, gm: GraphModule) -> PassResult:
+    def requires(self, gm: GraphModule) -> None:
+        found = _gathered_ops(gm)
+        op_of = {kind: op.name() for op, (kind, _) in _OPS.items()}
+        missing = [f"{op_of[kind]} of layer {layer.index}" for layer in self.structure.layers[1:]
+                   for kind in ("kv_heads", "neurons") if (layer.index, kind) not in found]
+        if missing:
+            raise PassError(f"{self.name} needs the per-prompt sparse ops that gather by a selection, which the graph "
+                            f"does not have: {', '.join(missing)}; run sparsify_mlp and sparsify_attention "
+                            "(per prompt) first")
+
+    def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph
-        found: dict[tuple[int, str], torch.fx.Node] = {}
-        for node in graph.nodes:
-            if is_call(node, _OPS):
-                kind, roles = _OPS[node.target]
-                index_arg = node.args[1 + len(roles)]
-                found[(index_arg.meta[SELECTION_META][1], kind)] = node
+        found = _gathered_ops(gm)
         anchor = placeholders(gm)[-1]
         changed: dict[int, int] = {}
         for layer in self.structure.layers[1:]:

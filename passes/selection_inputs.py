@@ -1,15 +1,15 @@
 """Pass: make a prompt's selection an input of the decode graph (a per-prompt selection is chosen at prefill).
 
 Adds one placeholder per later layer for the kept KV heads and one for the kept neurons, after the cache inputs,
-in the order the prefill graph outputs them.
+in the order the prefill graph outputs them. Counts, per layer, the selection inputs it put into the graph.
 """
 
 from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from shadowfx.passes.base import GraphPass, PassResult
-from shadowfx.passes.graph import SELECTION_META, placeholders
+from shadowfx.passes.base import GraphPass, PassResult, require_no_selection
+from shadowfx.passes.graph import SELECTION_META, added_nodes, placeholders, selections_per_layer
 from shadowfx.structure import DecoderStructure
 
 
@@ -19,14 +19,17 @@ class AddSelectionInputs(GraphPass):
     def __init__(self, structure: DecoderStructure) -> None:
         self.structure = structure
 
-    def run(self, gm: GraphModule) -> PassResult:
+    def requires(self, gm: GraphModule) -> None:
+        require_no_selection(self, gm)
+
+    def call(self, gm: GraphModule) -> PassResult:
+        before = set(gm.graph.nodes)
         later = [layer.index for layer in self.structure.layers[1:]]
         anchor = placeholders(gm)[-1]
-        added = {}
         for kind in ("kv_heads", "neurons"):
             for index in later:
                 with gm.graph.inserting_after(anchor):
                     anchor = gm.graph.placeholder(f"{kind}_{index}")
                 anchor.meta[SELECTION_META] = (kind, index)
-                added[index] = added.get(index, 0) + 1
-        return PassResult(gm, True, added)
+        added = selections_per_layer(added_nodes(gm, before))
+        return PassResult(gm, bool(added), added)

@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.fx import GraphModule
 
-from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.base import GraphPass, PassResult, require_nodes, require_selection
 from shadowfx.passes.graph import (
     inserting_after,
     entry_node,
@@ -39,7 +39,22 @@ class SparsifyAttention(GraphPass):
         self.op = (torch.ops.shadowfx.token_sparse_attention.default if per_token
                    else torch.ops.shadowfx.gathered_attention.default)
 
-    def run(self, gm: GraphModule) -> PassResult:
+    def requires(self, gm: GraphModule) -> None:
+        later = self.structure.layers[1:]
+        require_selection(self, gm, "kv_heads", [layer.index for layer in later])
+        wanted = {}
+        for layer in later:
+            attention = layer.attention
+            for role in ("q", "k", "v", "o"):
+                wanted[f"layer {layer.index} attention {role}"] = getattr(attention, role).node
+            if attention.rotary:
+                wanted[f"layer {layer.index} rotary cos"] = attention.rotary.cos_node
+                wanted[f"layer {layer.index} rotary sin"] = attention.rotary.sin_node
+            if attention.mask_node:
+                wanted[f"layer {layer.index} attention mask"] = attention.mask_node
+        require_nodes(self, gm, wanted)
+
+    def call(self, gm: GraphModule) -> PassResult:
         nodes = nodes_by_name(gm)
         indices = selection_nodes(gm)
         graph = gm.graph

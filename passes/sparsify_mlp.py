@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from shadowfx.passes.base import GraphPass, PassResult
+from shadowfx.passes.base import GraphPass, PassResult, require_nodes, require_selection
 from shadowfx.passes.graph import (
     inserting_after,
     entry_node,
@@ -27,7 +27,14 @@ class SparsifyMLP(GraphPass):
     def __init__(self, structure: DecoderStructure) -> None:
         self.structure = structure
 
-    def run(self, gm: GraphModule) -> PassResult:
+    def requires(self, gm: GraphModule) -> None:
+        later = self.structure.layers[1:]
+        require_selection(self, gm, "neurons", [layer.index for layer in later])
+        require_nodes(self, gm, {f"layer {layer.index} MLP {role}": projection.node for layer in later
+                                 for role, projection in (("up", layer.mlp.up), ("gate", layer.mlp.gate),
+                                                          ("down", layer.mlp.down)) if projection is not None})
+
+    def call(self, gm: GraphModule) -> PassResult:
         nodes = nodes_by_name(gm)
         indices = selection_nodes(gm)
         graph = gm.graph

@@ -6,14 +6,22 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 from transformers import AutoModelForCausalLM, BertConfig
 
 import shadowfx
-from shadowfx.capture import capture
+from shadowfx.capture import CapturedDecoder, PrefillStep, capture
 from shadowfx.families import build_small
 from shadowfx.passes.discover_structure import discover_structure
-from shadowfx.structure import DecoderStructure, FingerprintMismatch, StructureError, check_fingerprint
+from shadowfx.structure import (
+    DecoderStructure,
+    FingerprintMismatch,
+    LayerStructure,
+    StructureError,
+    check_fingerprint,
+)
 from conftest import captured, structure
 from plain_decoder import PlainDecoder
 
@@ -113,13 +121,33 @@ def test_fingerprint_ignores_attention_kernel_but_not_weights():
     check_fingerprint(structure("llama").fingerprint, structure("llama", "eager"), what="this predictor")
 
 
+# Fields naming a node the layer computes itself (each layer has its own); mask and rotary nodes are shared.
+_OWN_NODE_FIELDS = {"node", "core_node", "context_node", "intermediate_node"}
+
+
+def described_apart_from_its_place(layer: LayerStructure) -> dict:
+    """The layer's description without what places it: its index, its own nodes, and its module path (which
+    prefixes every module and parameter name in it)."""
+
+    def unplaced(value):
+        if isinstance(value, dict):
+            return {key: unplaced(item) for key, item in value.items() if key not in _OWN_NODE_FIELDS | {"index"}}
+        if isinstance(value, str) and (value == layer.module or value.startswith(layer.module + ".")):
+            return "<layer>" + value[len(layer.module):]
+        return value
+
+    return unplaced(dataclasses.asdict(layer))
+
+
 def test_config_only_model_on_meta_device():
     config = build_small("qwen2").config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config).eval()
     found = shadowfx.discover(model)
     assert found.weights_digest is None
-    assert dataclasses.replace(found.layers[1], index=0) != found.layers[0] or True
+    for layer in found.layers[1:]:
+        assert layer.attention.q.node != found.layers[0].attention.q.node
+        assert described_apart_from_its_place(layer) == described_apart_from_its_place(found.layers[0])
     assert [l.attention.num_kv_heads for l in found.layers] == [2, 2, 2]
 
 
@@ -154,6 +182,39 @@ def test_unrecognised_activation_is_named():
     model.model.layers[2].mlp.act_fn = nn.Softplus()
     with pytest.raises(StructureError, match=r"layer model\.layers\.2: unrecognised MLP activation"):
         shadowfx.discover(model)
+
+
+class _WeightlessBlock(nn.Module):
+    """Causal attention of the states with themselves: no query, key, value or output projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states = x[:, None]
+        return x + F.scaled_dot_product_attention(states, states, states, is_causal=True)[:, 0]
+
+
+class _WeightlessDecoder(nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.blocks = nn.ModuleList(_WeightlessBlock() for _ in range(2))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = F.one_hot(input_ids, self.vocab).float()
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_model_without_parameters_names_layer_and_part():
+    model = _WeightlessDecoder(vocab=16).eval()
+    input_ids = torch.randint(0, 16, (2, 5))
+    dims = {0: Dim("batch", min=1, max=64), 1: Dim("seq", min=1, max=64)}
+    # capture() places its example inputs on the model's parameters' device, so this graph is exported here
+    program = torch.export.export(PrefillStep(model), (input_ids, torch.ones_like(input_ids)),
+                                  dynamic_shapes={"input_ids": dims, "attention_mask": dims}, strict=False)
+    with pytest.raises(StructureError, match=r"layer blocks\.0: the attention q input comes from 0 projections "
+                                             r"\(none\), expected one"):
+        discover_structure(CapturedDecoder(program=program, step="prefill", model=model))
 
 
 def test_model_without_attention_is_refused():

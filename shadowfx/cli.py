@@ -103,9 +103,11 @@ def _demo(args: argparse.Namespace) -> int:
             counts = sparse.rewrites.counts()["prefill"]
             print(f"  transformed at sparsity 0.5 (untrained predictor): prefill graph got "
                   f"{counts['insert_shadow']} predictor, {counts['sparsify_attention']} sparse attentions, "
-                  f"{counts['sparsify_mlp']} sparse MLPs; skipped {effective.heads:.0%} of heads, "
-                  f"{effective.neurons:.0%} of neurons, {effective.weight_bytes:.0%} of layer weight bytes, "
-                  f"{effective.kv_bytes:.0%} of the KV cache; decode path {sparse.last_decode_path}")
+                  f"{counts['sparsify_mlp']} sparse MLPs; in layers 1..{structure.num_layers - 1} skipped "
+                  f"{effective.sparse_layers['heads']:.0%} of heads and {effective.sparse_layers['neurons']:.0%} of "
+                  f"neurons (asked {effective.requested['heads']:.0%}); over the whole model "
+                  f"{effective.weight_bytes:.0%} of layer weight bytes and {effective.kv_bytes:.0%} of the KV cache; "
+                  f"decode path {sparse.last_decode_path}")
             print()
     if args.json:
         print(json.dumps(report, indent=2))

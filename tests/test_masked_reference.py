@@ -212,7 +212,7 @@ def test_selection_is_checked_and_hooks_are_removed():
     ref = MaskedReference(model, found)
     try:
         with pytest.raises(ValueError, match="0..1"):
-            ref.set_selection({1: torch.tensor([[2]] * BATCH)}, {})
+            ref.set_selection({1: torch.tensor([[3]] * BATCH)}, {})  # 2 is the empty slot of 2 KV groups
         with pytest.raises(ValueError, match="layer index"):
             ref.set_selection({}, {found.num_layers: torch.zeros(BATCH, 1, dtype=torch.long)})
         with pytest.raises(ValueError, match="disagree"):
@@ -225,3 +225,14 @@ def test_selection_is_checked_and_hooks_are_removed():
     assert _no_hooks_left(model, found)
     with pytest.raises(RuntimeError, match="closed"):
         ref.set_selection({}, {})
+
+
+def test_an_empty_slot_keeps_nothing():
+    model, found = small_model("llama"), structure("llama")
+    input_ids, attention_mask = _inputs("llama")
+    groups, width = found.layers[1].attention.num_kv_heads, found.layers[1].mlp.intermediate_size
+    with MaskedReference(model, found) as ref:
+        ref.set_selection({1: torch.tensor([[0, groups]] * BATCH)}, {1: torch.tensor([[5, width, width]] * BATCH)})
+        padded = ref.logits(input_ids, attention_mask)
+        ref.set_selection({1: torch.tensor([[0]] * BATCH)}, {1: torch.tensor([[5]] * BATCH)})
+        assert torch.equal(padded, ref.logits(input_ids, attention_mask))

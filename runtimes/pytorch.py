@@ -83,7 +83,102 @@ def layer_weight_bytes(structure: DecoderStructure, model: nn.Module) -> int:
     return total
 
 
-class SparseDecoder(nn.Module):
+class GenerationLoop:
+    """Input checks and ``generate`` on top of a runtime's ``start`` (prefill) and ``step`` (one token per row).
+
+    Shared by the PyTorch and onnxruntime runtimes; a subclass sets ``max_positions`` and ``generation_config`` and
+    returns from ``start`` a state whose ``logits`` are the next-token logits ``[B, V]``.
+    """
+
+    max_positions: int | None
+    generation_config: object
+
+    # ---- inputs ------------------------------------------------------------------------------------------------------
+    def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               new_tokens: int = 0) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise InputError("input_ids must be an integer tensor [batch, length]")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise InputError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}; give at least one token")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise InputError("prompts must be left-padded: the shadow predictor reads each row's last position, and "
+                             "some rows end in padding (tokenizer.padding_side = 'left')")
+        if self.max_positions is not None and length + new_tokens > self.max_positions:
+            raise InputError(f"{length} prompt tokens + {new_tokens} new tokens exceed the model's "
+                             f"{self.max_positions} positions")
+        return attention_mask.to(input_ids.dtype)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompt plus up to ``max_new_tokens`` tokens, greedy or sampled; a row that ends pads with ``pad_token_id``.
+
+        With ``return_logits`` also the logits each new token was chosen from, ``[B, new, V]``.
+        """
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
+        eos = self._eos(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else self._default_pad(eos)
+        state = self.start(input_ids, attention_mask, decode=max_new_tokens > 1, new_tokens=max_new_tokens)
+        tokens = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        chosen_from = []
+        for step in range(max_new_tokens):
+            chosen_from.append(state.logits)
+            next_token = self._choose(state.logits, do_sample, temperature, top_k, top_p, generator)
+            if eos:
+                next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
+                finished |= torch.isin(next_token, torch.tensor(eos, device=next_token.device))
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            self.step(state, next_token)
+        if return_logits:
+            return tokens, (torch.stack(chosen_from, dim=1) if chosen_from
+                            else state.logits.new_empty(state.logits.shape[0], 0, state.logits.shape[-1]))
+        return tokens
+
+    def _eos(self, eos_token_id: int | list[int] | None) -> list[int]:
+        if eos_token_id is None and self.generation_config is not None:
+            eos_token_id = self.generation_config.eos_token_id
+        if eos_token_id is None:
+            return []
+        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+    def _default_pad(self, eos: list[int]) -> int:
+        pad = getattr(self.generation_config, "pad_token_id", None)
+        return pad if pad is not None else (eos[0] if eos else 0)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            ordered, order = torch.sort(logits, descending=True, dim=-1)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative - ordered.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class SparseDecoder(GenerationLoop, nn.Module):
     """A drop-in for the model's forward (logits for ``input_ids`` + ``attention_mask``) with ``generate``.
 
     The captured graphs are specific to the dtype and device the model had at capture, so ``.to()``, ``.half()``
@@ -129,28 +224,6 @@ class SparseDecoder(nn.Module):
             self._install(self._rebuild())
         return self
 
-    # ---- inputs ------------------------------------------------------------------------------------------------------
-    def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               new_tokens: int = 0) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
-                torch.int64, torch.int32):
-            raise InputError("input_ids must be an integer tensor [batch, length]")
-        batch, length = input_ids.shape
-        if batch == 0 or length == 0:
-            raise InputError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}; give at least one token")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                             f"{tuple(input_ids.shape)}")
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise InputError("prompts must be left-padded: the shadow predictor reads each row's last position, and "
-                             "some rows end in padding (tokenizer.padding_side = 'left')")
-        if self.max_positions is not None and length + new_tokens > self.max_positions:
-            raise InputError(f"{length} prompt tokens + {new_tokens} new tokens exceed the model's "
-                             f"{self.max_positions} positions")
-        return attention_mask.to(input_ids.dtype)
-
     def _unpack(self, outputs: tuple) -> tuple[torch.Tensor, list, list, Selection | None]:
         """(logits, keys, values, selection or None when the graph does not select)."""
         layers = self.structure.num_layers
@@ -166,41 +239,6 @@ class SparseDecoder(nn.Module):
         attention_mask = self._check(input_ids, attention_mask)
         logits, _, _, self.last_selection = self._unpack(self._prefill(input_ids, attention_mask))
         return logits
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Prompt plus up to ``max_new_tokens`` tokens, greedy or sampled; a row that ends pads with ``pad_token_id``.
-
-        With ``return_logits`` also the logits each new token was chosen from, ``[B, new, V]``.
-        """
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
-        eos = self._eos(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else self._default_pad(eos)
-        state = self.start(input_ids, attention_mask, decode=max_new_tokens > 1, new_tokens=max_new_tokens)
-        tokens = input_ids
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        chosen_from = []
-        for step in range(max_new_tokens):
-            chosen_from.append(state.logits)
-            next_token = self._choose(state.logits, do_sample, temperature, top_k, top_p, generator)
-            if eos:
-                next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
-                finished |= torch.isin(next_token, torch.tensor(eos, device=next_token.device))
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            self.step(state, next_token)
-        if return_logits:
-            return tokens, (torch.stack(chosen_from, dim=1) if chosen_from
-                            else state.logits.new_empty(state.logits.shape[0], 0, state.logits.shape[-1]))
-        return tokens
 
     @torch.inference_mode()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -241,33 +279,6 @@ class SparseDecoder(nn.Module):
                 return self._decode_pregathered, compact.tensors
         self.last_decode_path, self.last_gathered_bytes = "gather_per_call", 0
         return self._decode, [*selection.kv_heads, *selection.neurons]
-
-    def _eos(self, eos_token_id: int | list[int] | None) -> list[int]:
-        if eos_token_id is None and self.generation_config is not None:
-            eos_token_id = self.generation_config.eos_token_id
-        if eos_token_id is None:
-            return []
-        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-
-    def _default_pad(self, eos: list[int]) -> int:
-        pad = getattr(self.generation_config, "pad_token_id", None)
-        return pad if pad is not None else (eos[0] if eos else 0)
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None:
-            ordered, order = torch.sort(logits, descending=True, dim=-1)
-            cumulative = ordered.softmax(-1).cumsum(-1)
-            drop = cumulative - ordered.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
     # ---- reporting ---------------------------------------------------------------------------------------------------
     def effective_sparsity(self) -> EffectiveSparsity:

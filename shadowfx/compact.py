@@ -101,14 +101,16 @@ def _plan(model: nn.Module, structure: DecoderStructure, selection: Selection, p
 
 
 def compact_weights(model: nn.Module, structure: DecoderStructure, selection: Selection, *,
-                    max_bytes: int | None = None) -> CompactWeights | None:
-    """The kept weights of every later layer; shared by all rows when they selected the same units, else per row.
+                    max_bytes: int | None = None, per_row: bool | None = None) -> CompactWeights | None:
+    """The kept weights of every later layer; shared by all rows when they selected the same units, else per row
+    (``per_row`` True: per row always, as a traced graph must, having no values to compare).
 
     The size is known from the selection before anything is copied: beyond ``max_bytes`` nothing is gathered and
     the result is None. Empty slots (rows of a batch that keep fewer units than the widest) gather a real row whose
     output-projection part is zeroed.
     """
-    per_row = any(bool((t != t[:1]).any()) for t in selection.kv_heads + selection.neurons)
+    if per_row is None:
+        per_row = any(bool((t != t[:1]).any()) for t in selection.kv_heads + selection.neurons)
     plan = _plan(model, structure, selection, per_row)
     gathered = sum(item.bytes for item in plan)
     if max_bytes is not None and gathered > max_bytes:

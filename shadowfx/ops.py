@@ -45,7 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import CustomOpDef, custom_op
 
-__all__ = ["ACTIVATIONS", "gathered_attention", "gathered_mlp", "token_sparse_attention", "topk_indices"]
+__all__ = [
+    "ACTIVATIONS", "gathered_attention", "gathered_mlp", "minmax_scale", "shadow_mlp", "token_sparse_attention",
+    "topk_indices",
+]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -535,3 +538,37 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
 def _topk_indices_fake(scores: Tensor, k: int) -> Tensor:
     _check_topk_args(scores, k)
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------ predictor MLP
+
+
+def minmax_scale(context: Tensor) -> Tensor:
+    """Scale each row to [0, 1] (ShadowLLM's input normalisation); a constant row maps to zeros."""
+    low = context.amin(dim=-1, keepdim=True)
+    span = context.amax(dim=-1, keepdim=True) - low
+    return (context - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def _check_shadow_mlp_args(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
+    torch._check_value(x.dim() == 2, lambda: f"x must be [R, E], got shape {tuple(x.shape)}")
+    hidden, outputs = w1.shape[0], w2.shape[0]
+    _check_tensor(w1, "w1", (hidden, x.shape[1]), w1.dtype)
+    _check_tensor(b1, "b1", (hidden,), w1.dtype)
+    _check_tensor(w2, "w2", (outputs, hidden), w1.dtype)
+    _check_tensor(b2, "b2", (outputs,), w1.dtype)
+
+
+@custom_op("shadowfx::shadow_mlp", mutates_args=())
+def shadow_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """A shadow predictor's MLP, one node in an exported graph: ``relu(s W1^T + b1) W2^T + b2`` where ``s`` is ``x``
+    [R, E] min-max scaled per row (in float32, then cast to the weights' dtype). Returns [R, outputs]."""
+    _check_shadow_mlp_args(x, w1, b1, w2, b2)
+    scaled = minmax_scale(x.float()).to(w1.dtype)
+    return F.linear(torch.relu(F.linear(scaled, w1, b1)), w2, b2)
+
+
+@shadow_mlp.register_fake
+def _shadow_mlp_fake(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    _check_shadow_mlp_args(x, w1, b1, w2, b2)
+    return x.new_empty((x.shape[0], w2.shape[0]), dtype=w1.dtype)

@@ -28,6 +28,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from shadowfx.files import atomic_write, atomic_write_text
+from shadowfx.ops import minmax_scale
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 T = TypeVar("T")
@@ -71,13 +72,6 @@ class SparseShape:
         return replace(cls.of(structure), input_size=structure.hidden_size)
 
 
-def minmax_scale(context: torch.Tensor) -> torch.Tensor:
-    """Scale each row to [0, 1] (ShadowLLM's input normalisation); a constant row maps to zeros."""
-    low = context.amin(dim=-1, keepdim=True)
-    span = context.amax(dim=-1, keepdim=True) - low
-    return (context - low) / torch.where(span > 0, span, torch.ones_like(span))
-
-
 PredictorKind = Literal["shadowllm", "dejavu", "static"]
 KINDS: tuple[PredictorKind, ...] = get_args(PredictorKind)
 
@@ -87,10 +81,6 @@ def seeded(seed: int, build: Callable[[], T]) -> T:
     with torch.random.fork_rng(devices=[]):  # modules are built on the CPU; other devices' generators stay untouched
         torch.manual_seed(seed)
         return build()
-
-
-def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
 # ---- files shared by every kind ------------------------------------------------------------------------------------
@@ -276,6 +266,17 @@ class _PredictorFiles(nn.Module):
         return load_predictor(directory, structure, kind=cls.kind, granularity=granularity)
 
 
+class ScaledMLP(nn.Sequential):
+    """``E -> hidden -> outputs`` on the min-max scaled input: one output of a :class:`ShadowPredictor`, or one layer's
+    predictor in a :class:`LayerwisePredictor` (exported as one ``shadowfx::shadow_mlp`` node)."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+        super().__init__(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(minmax_scale(x.float()).to(self[0].weight.dtype))
+
+
 class ShadowPredictor(_PredictorFiles):
     """ShadowLLM's predictor: ``E -> hidden -> (L-1)*H`` for heads and ``E -> hidden -> (L-1)*F/b`` for neurons.
 
@@ -297,8 +298,8 @@ class ShadowPredictor(_PredictorFiles):
         self.fingerprint = fingerprint
         self.hidden = hidden
         self.neuron_block = neuron_block
-        self.heads = _mlp(shape.input_size, hidden, shape.sparse_layers * shape.num_heads)
-        self.neurons = _mlp(shape.input_size, hidden, shape.sparse_layers * self.neuron_blocks)
+        self.heads = ScaledMLP(shape.input_size, hidden, shape.sparse_layers * shape.num_heads)
+        self.neurons = ScaledMLP(shape.input_size, hidden, shape.sparse_layers * self.neuron_blocks)
 
     @property
     def neuron_blocks(self) -> int:
@@ -312,26 +313,22 @@ class ShadowPredictor(_PredictorFiles):
         shape = SparseShape.of(structure)
         return seeded(seed, lambda: cls(shape, structure.fingerprint, hidden=hidden, neuron_block=neuron_block))
 
-    def _scaled(self, context: torch.Tensor) -> torch.Tensor:
-        return minmax_scale(context.float()).to(self.heads[0].weight.dtype)
-
     def head_scores(self, context: torch.Tensor) -> torch.Tensor:
         """Head scores ``[B, L - 1, H]`` from the raw context ``[B, E]``."""
-        return self.heads(self._scaled(context)).view(context.shape[0], self.shape.sparse_layers,
+        return self.heads(context).view(context.shape[0], self.shape.sparse_layers,
                                                       self.shape.num_heads)
 
     def block_scores(self, context: torch.Tensor) -> torch.Tensor:
         """Neuron-block scores ``[B, L - 1, F / neuron_block]`` (per neuron when neuron_block is 1)."""
-        return self.neurons(self._scaled(context)).view(context.shape[0], self.shape.sparse_layers,
+        return self.neurons(context).view(context.shape[0], self.shape.sparse_layers,
                                                         self.neuron_blocks)
 
     def forward(self, context: torch.Tensor) -> Scores:
-        x = self._scaled(context)
         batch = context.shape[0]
-        neurons = self.neurons(x).view(batch, self.shape.sparse_layers, self.neuron_blocks)
+        neurons = self.neurons(context).view(batch, self.shape.sparse_layers, self.neuron_blocks)
         if self.neuron_block > 1:
             neurons = neurons.repeat_interleave(self.neuron_block, dim=-1)
-        return Scores(heads=self.heads(x).view(batch, self.shape.sparse_layers, self.shape.num_heads),
+        return Scores(heads=self.heads(context).view(batch, self.shape.sparse_layers, self.shape.num_heads),
                       neurons=neurons)
 
     # ---- files ---------------------------------------------------------------------------------------------------
@@ -343,16 +340,6 @@ class ShadowPredictor(_PredictorFiles):
     def from_config(cls, config: dict) -> ShadowPredictor:
         return cls(SparseShape(**config["shape"]), str(config["fingerprint"]), hidden=int(config["hidden"]),
                    neuron_block=int(config["neuron_block"]))
-
-
-class ScaledMLP(nn.Sequential):
-    """``E -> hidden -> outputs`` on the min-max scaled input: one layer's predictor in a :class:`LayerwisePredictor`."""
-
-    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
-        super().__init__(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(minmax_scale(x.float()).to(self[0].weight.dtype))
 
 
 class LayerwisePredictor(_PredictorFiles):

@@ -1,0 +1,189 @@
+"""Run a directory written by :func:`shadowfx.export_onnx` in onnxruntime, with the PyTorch runtime's ``generate``.
+
+Per prompt: the prefill gives the logits, the KV cache and the selection; the gather graph turns the selection into
+the prompt's kept weights once; every decode step reads them. The KV cache and the kept weights stay onnxruntime
+values bound through IOBinding, so a decode step copies in only the new token and the mask, and copies out only the
+logits. Per token the decode graph selects again at every step and the cache stays complete.
+
+Before any session is made, the directory is checked: every graph file is there, parses, carries shadowfx metadata of
+this export format and the same model fingerprint (that of the model given, when one is), names a weights file that
+is there and long enough, and has a function body for every ``shadowfx`` node unless a kernel library for the domain
+is given. Each problem is one :class:`OnnxLoadError` that names it and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from shadowfx.onnx_export import FORMAT, GRAPH_FILES, METADATA_PREFIX
+from shadowfx.onnx_ops import DOMAIN
+from shadowfx.runtimes.pytorch import Granularity, GenerationLoop, InputError
+from shadowfx.selection import Selection, SparsityConfig
+from shadowfx.structure import DecoderStructure, check_fingerprint
+
+
+class OnnxLoadError(ValueError):
+    """A directory that is not a usable shadowfx ONNX export for this model."""
+
+
+def _read_graph(path: Path, kernels: bool) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The graph file without its weights, and its shadowfx metadata, checked (see the module docstring)."""
+    if not path.is_file():
+        raise OnnxLoadError(f"{path} is missing: the directory is not a complete shadowfx export; export it again "
+                            "(shadowfx export MODEL_DIR --out DIR)")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as error:
+        raise OnnxLoadError(f"{path} is not a readable ONNX file (truncated or damaged: {error}); export it "
+                            "again") from error
+    metadata = {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props
+                if p.key.startswith(METADATA_PREFIX)}
+    if "format" not in metadata:
+        raise OnnxLoadError(f"{path} carries no shadowfx metadata: it was not written by shadowfx.export_onnx; "
+                            "export the transformed model with it")
+    if metadata["format"] != str(FORMAT):
+        raise OnnxLoadError(f"{path} is export format {metadata['format']} (shadowfx {metadata.get('version')}), "
+                            f"this shadowfx reads format {FORMAT}; export the model again with this version")
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            _check_external(path, ExternalDataInfo(tensor))
+    used = {node.op_type for node in proto.graph.node if node.domain == DOMAIN}
+    bodies = {function.name for function in proto.functions if function.domain == DOMAIN}
+    if used - bodies and not kernels:
+        raise OnnxLoadError(f"{path} has {DOMAIN} nodes without a function body: {', '.join(sorted(used - bodies))}; "
+                            "the file was altered after export: export it again, or pass kernels= a library that "
+                            f"implements the {DOMAIN} domain")
+    return proto, metadata
+
+
+def _check_external(graph: Path, info: ExternalDataInfo) -> None:
+    data = (graph.parent / info.location).resolve()
+    if data.parent != graph.parent.resolve():
+        raise OnnxLoadError(f"{graph} reads weights from {info.location}, outside its directory; export it again")
+    if not data.is_file():
+        raise OnnxLoadError(f"{data} is missing: {graph.name} keeps its weights there; copy the whole export "
+                            "directory, or export it again")
+    if data.stat().st_size < info.offset + info.length:
+        raise OnnxLoadError(f"{data} is truncated ({data.stat().st_size} bytes, {graph.name} reads up to "
+                            f"{info.offset + info.length}); copy it again or export again")
+
+
+@dataclass
+class OnnxDecodeState:
+    """A generation in progress: next-token logits [B, V], the mask, and the onnxruntime values decoding reads."""
+
+    logits: torch.Tensor
+    mask: torch.Tensor
+    cache: list[ort.OrtValue]
+    kept: list[ort.OrtValue]  # per prompt: the kept weights, gathered once
+
+
+class OnnxDecoder(GenerationLoop):
+    """The graphs of an export directory in onnxruntime sessions: ``__call__`` for logits, ``generate`` as
+    :meth:`shadowfx.runtimes.pytorch.SparseDecoder.generate`.
+
+    ``structure``: refuse a directory made for another model (its fingerprint is compared). ``session_options``
+    and ``providers`` go to every session as given. ``kernels``: a native kernel library for the ``shadowfx`` domain,
+    registered in every session (it then implements the nodes; the function bodies otherwise).
+    """
+
+    def __init__(self, directory: str | Path, *, structure: DecoderStructure | None = None,
+                 session_options: ort.SessionOptions | None = None, providers: list | None = None,
+                 kernels: str | Path | None = None, generation_config: object = None) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise OnnxLoadError(f"{self.directory} is not a directory; give the folder shadowfx export wrote")
+        probe = self.directory / "prefill.onnx"
+        _, metadata = _read_graph(probe, kernels is not None)
+        granularity = metadata.get("granularity")
+        if granularity not in GRAPH_FILES:
+            raise OnnxLoadError(f"{probe} names granularity {granularity!r}; export it again")
+        self.granularity: Granularity = granularity  # type: ignore[assignment]
+        graphs = {name: _read_graph(self.directory / f"{name}.onnx", kernels is not None)[1]
+                  for name in GRAPH_FILES[granularity]}
+        fingerprints = {meta["fingerprint"] for meta in graphs.values()}
+        if len(fingerprints) != 1:
+            raise OnnxLoadError(f"the graphs in {self.directory} were exported from different models; export the "
+                                "directory again from one")
+        self.fingerprint = fingerprints.pop()
+        if structure is not None:
+            check_fingerprint(self.fingerprint, structure, what=f"the ONNX export in {self.directory}")
+        self.structure = DecoderStructure.from_json(metadata["structure"])
+        self.config = SparsityConfig(**json.loads(metadata["sparsity"]))
+        self.max_positions = json.loads(metadata["max_positions"])
+        self.generation_config = generation_config
+        options = session_options or ort.SessionOptions()
+        if kernels is not None:
+            options.register_custom_ops_library(str(kernels))
+        self.sessions = {}
+        for name in graphs:
+            try:
+                self.sessions[name] = ort.InferenceSession(str(self.directory / f"{name}.onnx"), options,
+                                                           providers=providers or ["CPUExecutionProvider"])
+            except Exception as error:  # onnxruntime raises its own exception types, not one base class
+                raise OnnxLoadError(f"onnxruntime cannot load {self.directory / name}.onnx: {error}") from error
+        self.last_selection: Selection | None = None
+
+    # ---- running -----------------------------------------------------------------------------------------------------
+    def _run(self, graph: str, arrays: dict[str, np.ndarray], values: dict[str, ort.OrtValue]) -> list[ort.OrtValue]:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name, array in arrays.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _selection(self, chosen: list[ort.OrtValue]) -> Selection:
+        later = len(chosen) // 2
+        tensors = tuple(torch.from_numpy(value.numpy()) for value in chosen)
+        return Selection(kv_heads=tensors[:later], neurons=tensors[later:])
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._prefill(input_ids, self._check(input_ids, attention_mask))[0]
+
+    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+        outputs = self._run("prefill", {"input_ids": input_ids.long().numpy(), "attention_mask": mask.long().numpy()},
+                            {})
+        layers = self.structure.num_layers
+        cache, chosen = outputs[1:1 + 2 * layers], outputs[1 + 2 * layers:]
+        self.last_selection = self._selection(chosen)
+        return torch.from_numpy(outputs[0].numpy()), cache, chosen
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, decode: bool = True,
+              new_tokens: int = 0) -> OnnxDecodeState:
+        """Prefill the prompt; per prompt (and ``decode``) also gather its kept weights once."""
+        mask = self._check(input_ids, attention_mask, new_tokens)
+        logits, cache, chosen = self._prefill(input_ids, mask)
+        kept = []
+        if decode and self.granularity == "prompt":
+            names = [i.name for i in self.sessions["gather"].get_inputs()]
+            kept = self._run("gather", {}, dict(zip(names, chosen)))
+        return OnnxDecodeState(logits[:, -1], mask, cache, kept)
+
+    def step(self, state: OnnxDecodeState, next_token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``[B]``; returns (and keeps in ``state``) the logits for the token after it."""
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        names = [i.name for i in self.sessions["decode"].get_inputs()][2:]
+        outputs = self._run("decode", {"input_ids": next_token[:, None].long().numpy(),
+                                       "attention_mask": state.mask.long().numpy()},
+                            dict(zip(names, state.cache + state.kept)))
+        layers = self.structure.num_layers
+        state.cache = outputs[1:1 + 2 * layers]
+        if len(outputs) > 1 + 2 * layers:
+            self.last_selection = self._selection(outputs[1 + 2 * layers:])
+        state.logits = torch.from_numpy(outputs[0].numpy())[:, -1]
+        return state.logits
+

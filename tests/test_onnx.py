@@ -1,0 +1,189 @@
+"""ONNX export and the onnxruntime runtime: the same logits and tokens as the PyTorch transformed model, the expected
+shadowfx nodes in every file, and a clear refusal of every damaged or foreign directory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+import pytest
+import torch
+
+import shadowfx
+from shadowfx.families import FAMILIES
+from shadowfx.onnx_export import GRAPH_FILES, WEIGHTS_FILE, export_onnx
+from shadowfx.onnx_ops import DOMAIN, OnnxExportError
+from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores
+from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
+from shadowfx.structure import FingerprintMismatch
+
+from conftest import padded_batch, small_model, structure
+
+PREDICTORS = {
+    "shadowllm": lambda family: ShadowPredictor.for_structure(structure(family), hidden=32, seed=1),
+    "dejavu": lambda family: LayerwisePredictor.for_structure(structure(family), hidden=32, seed=1),
+    "static": lambda family: StaticScores.random(structure(family), seed=1),
+}
+# An export takes 20-30 s on the 2-core machine, so the default run covers both granularities, all predictor kinds
+# and both sparsities in three cases; SHADOWFX_ONNX_MATRIX=1 runs every family x granularity x sparsity x kind.
+CASES = [("opt", "prompt", 0.5, "shadowllm"), ("llama", "token", 0.5, "dejavu"), ("qwen2", "token", 0.0, "static")]
+if os.environ.get("SHADOWFX_ONNX_MATRIX") == "1":
+    CASES = [(family, granularity, sparsity, kind) for family in FAMILIES for granularity in ("prompt", "token")
+             for sparsity in (0.0, 0.5) for kind in PREDICTORS]
+ROOT = Path(tempfile.mkdtemp(prefix="shadowfx-onnx-tests-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    shutil.rmtree(ROOT, ignore_errors=True)
+
+
+@functools.cache
+def exported(family: str, granularity: str, sparsity: float, kind: str):
+    sparse = shadowfx.transform(small_model(family), PREDICTORS[kind](family), sparsity=sparsity, scope="per_layer",
+                                granularity=granularity)
+    directory = export_onnx(sparse, ROOT / f"{family}-{granularity}-{sparsity}-{kind}")
+    return sparse, directory
+
+
+def runtime(directory: Path, **options) -> OnnxDecoder:
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = 1
+    return OnnxDecoder(directory, session_options=session_options, **options)
+
+
+def expected_nodes(layers: int, granularity: str, kind: str, graph: str) -> dict[str, int]:
+    later = layers - 1
+    if graph == "gather":
+        return {}
+    sparse_ops = {"GatheredMLP": later,
+                  "TokenSparseAttention" if granularity == "token" else "GatheredAttention": later}
+    if graph == "decode" and granularity == "prompt":
+        return sparse_ops
+    predictor = {"shadowllm": 2, "dejavu": 2 * later, "static": 0}[kind]
+    return {**sparse_ops, "TopkIndices": 2 * later, **({"ShadowMLP": predictor} if predictor else {})}
+
+
+@pytest.mark.parametrize("family, granularity, sparsity, kind", CASES)
+def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind):
+    sparse, directory = exported(family, granularity, sparsity, kind)
+    for graph in GRAPH_FILES[granularity]:
+        path = directory / f"{graph}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path), load_external_data=False)
+        counts: dict[str, int] = {}
+        for node in proto.graph.node:
+            if node.domain == DOMAIN:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        assert counts == expected_nodes(sparse.structure.num_layers, granularity, kind, graph), graph
+    onnx_model = runtime(directory, structure=sparse.structure)
+    for batch in (1, 2):
+        input_ids, attention_mask = padded_batch(batch, 7, 512, seed=batch)
+        real = attention_mask.bool()  # padding positions attend to nothing; their values are arbitrary
+        torch.testing.assert_close(onnx_model(input_ids, attention_mask)[real],
+                                   sparse(input_ids, attention_mask)[real], rtol=1e-4, atol=1e-4)
+        got, want = onnx_model.last_selection, sparse.last_selection
+        for a, b in zip(got.kv_heads + got.neurons, want.kv_heads + want.neurons):
+            assert torch.equal(a[real] if granularity == "token" else a, b[real] if granularity == "token" else b)
+        tokens, logits = onnx_model.generate(input_ids, attention_mask, max_new_tokens=4, return_logits=True)
+        want_tokens, want_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, return_logits=True)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(tokens, want_tokens)
+
+
+def test_weights_are_stored_once():
+    sparse, directory = exported("opt", "prompt", 0.5, "shadowllm")
+    parameter_bytes = sum(p.numel() * p.element_size() for p in sparse.model.parameters())
+    stored = (directory / WEIGHTS_FILE).stat().st_size
+    referenced = 0
+    for graph in GRAPH_FILES["prompt"]:
+        proto = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+        referenced += sum(ExternalDataInfo(t).length for t in proto.graph.initializer if uses_external_data(t))
+        assert max(len(t.raw_data) for t in proto.graph.initializer) < 1024  # only small constants stay inline
+    # prefill reads every weight, the gather graph the later layers', decode the rest: stored once, the file is the
+    # size of one model (plus the predictor and the weights the exporter folded into another layout)
+    assert stored < 0.7 * referenced
+    assert stored < 1.5 * parameter_bytes
+
+
+def test_sampling_and_eos_follow_the_pytorch_runtime():
+    sparse, directory = exported("opt", "prompt", 0.5, "shadowllm")
+    onnx_model = runtime(directory)
+    input_ids, attention_mask = padded_batch(2, 6, 512, seed=5)
+    greedy = sparse.generate(input_ids, attention_mask, max_new_tokens=5)
+    eos = int(greedy[0, 7])  # row 0's second new token ends it there
+    kwargs = dict(max_new_tokens=5, eos_token_id=eos, pad_token_id=3)
+    assert torch.equal(onnx_model.generate(input_ids, attention_mask, **kwargs),
+                       sparse.generate(input_ids, attention_mask, **kwargs))
+    sampled = [model.generate(input_ids, attention_mask, max_new_tokens=5, do_sample=True, top_k=20, top_p=0.9,
+                              generator=torch.Generator().manual_seed(7)) for model in (onnx_model, sparse)]
+    assert torch.equal(*sampled)
+
+
+def test_global_scope_is_refused():
+    sparse = shadowfx.transform(small_model("opt"), PREDICTORS["shadowllm"]("opt"), sparsity=0.5, scope="global")
+    with pytest.raises(OnnxExportError, match="scope='per_layer'"):
+        export_onnx(sparse, ROOT / "global")
+    assert not (ROOT / "global").exists()
+
+
+@pytest.fixture
+def copy_of_export(tmp_path):
+    _, directory = exported("opt", "prompt", 0.5, "shadowllm")
+    return Path(shutil.copytree(directory, tmp_path / "export"))
+
+
+def test_another_models_structure_is_refused(copy_of_export):
+    with pytest.raises(FingerprintMismatch):
+        runtime(copy_of_export, structure=structure("llama"))
+
+
+def test_missing_function_bodies_are_refused(copy_of_export):
+    path = copy_of_export / "prefill.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    del proto.functions[:]
+    onnx.save(proto, str(path))
+    with pytest.raises(OnnxLoadError, match="GatheredAttention, GatheredMLP, ShadowMLP, TopkIndices"):
+        runtime(copy_of_export)
+
+
+def test_truncated_foreign_and_incompatible_files_are_refused(copy_of_export):
+    prefill = copy_of_export / "prefill.onnx"
+    original = prefill.read_bytes()
+    prefill.write_bytes(original[: len(original) // 2])
+    with pytest.raises(OnnxLoadError, match="not a readable ONNX file"):
+        runtime(copy_of_export)
+    proto = onnx.load_from_string(original)
+    del proto.metadata_props[:]
+    onnx.save(proto, str(prefill))
+    with pytest.raises(OnnxLoadError, match="no shadowfx metadata"):
+        runtime(copy_of_export)
+    onnx.helper.set_model_props(proto, {"shadowfx.format": "0"})
+    onnx.save(proto, str(prefill))
+    with pytest.raises(OnnxLoadError, match="format 0"):
+        runtime(copy_of_export)
+
+
+def test_missing_or_truncated_weights_are_refused(copy_of_export):
+    weights = copy_of_export / WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(OnnxLoadError, match="truncated"):
+        runtime(copy_of_export)
+    weights.unlink()
+    with pytest.raises(OnnxLoadError, match=f"{WEIGHTS_FILE} is missing"):
+        runtime(copy_of_export)
+    weights.write_bytes(data)
+    (copy_of_export / "gather.onnx").unlink()
+    with pytest.raises(OnnxLoadError, match="gather.onnx is missing"):
+        runtime(copy_of_export)

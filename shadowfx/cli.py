@@ -28,8 +28,11 @@ from shadowfx.predictor import (
     SavedPredictor,
     ShadowPredictor,
     default_predictor,
+    load_predictor,
     save_predictor,
 )
+from shadowfx.onnx_export import export_onnx
+from shadowfx.selection import SCOPES, planned_sparsity
 from shadowfx.structure import DecoderStructure, Fingerprint, StructureError
 from shadowfx.training import train_predictor
 
@@ -174,6 +177,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Transform a model with a saved predictor and write its graphs as ONNX."""
+    predictors = args.predictor or model_path(args.model)
+    if not Path(predictors).is_dir():
+        raise ModelLoadError(f"{args.model} has no model directory holding a predictor; pass --predictor DIR (where "
+                             "`shadowfx train --out DIR` saved one)")
+    model = load_decoder(args.model, dtype=args.dtype)
+    structure = discover(model)
+    predictor = load_predictor(predictors, structure, kind=args.kind, granularity=args.granularity)
+    sparse = transform(model, predictor, sparsity=args.sparsity, scope=args.scope, granularity=args.granularity)
+    directory = export_onnx(sparse, args.out, overwrite=args.overwrite)
+    plan = planned_sparsity(sparse.structure, sparse.config)
+    files = ", ".join(sorted(path.name for path in directory.iterdir()))
+    print(f"{predictor.kind} predictor per {sparse.granularity}, scope {args.scope}: skips "
+          f"{plan['heads']['achieved']:.0%} of the KV groups and {plan['neurons']['achieved']:.0%} of the neurons of "
+          f"layers 1..{structure.num_layers - 1}; wrote {files} to {directory}")
+    return 0
+
+
 def _one_or_pair(values: list[int] | None) -> int | tuple[int, ...] | None:
     """One value for heads and neurons, or a (heads, neurons) pair, as train_predictor takes them."""
     if values is None:
@@ -232,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--default", action="store_true",
                        help="make it the predictor transform(model) loads (the first one saved becomes it anyway)")
     train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="sparsify a model with its saved predictor and write it as ONNX")
+    export.add_argument("model", help="local model directory (or GGUF file, or smollm2)")
+    export.add_argument("--out", required=True, help="new or empty directory for the ONNX graphs and their weights")
+    export.add_argument("--predictor", help="directory holding the predictor (default: the model directory)")
+    export.add_argument("--kind", choices=KINDS, help="which saved predictor (default: the directory's default)")
+    export.add_argument("--granularity", choices=GRANULARITIES,
+                        help="the saved predictor's granularity, and the one exported (default: the predictor's)")
+    export.add_argument("--sparsity", type=float, default=0.5, help="fraction of heads and neurons of layers >= 1 "
+                        "to skip")
+    export.add_argument("--scope", default="per_layer", choices=SCOPES)
+    export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    export.add_argument("--dtype", **DTYPE_OPTION)
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="capture the embedded small models and show what shadowfx would rewrite")
     demo.add_argument("--family", action="append", choices=FAMILIES, help="only this family (repeatable)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -24,6 +24,7 @@ from shadowfx.predictor import Scores
 from shadowfx.structure import DecoderStructure
 
 Scope = Literal["global", "per_layer"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
 
 
 class SparsityError(ValueError):
@@ -54,8 +55,8 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         _fraction("heads sparsity", self.heads)
         _fraction("neurons sparsity", self.neurons)
-        if self.scope not in ("global", "per_layer"):
-            raise SparsityError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
+        if self.scope not in SCOPES:
+            raise SparsityError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {self.scope!r}")
         if self.min_kv_heads < 1:
             raise SparsityError(f"min_kv_heads must be >= 1, got {self.min_kv_heads}")
         if not 0.0 < self.min_neuron_fraction <= 1.0:

@@ -19,7 +19,8 @@ import shadowfx
 from shadowfx.families import FAMILIES
 from shadowfx.onnx_export import GRAPH_FILES, WEIGHTS_FILE, export_onnx
 from shadowfx.onnx_ops import DOMAIN, OnnxExportError
-from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores
+from shadowfx.cli import main
+from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores, load_predictor, save_predictor
 from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
 from shadowfx.structure import FingerprintMismatch
 
@@ -187,3 +188,25 @@ def test_missing_or_truncated_weights_are_refused(copy_of_export):
     (copy_of_export / "gather.onnx").unlink()
     with pytest.raises(OnnxLoadError, match="gather.onnx is missing"):
         runtime(copy_of_export)
+
+
+def test_the_export_command_writes_what_the_runtime_loads(tmp_path, capsys):
+    model_dir = tmp_path / "gpt2"
+    model = small_model("gpt2")
+    model.save_pretrained(model_dir)
+    save_predictor(StaticScores.random(structure("gpt2"), seed=2), model_dir)
+    out = tmp_path / "onnx"
+    assert main(["export", str(model_dir), "--out", str(out), "--sparsity", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "static predictor per prompt, scope per_layer: skips 50% of the KV groups" in printed
+    input_ids, attention_mask = padded_batch(2, 6, 512, seed=4)
+    sparse = shadowfx.transform(model, load_predictor(model_dir, structure("gpt2")), sparsity=0.5,
+                                scope="per_layer")
+    expected = sparse(input_ids, attention_mask)
+    with torch.inference_mode():
+        got = torch.as_tensor(runtime(out, structure=structure("gpt2"))(input_ids, attention_mask))
+    torch.testing.assert_close(got[attention_mask.bool()], expected[attention_mask.bool()], rtol=1e-4, atol=1e-4)
+    assert main(["export", str(model_dir), "--out", str(out)]) == 2  # not empty, and no --overwrite
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "global"), "--scope", "global"]) == 2
+    assert "scope='per_layer'" in capsys.readouterr().err and not (tmp_path / "global").exists()

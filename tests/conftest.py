@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from shadowfx.families import FAMILIES, build_small
 from shadowfx.passes.discover_structure import discover_structure
 
 ATTENTIONS = ("sdpa", "eager")
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # the suite runs in one process per core; more threads would oversubscribe
+    torch.set_num_threads(1)
 
 
 @functools.cache

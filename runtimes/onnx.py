@@ -26,7 +26,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from shadowfx.onnx_export import FORMAT, GRAPH_FILES, METADATA_PREFIX
 from shadowfx.onnx_ops import DOMAIN
-from shadowfx.runtimes.pytorch import Granularity, GenerationLoop, InputError
+from shadowfx.runtimes.pytorch import Granularity, GenerationLoop
 from shadowfx.selection import Selection, SparsityConfig
 from shadowfx.structure import DecoderStructure, check_fingerprint
 

@@ -12,7 +12,7 @@ from torch.export import Dim
 from transformers import AutoModelForCausalLM, BertConfig
 
 import shadowfx
-from shadowfx.capture import CapturedDecoder, PrefillStep, capture
+from shadowfx.capture import CapturedDecoder, PrefillStep
 from shadowfx.families import build_small
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.structure import (

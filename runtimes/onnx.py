@@ -14,6 +14,7 @@ is given. Each problem is one :class:`OnnxLoadError` that names it and the fix.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,12 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from shadowfx.onnx_export import FORMAT, GRAPH_FILES, METADATA_PREFIX
 from shadowfx.onnx_ops import DOMAIN
+from shadowfx.ort_kernels import KernelBuildError, kernel_library
 from shadowfx.runtimes.pytorch import Granularity, GenerationLoop
 from shadowfx.selection import Selection, SparsityConfig
 from shadowfx.structure import DecoderStructure, check_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 class OnnxLoadError(ValueError):
@@ -77,6 +81,17 @@ def _check_external(graph: Path, info: ExternalDataInfo) -> None:
                             f"{info.offset + info.length}); copy it again or export again")
 
 
+def _kernel_library(kernels: str | Path | None) -> Path | None:
+    """The kernel library ``kernels`` names; ``"auto"``: the built one, or None (the bodies) where it cannot be."""
+    if kernels != "auto":
+        return None if kernels is None else Path(kernels)
+    try:
+        return kernel_library()
+    except KernelBuildError as error:
+        logger.warning("no shadowfx kernel library (%s); onnxruntime runs the function bodies", error)
+        return None
+
+
 @dataclass
 class OnnxDecodeState:
     """A generation in progress: next-token logits [B, V], the mask, and the onnxruntime values decoding reads."""
@@ -93,12 +108,16 @@ class OnnxDecoder(GenerationLoop):
 
     ``structure``: refuse a directory made for another model (its fingerprint is compared). ``session_options``
     and ``providers`` go to every session as given. ``kernels``: a native kernel library for the ``shadowfx`` domain,
-    registered in every session (it then implements the nodes; the function bodies otherwise).
+    registered in every session: onnxruntime then runs its kernel for each node type it implements, the function
+    bodies for the rest. ``"auto"``: the library :func:`shadowfx.ort_kernels.kernel_library` builds, or, where it
+    cannot be built, the function bodies alone (with a logged warning saying why). ``self.kernels`` is the library
+    in use, or None.
     """
 
     def __init__(self, directory: str | Path, *, structure: DecoderStructure | None = None,
                  session_options: ort.SessionOptions | None = None, providers: list | None = None,
                  kernels: str | Path | None = None, generation_config: object = None) -> None:
+        kernels = self.kernels = _kernel_library(kernels)
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise OnnxLoadError(f"{self.directory} is not a directory; give the folder shadowfx export wrote")
@@ -123,7 +142,11 @@ class OnnxDecoder(GenerationLoop):
         self.generation_config = generation_config
         options = session_options or ort.SessionOptions()
         if kernels is not None:
-            options.register_custom_ops_library(str(kernels))
+            try:
+                options.register_custom_ops_library(str(kernels))
+            except Exception as error:  # onnxruntime raises its own exception types, not one base class
+                raise OnnxLoadError(f"onnxruntime cannot load the kernel library {kernels}: {error}; give the "
+                                    "library shadowfx.ort_kernels.kernel_library() builds, or kernels=None") from error
         self.sessions = {}
         for name in graphs:
             try:

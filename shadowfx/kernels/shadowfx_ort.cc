@@ -1,0 +1,289 @@
+// Native CPU kernels of the `shadowfx` ONNX domain for onnxruntime; the node types, their inputs and attributes are
+// defined in shadowfx/onnx_ops.py, and every exported file also carries a function body for each of them.
+//
+// shadowfx.ort_kernels.kernel_library() compiles this file against the onnxruntime C/C++ API headers; a session loads
+// it with SessionOptions.register_custom_ops_library, which calls RegisterCustomOps below. The API table comes from
+// the OrtApiBase given there (ORT_API_MANUAL_INIT), so the library links nothing of onnxruntime and loads in any
+// onnxruntime whose C API is at least ORT_API_VERSION of the headers.
+//
+// Implemented: GatheredMLP in float32, every activation and selection mode of its bodies (see GatheredMlpOp for the
+// other element types). The node types not implemented here keep their function bodies: registering the domain does
+// not hide them. A straightforward loop implementation: correctness first.
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr const char* kDomain = "shadowfx";
+
+[[noreturn]] void Fail(const std::string& message) {
+  throw Ort::Exception("shadowfx GatheredMLP: " + message, ORT_INVALID_ARGUMENT);
+}
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+// An exception thrown inside a kernel must not cross the C boundary into onnxruntime: it becomes an OrtStatus.
+template <typename Body>
+OrtStatusPtr AsStatus(Body&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& error) {
+    return Ort::GetApi().CreateStatus(error.GetOrtErrorCode(), error.what());
+  } catch (const std::exception& error) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, error.what());
+  }
+}
+
+// ---- GatheredMLP ---------------------------------------------------------------------------------------------------
+
+enum class Selection { kRows, kTokens, kPregathered };
+enum class Activation { kRelu, kGelu, kGeluTanh, kSilu, kQuickGelu };
+
+Selection ParseSelection(const std::string& name) {
+  if (name == "rows") return Selection::kRows;
+  if (name == "tokens") return Selection::kTokens;
+  if (name == "pregathered") return Selection::kPregathered;
+  Fail("unknown selection '" + name + "' (rows, tokens or pregathered)");
+}
+
+Activation ParseActivation(const std::string& name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "quick_gelu") return Activation::kQuickGelu;
+  Fail("unknown activation '" + name + "' (relu, gelu, gelu_tanh, silu or quick_gelu)");
+}
+
+float Sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// The same formulas as the bodies' ONNX ops (Relu, Gelu with approximate none/tanh, x * Sigmoid(a * x)).
+float Activate(Activation activation, float v) {
+  switch (activation) {
+    case Activation::kRelu:
+      return v > 0.0f ? v : 0.0f;
+    case Activation::kGelu:
+      return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case Activation::kSilu:
+      return v * Sigmoid(v);
+    case Activation::kQuickGelu:
+      return v * Sigmoid(1.702f * v);
+  }
+  return v;
+}
+
+// Input positions of the node (onnx_ops.NODE_TYPES["GatheredMLP"]).
+enum MlpInput : size_t { kX, kUpWeight, kUpBias, kGateWeight, kGateBias, kDownWeight, kDownBias, kNeuronIdx, kCount };
+
+// One float tensor input, or not present: an optional input the node does not give.
+struct Input {
+  bool present = false;
+  const float* data = nullptr;
+  std::vector<int64_t> shape;
+};
+
+Input ReadInput(const Ort::KernelContext& context, size_t index) {
+  Input input;
+  if (index >= context.GetInputCount()) return input;
+  Ort::ConstValue value = context.GetInput(index);
+  if (value == nullptr) return input;
+  input.present = true;
+  input.shape = value.GetTensorTypeAndShapeInfo().GetShape();
+  input.data = value.GetTensorData<float>();
+  return input;
+}
+
+void ExpectShape(const Input& input, const char* name, const std::vector<int64_t>& shape) {
+  if (input.present && input.shape != shape)
+    Fail(std::string(name) + " has shape " + ShapeText(input.shape) + ", expected " + ShapeText(shape));
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y = down(h) with h = act(up(x)) or act(gate(x)) * up(x), on the units each token keeps:
+//   rows         neuron_idx [B, k] (unit == F is an empty slot: skipped), full weights up/gate [F, E], down [E, F]
+//   tokens       neuron_idx [B, S, k] (the same, per token; a unit given twice counts once), full weights
+//   pregathered  no neuron_idx; the weights are each batch row's kept units: up/gate [B, F, E], down [B, E, F]
+// Biases: up/gate [F] ([B, F] pregathered), down [E].
+class MlpKernel {
+ public:
+  explicit MlpKernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    activation_ = ParseActivation(kernel_info.GetAttribute<std::string>("activation"));
+    selection_ = ParseSelection(kernel_info.GetAttribute<std::string>("selection"));
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    return AsStatus([&] { Compute(Ort::KernelContext(raw_context)); });
+  }
+
+ private:
+  void Compute(const Ort::KernelContext& context) {
+    const Input x = ReadInput(context, kX), up = ReadInput(context, kUpWeight), up_bias = ReadInput(context, kUpBias),
+                gate = ReadInput(context, kGateWeight), gate_bias = ReadInput(context, kGateBias),
+                down = ReadInput(context, kDownWeight), down_bias = ReadInput(context, kDownBias);
+    const bool per_row = selection_ == Selection::kPregathered;
+    if (x.shape.size() != 3) Fail("x must be [B, S, E], got " + ShapeText(x.shape));
+    const int64_t batch = x.shape[0], seq = x.shape[1], embed = x.shape[2];
+    if (up.shape.size() != (per_row ? 3u : 2u))
+      Fail("up_weight must be " + std::string(per_row ? "[B, F, E]" : "[F, E]") + ", got " + ShapeText(up.shape));
+    const int64_t units = up.shape[up.shape.size() - 2];
+    const std::vector<int64_t> lead = per_row ? std::vector<int64_t>{batch} : std::vector<int64_t>{};
+    auto with_lead = [&](std::vector<int64_t> dims) {
+      dims.insert(dims.begin(), lead.begin(), lead.end());
+      return dims;
+    };
+    ExpectShape(up, "up_weight", with_lead({units, embed}));
+    ExpectShape(up_bias, "up_bias", with_lead({units}));
+    ExpectShape(gate, "gate_weight", with_lead({units, embed}));
+    ExpectShape(gate_bias, "gate_bias", with_lead({units}));
+    ExpectShape(down, "down_weight", with_lead({embed, units}));
+    ExpectShape(down_bias, "down_bias", {embed});
+    if (gate_bias.present && !gate.present) Fail("gate_bias given without gate_weight");
+
+    const int64_t* neuron_idx = nullptr;
+    int64_t kept = units;  // slots per token
+    if (!per_row) {
+      if (kNeuronIdx >= context.GetInputCount() || context.GetInput(kNeuronIdx) == nullptr)
+        Fail("selection '" + std::string(selection_ == Selection::kRows ? "rows" : "tokens") +
+             "' needs neuron_idx");
+      Ort::ConstValue idx = context.GetInput(kNeuronIdx);
+      const std::vector<int64_t> shape = idx.GetTensorTypeAndShapeInfo().GetShape();
+      const bool rows = selection_ == Selection::kRows;
+      if (shape.size() != (rows ? 2u : 3u) || shape[0] != batch || (!rows && shape[1] != seq))
+        Fail("neuron_idx must be " + std::string(rows ? "[B, k]" : "[B, S, k]") + " for x " + ShapeText(x.shape) +
+             ", got " + ShapeText(shape));
+      neuron_idx = idx.GetTensorData<int64_t>();
+      kept = shape.back();
+      const int64_t count = rows ? batch * kept : batch * seq * kept;
+      for (int64_t i = 0; i < count; ++i)
+        if (neuron_idx[i] < 0 || neuron_idx[i] > units)
+          Fail("neuron_idx holds " + std::to_string(neuron_idx[i]) + ", outside [0, " + std::to_string(units) +
+               "] (" + std::to_string(units) + " is the empty slot)");
+    }
+
+    float* y = context.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    std::vector<int64_t> chosen;  // the units one token computes, in order
+    std::vector<char> flags(static_cast<size_t>(units));
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t row_offset = per_row ? b * units : 0;  // into the per-row weights and biases
+      const float* up_b = up.data + row_offset * embed;
+      const float* gate_b = gate.present ? gate.data + row_offset * embed : nullptr;
+      const float* down_b = down.data + row_offset * embed;
+      const float* up_bias_b = up_bias.present ? up_bias.data + row_offset : nullptr;
+      const float* gate_bias_b = gate_bias.present ? gate_bias.data + row_offset : nullptr;
+      for (int64_t s = 0; s < seq; ++s) {
+        chosen.clear();
+        if (selection_ == Selection::kPregathered) {
+          for (int64_t n = 0; n < units; ++n) chosen.push_back(n);
+        } else if (selection_ == Selection::kRows) {
+          for (int64_t j = 0; j < kept; ++j)
+            if (neuron_idx[b * kept + j] != units) chosen.push_back(neuron_idx[b * kept + j]);
+        } else {
+          std::fill(flags.begin(), flags.end(), 0);
+          const int64_t* token_idx = neuron_idx + (b * seq + s) * kept;
+          for (int64_t j = 0; j < kept; ++j)
+            if (token_idx[j] != units) flags[token_idx[j]] = 1;
+          for (int64_t n = 0; n < units; ++n)
+            if (flags[n]) chosen.push_back(n);
+        }
+        const float* x_t = x.data + (b * seq + s) * embed;
+        float* y_t = y + (b * seq + s) * embed;
+        std::fill(y_t, y_t + embed, 0.0f);
+        for (const int64_t n : chosen) {
+          const float u = Dot(x_t, up_b + n * embed, embed) + (up_bias.present ? up_bias_b[n] : 0.0f);
+          float h;
+          if (gate.present) {
+            const float g = Dot(x_t, gate_b + n * embed, embed) + (gate_bias.present ? gate_bias_b[n] : 0.0f);
+            h = Activate(activation_, g) * u;
+          } else {
+            h = Activate(activation_, u);
+          }
+          for (int64_t e = 0; e < embed; ++e) y_t[e] += h * down_b[e * units + n];
+        }
+        if (down_bias.present)
+          for (int64_t e = 0; e < embed; ++e) y_t[e] += down_bias.data[e];
+      }
+    }
+  }
+
+  Activation activation_;
+  Selection selection_;
+};
+
+// A registration of GatheredMLP whose float inputs and output are of element type kType. onnxruntime checks a node
+// against a schema it builds from all the registrations of the name (not against the function's schema), so besides
+// the float32 kernel there are float16 and bfloat16 registrations that only keep the element types onnx_ops allows:
+// they are declared for an execution provider that no session has, and never run. A float16 node then runs the float32
+// kernel between the casts that onnxruntime's CPU provider inserts for float16 (as it does for the body's ops); a
+// bfloat16 node finds no CPU kernel, as its body does not.
+constexpr const char* kSchemaOnlyProvider = "ShadowfxSchemaOnly";
+
+template <ONNXTensorElementDataType kType>
+struct GatheredMlpOp : Ort::CustomOpBase<GatheredMlpOp<kType>, MlpKernel, /*WithStatus=*/true> {
+  static constexpr bool kComputes = kType == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return AsStatus([&] {
+      if (!kComputes) Fail("no kernel for this element type (the registration only declares the schema's types)");
+      *kernel = new MlpKernel(info);
+    });
+  }
+  const char* GetName() const { return "GatheredMLP"; }
+  const char* GetExecutionProviderType() const { return kComputes ? nullptr : kSchemaOnlyProvider; }
+  size_t GetInputTypeCount() const { return kCount; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kNeuronIdx ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : kType;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    const bool required = index == kX || index == kUpWeight || index == kDownWeight;
+    return required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
+};
+
+}  // namespace
+
+// Called by onnxruntime once per SessionOptions.register_custom_ops_library: adds the shadowfx domain to the options.
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {  // an onnxruntime older than the headers: report it through the oldest API table
+    const std::string message = std::string("the shadowfx kernel library needs onnxruntime C API version ") +
+                                std::to_string(ORT_API_VERSION) + ", this onnxruntime is " +
+                                api_base->GetVersionString() + "; build the library against its headers";
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  Ort::InitApi(api);
+  return AsStatus([&] {
+    // The domain and its ops must outlive every session that uses them; made once, never freed.
+    static Ort::CustomOpDomain* const domain = [] {
+      auto* made = new Ort::CustomOpDomain(kDomain);
+      made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>());
+      made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>());
+      made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>());
+      return made;
+    }();
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  });
+}

@@ -1,0 +1,230 @@
+"""The native kernel library of the shadowfx ONNX domain (shadowfx.ort_kernels): registered, onnxruntime runs its
+GatheredMLP kernel in place of the node's function body (the profiles show the node, not the body's ops), with the
+body's results; without it, or where it cannot be built, the bodies run and give the same logits."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+import shadowfx
+import shadowfx.runtimes.onnx as onnx_runtime
+from shadowfx.onnx_export import export_onnx
+from shadowfx.onnx_ops import DOMAIN, DOMAIN_VERSION, OPSET, function_for
+from shadowfx.ort_kernels import KernelPrerequisiteMissing, kernel_library
+from shadowfx.predictor import ShadowPredictor
+from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
+
+from conftest import padded_batch, small_model, structure
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(tempfile.mkdtemp(prefix="shadowfx-onnx-kernels-tests-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_exports():
+    yield
+    shutil.rmtree(ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    try:
+        return kernel_library()
+    except KernelPrerequisiteMissing as error:  # no compiler, or the headers cannot be fetched (no network)
+        pytest.skip(str(error))
+
+
+def session_options(profile: Path | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
+    return options
+
+
+def executed_ops(session: ort.InferenceSession) -> collections.Counter:
+    """How many times each op type ran in ``session`` (profiling on), from its profile's node events."""
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return collections.Counter(event["args"]["op_name"] for event in events
+                               if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"))
+
+
+# ---- one GatheredMLP node: the kernel against its function body -------------------------------------------------
+
+BATCH, SEQ, EMBED, UNITS, KEPT = 2, 3, 8, 10, 4
+
+
+def mlp_model(selection: str, gated: bool, activation: str, elem_type: int = TensorProto.FLOAT):
+    """A graph of one GatheredMLP node with its function body, and random inputs with empty slots (index UNITS)."""
+    names = ["x", "up_weight", "up_bias", "gate_weight" if gated else "", "gate_bias" if gated else "",
+             "down_weight", "down_bias", "" if selection == "pregathered" else "neuron_idx"]
+    lead = [BATCH] if selection == "pregathered" else []
+    shapes = {"x": [BATCH, SEQ, EMBED], "up_weight": lead + [UNITS, EMBED], "up_bias": lead + [UNITS],
+              "gate_weight": lead + [UNITS, EMBED], "gate_bias": lead + [UNITS], "down_weight": lead + [EMBED, UNITS],
+              "down_bias": [EMBED], "neuron_idx": [BATCH, KEPT] if selection == "rows" else [BATCH, SEQ, KEPT]}
+    node = helper.make_node("GatheredMLP", names, ["y"], domain=DOMAIN, activation=activation, selection=selection)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "neuron_idx" else elem_type,
+                                            shapes[name]) for name in names if name]
+    graph = helper.make_graph([node], "gathered_mlp", inputs, [helper.make_tensor_value_info("y", elem_type, None)])
+    model = helper.make_model(graph, functions=[function_for([node])],
+                              opset_imports=[helper.make_opsetid("", OPSET),
+                                             helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    rng = np.random.default_rng(0)
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    feeds = {name: rng.standard_normal(shapes[name]).astype(dtype) for name in names if name and name != "neuron_idx"}
+    if "neuron_idx" in names:
+        feeds["neuron_idx"] = rng.integers(0, UNITS + 1, shapes["neuron_idx"])
+    return model, feeds
+
+
+def run_once(model: onnx.ModelProto, feeds: dict, tmp_path: Path, kernels: Path | None):
+    """The node's output and the op types that ran, with the kernel library registered or not."""
+    options = session_options(tmp_path / "profile")
+    if kernels is not None:
+        options.register_custom_ops_library(str(kernels))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, feeds)
+    return outputs, executed_ops(session)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("selection", ["rows", "tokens", "pregathered"])
+def test_kernel_runs_instead_of_the_body_and_matches_it(library, tmp_path, selection, gated):
+    for activation in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu"):
+        model, feeds = mlp_model(selection, gated, activation)
+        (native,), native_ops = run_once(model, feeds, tmp_path, library)
+        (body,), body_ops = run_once(model, feeds, tmp_path, None)
+        assert native_ops == {"GatheredMLP": 1}, activation
+        assert "GatheredMLP" not in body_ops and body_ops, activation  # the body was inlined
+        np.testing.assert_allclose(native, body, rtol=1e-5, atol=1e-5, err_msg=activation)
+
+
+def test_other_node_types_keep_their_bodies(library, tmp_path):
+    model, feeds = mlp_model("rows", True, "silu")
+    topk = helper.make_node("TopkIndices", ["x"], ["top"], domain=DOMAIN, k=2)  # no kernel in the library
+    model.graph.node.append(topk)
+    model.graph.output.append(helper.make_tensor_value_info("top", TensorProto.INT64, None))
+    model.functions.append(function_for([topk]))
+    native, native_ops = run_once(model, feeds, tmp_path, library)
+    body, _ = run_once(model, feeds, tmp_path, None)
+    assert native_ops == {"GatheredMLP": 1, "TopK": 2}
+    np.testing.assert_allclose(native[0], body[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(native[1], body[1])
+
+
+def test_float16_node_runs_the_float32_kernel_between_casts(library, tmp_path):
+    # the library declares the schema's float16 type, so the file still loads; onnxruntime's CPU provider casts
+    model, feeds = mlp_model("rows", True, "silu", TensorProto.FLOAT16)
+    (native,), native_ops = run_once(model, feeds, tmp_path, library)
+    (body,), _ = run_once(model, feeds, tmp_path, None)
+    assert native.dtype == np.float16 and native_ops["GatheredMLP"] == 1
+    in_float32 = {name: array.astype(np.float32) if array.dtype == np.float16 else array
+                  for name, array in feeds.items()}
+    (exact,), _ = run_once(mlp_model("rows", True, "silu")[0], in_float32, tmp_path, None)
+    np.testing.assert_allclose(native.astype(np.float32), exact, rtol=2e-3, atol=1e-3)  # the output's rounding
+    np.testing.assert_allclose(native, body, rtol=1e-2, atol=5e-2)  # the body rounds every op to float16
+
+
+def test_kernel_refuses_an_index_past_the_empty_slot(library, tmp_path):
+    model, feeds = mlp_model("rows", False, "relu")
+    feeds["neuron_idx"][0, 0] = UNITS + 1
+    with pytest.raises(InvalidArgument, match=r"neuron_idx holds 11, outside \[0, 10\]"):
+        run_once(model, feeds, tmp_path, library)
+
+
+# ---- an exported model: with the library, without it, and "auto" ---------------------------------------------------
+
+# per prompt: rows in prefill, pregathered in decode (opt: relu, plain); per token: tokens (llama: silu, gated)
+CASES = [("opt", "prompt"), ("llama", "token")]
+
+
+def exported(family: str, granularity: str):
+    directory = ROOT / f"{family}-{granularity}"
+    predictor = ShadowPredictor.for_structure(structure(family), hidden=32, seed=1)
+    sparse = shadowfx.transform(small_model(family), predictor, sparsity=0.5, scope="per_layer",
+                                granularity=granularity)
+    if not directory.exists():
+        export_onnx(sparse, directory)
+    return sparse, directory
+
+
+def mlp_nodes(directory: Path, graph: str) -> int:
+    proto = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+    return sum(node.op_type == "GatheredMLP" for node in proto.graph.node)
+
+
+@pytest.mark.parametrize("family, granularity", CASES)
+def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(library, tmp_path, family,
+                                                                             granularity):
+    sparse, directory = exported(family, granularity)
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=3)
+    real = attention_mask.bool()  # padding positions attend to nothing; their values are arbitrary
+    want = sparse(input_ids, attention_mask)
+    want_tokens, want_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=3, return_logits=True)
+    results = {}
+    for kernels in (library, None):
+        onnx_model = OnnxDecoder(directory, session_options=session_options(tmp_path / str(kernels is None)),
+                                 kernels=kernels)
+        assert onnx_model.kernels == kernels
+        logits = onnx_model(input_ids, attention_mask)
+        tokens, generated = onnx_model.generate(input_ids, attention_mask, max_new_tokens=3, return_logits=True)
+        torch.testing.assert_close(logits[real], want[real], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(generated, want_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(tokens, want_tokens)
+        results[kernels] = logits, generated
+        for graph, session in onnx_model.sessions.items():
+            ran = executed_ops(session)
+            # prefill runs twice (the call and generate's start), decode once per new token after the first
+            runs = {"prefill": 2, "decode": 2}.get(graph, 0)
+            assert ran["GatheredMLP"] == (mlp_nodes(directory, graph) * runs if kernels else 0), graph
+    (native_logits, native_generated), (body_logits, body_generated) = results.values()
+    torch.testing.assert_close(native_logits[real], body_logits[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native_generated, body_generated, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_uses_the_built_library(library):
+    _, directory = exported("opt", "prompt")
+    assert OnnxDecoder(directory, session_options=session_options(), kernels="auto").kernels == library
+
+
+def test_auto_falls_back_to_the_bodies_when_the_library_cannot_be_built(monkeypatch, caplog):
+    sparse, directory = exported("opt", "prompt")
+
+    def unbuildable():
+        raise KernelPrerequisiteMissing("g++ is not on PATH")
+
+    monkeypatch.setattr(onnx_runtime, "kernel_library", unbuildable)
+    with caplog.at_level(logging.WARNING, logger=onnx_runtime.__name__):
+        onnx_model = OnnxDecoder(directory, session_options=session_options(), kernels="auto")
+    assert onnx_model.kernels is None
+    assert "no shadowfx kernel library (g++ is not on PATH); onnxruntime runs the function bodies" in caplog.text
+    input_ids, attention_mask = padded_batch(1, 5, 512, seed=4)
+    torch.testing.assert_close(onnx_model(input_ids, attention_mask), sparse(input_ids, attention_mask),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_library_onnxruntime_cannot_load_is_refused(tmp_path):
+    _, directory = exported("opt", "prompt")
+    missing = tmp_path / "libmissing.so"
+    with pytest.raises(OnnxLoadError, match="cannot load the kernel library .*libmissing.so"):
+        OnnxDecoder(directory, session_options=session_options(), kernels=missing)
+
+
+def test_a_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ there
+    with pytest.raises(KernelPrerequisiteMissing, match="g\\+\\+ is not on PATH"):
+        kernel_library(tmp_path / "cache")

@@ -7,7 +7,13 @@ the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-l
 run in alternation; a speedup is the median ratio of the alternated pairs, and each setting is measured in
 ``--runs`` independent runs, reported as their median with the range. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
 
+With ``--onnx`` the same run also exports the dense model and every per-prompt setting (:func:`shadowfx.export_onnx`)
+and times them in onnxruntime with the same thread count, after the PyTorch measurements and with the PyTorch models
+released (the sessions hold their own weights): dense ONNX against sparse ONNX in alternation, and the sparse ONNX
+step against the PyTorch runtime's sparse step measured before.
+
     python benchmarks/decode_speed.py                      # OPT-1.3B shape (about 9 GB of memory, ~15 minutes)
+    python benchmarks/decode_speed.py --onnx --granularity prompt --sparsity 0.5   # and onnxruntime (~20 GB disk)
     python benchmarks/decode_speed.py --layers 4 --hidden 512 --heads 8 --vocab 4096   # a quick check
 """
 
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,6 +96,36 @@ def compare(dense: DenseDecoder, sparse, input_ids, attention_mask, repeats: int
     }
 
 
+def onnx_session_options():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
+def compare_onnx(dense_dir: Path, sparse_dir: Path, input_ids, attention_mask, repeats: int) -> dict:
+    """Prefill and decode-step medians of the dense and the sparse export in onnxruntime, in alternation."""
+    from shadowfx.runtimes.onnx import OnnxDecoder
+
+    dense = OnnxDecoder(dense_dir, session_options=onnx_session_options())
+    sparse = OnnxDecoder(sparse_dir, session_options=onnx_session_options())
+    dense_prefill, sparse_prefill, prefill_speedup = alternating(
+        lambda: dense(input_ids, attention_mask), lambda: sparse(input_ids, attention_mask), max(3, repeats // 4),
+        warmup=1)
+    dense_state = dense.start(input_ids, attention_mask)
+    started = time.perf_counter()
+    sparse_state = sparse.start(input_ids, attention_mask)
+    start_s = time.perf_counter() - started
+    token = input_ids[:, -1]
+    dense_step, sparse_step, decode_speedup = alternating(lambda: dense.step(dense_state, token),
+                                                          lambda: sparse.step(sparse_state, token), repeats)
+    return {"onnx_dense_prefill_s": dense_prefill, "onnx_prefill_s": sparse_prefill,
+            "onnx_prefill_and_gather_s": start_s, "onnx_dense_decode_step_s": dense_step,
+            "onnx_decode_step_s": sparse_step, "onnx_prefill_speedup": prefill_speedup,
+            "onnx_decode_speedup": decode_speedup}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=24)
@@ -102,6 +140,10 @@ def main() -> None:
     parser.add_argument("--granularity", nargs="+", default=["prompt", "token"])
     parser.add_argument("--predictor-hidden", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--onnx", action="store_true", help="also export and time the dense model and every "
+                        "per-prompt setting in onnxruntime")
+    parser.add_argument("--onnx-dir", type=Path, help="where the exports go (default: a temporary folder, removed "
+                        "at the end)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -123,6 +165,9 @@ def main() -> None:
     results = {"config": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
                "bytes_per_dense_decode_step": dense_bytes, "predictor_bytes": predictor_bytes, "sparse": []}
     dense = DenseDecoder(model, input_ids, attention_mask)
+    exports = Path(tempfile.mkdtemp(prefix="shadowfx-bench-")) if args.onnx and args.onnx_dir is None else args.onnx_dir
+    if args.onnx:
+        shadowfx.export_onnx(model, exports / "dense", overwrite=True)
     for granularity in args.granularity:
         for sparsity in args.sparsity:
             sparse = shadowfx.transform(model, predictor, sparsity=sparsity, granularity=granularity)
@@ -141,7 +186,27 @@ def main() -> None:
                   f"{bound:.2f}x, {100 * speedup / bound:.0f}% of it; dense {timing['dense_decode_step_s'] * 1e3:.0f} "
                   f"ms, sparse {timing['decode_step_s'] * 1e3:.0f} ms, path {timing['decode_path']}), "
                   f"prefill {timing['prefill_speedup']:.2f}x")
+            if args.onnx and granularity == "prompt":
+                shadowfx.export_onnx(sparse, exports / f"prompt-{sparsity}", overwrite=True)
             del sparse
+    if args.onnx:
+        del dense, model  # the sessions hold their own copy of the weights
+        for row in results["sparse"]:
+            if row["granularity"] != "prompt":
+                continue
+            runs = [compare_onnx(exports / "dense", exports / f"prompt-{row['sparsity']}", input_ids,
+                                 attention_mask, args.repeats) for _ in range(args.runs)]
+            row.update({key: statistics.median(run[key] for run in runs) for key in runs[0]})
+            row["onnx_decode_speedup_runs"] = [run["onnx_decode_speedup"] for run in runs]
+            # medians of the same run: the sparse ONNX step over the PyTorch runtime's sparse step
+            row["onnx_over_pytorch_decode"] = row["onnx_decode_step_s"] / row["decode_step_s"]
+            row["onnx_dense_over_pytorch_dense_decode"] = row["onnx_dense_decode_step_s"] / row["dense_decode_step_s"]
+            print(f"onnx   {row['sparsity']:.2f}: decode {row['onnx_decode_speedup']:.2f}x dense ONNX (dense "
+                  f"{row['onnx_dense_decode_step_s'] * 1e3:.0f} ms, sparse {row['onnx_decode_step_s'] * 1e3:.0f} ms; "
+                  f"sparse ONNX step / PyTorch sparse step {row['onnx_over_pytorch_decode']:.2f}), prefill "
+                  f"{row['onnx_prefill_speedup']:.2f}x")
+        if args.onnx_dir is None:
+            shutil.rmtree(exports, ignore_errors=True)
     atomic_write_text(args.out / "decode_speed.json", json.dumps(results, indent=2))
     _plot(results, args.out / "decode_speed.png")
     print(f"wrote {args.out / 'decode_speed.json'} and decode_speed.png")
@@ -170,6 +235,9 @@ def _plot(results: dict, path: Path) -> None:
     axis.bar([i - 0.2 for i in x], measured, 0.4, yerr=error, capsize=3, label="decode speedup (median, run range)")
     axis.bar([i + 0.2 for i in x], [r["decode_amdahl_bound"] for r in rows], 0.4, label="Amdahl bound (bytes)")
     axis.plot([i for i in x], [r["prefill_speedup"] for r in rows], "k^", label="prefill speedup")
+    onnx = [(i, r["onnx_decode_speedup"]) for i, r in zip(x, rows) if "onnx_decode_speedup" in r]
+    if onnx:
+        axis.plot(*zip(*onnx), "rs", label="onnxruntime decode speedup (vs dense ONNX)")
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_xticks(list(x), labels)
     axis.set_ylabel("x vs dense (median)")

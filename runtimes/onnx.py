@@ -3,7 +3,8 @@
 Per prompt: the prefill gives the logits, the KV cache and the selection; the gather graph turns the selection into
 the prompt's kept weights once; every decode step reads them. The KV cache and the kept weights stay onnxruntime
 values bound through IOBinding, so a decode step copies in only the new token and the mask, and copies out only the
-logits. Per token the decode graph selects again at every step and the cache stays complete.
+logits. Per token the decode graph selects again at every step and the cache stays complete. A dense export (the
+model as it is, the baseline) runs its prefill and decode the same way, with no selection.
 
 Before any session is made, the directory is checked: every graph file is there, parses, carries shadowfx metadata of
 this export format and the same model fingerprint (that of the model given, when one is), names a weights file that
@@ -17,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -126,7 +128,7 @@ class OnnxDecoder(GenerationLoop):
         granularity = metadata.get("granularity")
         if granularity not in GRAPH_FILES:
             raise OnnxLoadError(f"{probe} names granularity {granularity!r}; export it again")
-        self.granularity: Granularity = granularity  # type: ignore[assignment]
+        self.granularity: Granularity | Literal["dense"] = granularity  # type: ignore[assignment]
         graphs = {name: _read_graph(self.directory / f"{name}.onnx", kernels is not None)[1]
                   for name in GRAPH_FILES[granularity]}
         fingerprints = {meta["fingerprint"] for meta in graphs.values()}
@@ -137,7 +139,8 @@ class OnnxDecoder(GenerationLoop):
         if structure is not None:
             check_fingerprint(self.fingerprint, structure, what=f"the ONNX export in {self.directory}")
         self.structure = DecoderStructure.from_json(metadata["structure"])
-        self.config = SparsityConfig(**json.loads(metadata["sparsity"]))
+        sparsity = json.loads(metadata["sparsity"])
+        self.config = SparsityConfig(**sparsity) if sparsity is not None else None  # None: a dense export
         self.max_positions = json.loads(metadata["max_positions"])
         self.generation_config = generation_config
         options = session_options or ort.SessionOptions()
@@ -182,7 +185,7 @@ class OnnxDecoder(GenerationLoop):
                             {})
         layers = self.structure.num_layers
         cache, chosen = outputs[1:1 + 2 * layers], outputs[1 + 2 * layers:]
-        self.last_selection = self._selection(chosen)
+        self.last_selection = self._selection(chosen) if chosen else None
         return torch.from_numpy(outputs[0].numpy()), cache, chosen
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, decode: bool = True,

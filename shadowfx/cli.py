@@ -178,7 +178,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Transform a model with a saved predictor and write its graphs as ONNX."""
+    """Transform a model with a saved predictor and write its graphs as ONNX (or, with --dense, the model as it is)."""
+    if args.dense:
+        directory = export_onnx(load_decoder(args.model, dtype=args.dtype), args.out, overwrite=args.overwrite)
+        print(f"dense (no predictor, no sparsity): wrote {', '.join(sorted(p.name for p in directory.iterdir()))} "
+              f"to {directory}")
+        return 0
     predictors = args.predictor or model_path(args.model)
     if not Path(predictors).is_dir():
         raise ModelLoadError(f"{args.model} has no model directory holding a predictor; pass --predictor DIR (where "
@@ -264,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the saved predictor's granularity, and the one exported (default: the predictor's)")
     export.add_argument("--sparsity", type=float, default=0.5, help="fraction of heads and neurons of layers >= 1 "
                         "to skip")
-    export.add_argument("--scope", default="per_layer", choices=SCOPES)
+    export.add_argument("--scope", default="per_layer", choices=SCOPES,
+                        help="rank the kept units within each layer (per_layer, default: every predictor kind) or "
+                        "across layers (global: not the dejavu kind)")
+    export.add_argument("--dense", action="store_true", help="export the model as it is (no predictor, no "
+                        "sparsity): the baseline to run and time beside the sparse export")
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     export.add_argument("--dtype", **DTYPE_OPTION)
     export.set_defaults(run=_export)

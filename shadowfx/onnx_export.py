@@ -1,4 +1,5 @@
-"""Write a transformed model's graphs as ONNX files that stock onnxruntime runs.
+"""Write a transformed model's graphs (or a dense model's, to compare with) as ONNX files that stock onnxruntime
+runs.
 
 A directory holds, per granularity:
 
@@ -7,6 +8,7 @@ A directory holds, per granularity:
   ``decode.onnx`` (one token, mask, cache, kept weights -> logits, cache): the kept weights are gathered once per
   prompt and become state that every decode step reads, as in the PyTorch runtime.
 * token: ``prefill.onnx`` and ``decode.onnx`` (one token, mask, complete cache -> logits, cache, its selection).
+* dense (a model that was not transformed, the baseline): ``prefill.onnx`` and ``decode.onnx`` as captured.
 
 Each graph is the rewritten FX graph re-exported with ``torch.export`` (dynamic batch, sequence and past length)
 and translated by ``torch.onnx``; the shadowfx ops, the predictor's MLPs and the selection's top-k become nodes of
@@ -20,8 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -29,20 +30,26 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 from torch import nn
 from torch.export import Dim
+from tqdm import tqdm
 
+from shadowfx.capture import capture, max_positions
 from shadowfx.compact import compact_weights
-from shadowfx.onnx_ops import DOMAIN, OnnxExportError, function_for, translation_table
+from shadowfx.files import atomic_write_directory
+from shadowfx.onnx_ops import DOMAIN, NODE_TYPES, OnnxExportError, function_for, translation_table
+from shadowfx.passes.discover_structure import discover_structure
+from shadowfx.passes.graph import editable_module
 from shadowfx.predictor import ScaledMLP
 from shadowfx.runtimes.pytorch import SparseDecoder
 from shadowfx.selection import Selection
 
 FORMAT = 1  # the layout of an export directory and its metadata; a reader refuses any other
 WEIGHTS_FILE = "weights.bin"
-GRAPH_FILES = {"prompt": ("prefill", "gather", "decode"), "token": ("prefill", "decode")}
+DENSE = "dense"  # the granularity an export of the model as it is names
+GRAPH_FILES = {"prompt": ("prefill", "gather", "decode"), "token": ("prefill", "decode"), DENSE: ("prefill", "decode")}
 METADATA_PREFIX = "shadowfx."
 _INLINE_BYTES = 1024  # smaller tensors (shape constants, scalars) stay inside the graph
 _ALIGN = 64
@@ -95,6 +102,35 @@ class _GatherKept(nn.Module):
         return tuple(compact_weights(self.model, self.structure, selection, per_row=True).tensors)
 
 
+class _Dense:
+    """A model's dense prefill and decode as captured, in the shape of a transformed model's export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model.eval()
+        self.prefill = capture(model, step="prefill_cache")
+        self.structure = discover_structure(self.prefill)
+        self.model = model
+        self.max_positions = max_positions(model)
+
+    def graphs(self, progress: tqdm) -> dict[str, onnx.ModelProto]:
+        layers = self.structure.num_layers
+        batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
+        input_ids, attention_mask = _example(self.model)
+        prefill = editable_module(self.prefill.program)
+        decode = editable_module(capture(self.model, step="decode").program)
+        with torch.inference_mode(False), torch.no_grad():
+            cache = list(prefill(input_ids, attention_mask)[1:])
+            mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            return {
+                "prefill": _to_onnx(progress, prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
+                                    ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers)]),
+                "decode": _to_onnx(progress, decode, (input_ids[:, -1:], mask, *cache),
+                                   ({0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)),
+                                   ["input_ids", "attention_mask", *_cache_names("past", layers)],
+                                   ["logits", *_cache_names("present", layers)]),
+            }
+
+
 def _placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
     return [node.name for node in gm.graph.nodes if node.op == "placeholder"]
 
@@ -107,63 +143,172 @@ def _cache_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{index}" for kind in ("keys", "values") for index in range(layers)]
 
 
-def _example(sparse: SparseDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+# per compact-weight role: which selection it follows, the axis of its kept rows, and rows per kept unit
+_KEPT_AXES = {"q_weight": ("kv_heads", 1, "query_rows"), "q_bias": ("kv_heads", 1, "query_rows"),
+              "k_weight": ("kv_heads", 1, "head_dim"), "k_bias": ("kv_heads", 1, "head_dim"),
+              "v_weight": ("kv_heads", 1, "head_dim"), "v_bias": ("kv_heads", 1, "head_dim"),
+              "o_weight": ("kv_heads", 2, "query_rows"), "up_weight": ("neurons", 1, "one"),
+              "up_bias": ("neurons", 1, "one"), "gate_weight": ("neurons", 1, "one"),
+              "gate_bias": ("neurons", 1, "one"), "down_weight": ("neurons", 2, "one")}
+
+
+def _selection_dims(sparse: SparseDecoder) -> dict[str, Dim]:
+    """At scope "global" each later layer keeps as many units as its scores earn: one dynamic size per layer and
+    kind (per layer every layer keeps the configured count, and the sizes stay fixed)."""
+    if sparse.config.scope != "global":
+        return {}
+    dims = {}
+    for layer in sparse.structure.layers[1:]:
+        for kind, units in (("kv_heads", layer.attention.num_kv_heads), ("neurons", layer.mlp.intermediate_size)):
+            if units > 1:  # a single unit is always kept: its size is fixed
+                dims[f"{kind}_{layer.index}"] = Dim(f"{kind}_{layer.index}", min=1, max=units)
+    return dims
+
+
+def _example_selection(sparse: SparseDecoder, selection: Selection) -> Selection:
+    """The selection the gather and decode graphs are traced with: the prompt's own, except at scope "global",
+    where a layer's width may be 1, which export would fix as a constant; there every layer keeps all its units
+    but one (all of two), for both rows."""
+    if sparse.config.scope != "global":
+        return selection
+
+    def kept(units: int) -> torch.Tensor:
+        return torch.arange(units - 1 if units > 2 else units).expand(selection.batch, -1)
+
+    later = sparse.structure.layers[1:]
+    return Selection(kv_heads=tuple(kept(layer.attention.num_kv_heads) for layer in later),
+                     neurons=tuple(kept(layer.mlp.intermediate_size) for layer in later))
+
+
+def _compact_shapes(sparse: SparseDecoder, names: list[str], tensors: list[torch.Tensor], batch: Dim) -> list:
+    """The dynamic shapes of the decode graph's compact weights: batch rows lead, except the output biases (1-D,
+    never per row); at scope "global" the kept rows follow their layer's selection size."""
+    selection = _selection_dims(sparse)
+    shapes = []
+    for name, tensor in zip(names, tensors):
+        if tensor.dim() == 1:
+            shapes.append(None)
+            continue
+        _, layer, role = name.split("_", 2)
+        shape = {0: batch}
+        kind, axis, unit = _KEPT_AXES[role]
+        if f"{kind}_{layer}" in selection:
+            attention = sparse.structure.layers[int(layer)].attention
+            rows = {"query_rows": attention.kv_group_size * attention.head_dim, "head_dim": attention.head_dim,
+                    "one": 1}[unit]
+            size = selection[f"{kind}_{layer}"]
+            shape[axis] = size if rows == 1 else rows * size
+        shapes.append(shape)
+    return shapes
+
+
+def _example(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Two left-padded rows of different lengths: sizes above 1 keep export from specialising them."""
     generator = torch.Generator().manual_seed(0)
-    vocab = sparse.model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().num_embeddings
     input_ids = torch.randint(0, vocab, (2, 6), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :2] = 0
     return input_ids, attention_mask
 
 
-def _to_onnx(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's per-step messages (and its optimiser's notes on pass-through weights) off the console;
+    the export shows its own progress, one step per graph."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _to_onnx(progress: tqdm, module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
              output_names: list[str]) -> onnx.ModelProto:
-    program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
-                                  prefer_deferred_runtime_asserts_over_guards=True)
-    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=translation_table(),
-                                     input_names=input_names, output_names=output_names, opset_version=20,
-                                     optimize=True, verify=False, report=False)
+    with _quiet_exporter():
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=translation_table(),
+                                         input_names=input_names, output_names=output_names, opset_version=20,
+                                         optimize=True, verify=False, report=False, verbose=False)
+    progress.update()
     return onnx_program.model_proto
 
 
-def _graphs(sparse: SparseDecoder) -> dict[str, onnx.ModelProto]:
+def _graphs(sparse: SparseDecoder, progress: tqdm) -> dict[str, onnx.ModelProto]:
     """The ONNX graphs of ``sparse``, by name (see the module docstring)."""
     structure, layers = sparse.structure, sparse.structure.num_layers
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
-    input_ids, attention_mask = _example(sparse)
+    input_ids, attention_mask = _example(sparse.model)
     state = sparse.start(input_ids, attention_mask, decode=False)
-    selection = sparse.last_selection
+    selection = _example_selection(sparse, sparse.last_selection)
     chosen = [*selection.kv_heads, *selection.neurons]
     selection_out = _selection_names(layers)
     graphs = {}
     with torch.inference_mode(False), torch.no_grad(), _predictor_as_nodes(sparse.predictor):
         graphs["prefill"] = _to_onnx(
-            sparse.graphs.prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
+            progress, sparse.graphs.prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
             ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers), *selection_out])
         token = input_ids[:, -1:]
         mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         cache = [*state.keys, *state.values]
-        cache_shapes = ({0: batch, 2: past},) * len(cache)
         decode_in = ["input_ids", "attention_mask", *_cache_names("past", layers)]
         decode_out = ["logits", *_cache_names("present", layers)]
-        step_shapes = ({0: batch}, {0: batch, 1: past + 1}, *cache_shapes)
-        if sparse.granularity == "prompt":
-            kept = compact_weights(sparse.model, structure, selection, per_row=True).tensors
-            gather = _GatherKept(sparse)
-            compact_names = [name for name in _placeholder_names(sparse.graphs.decode_pregathered)
-                             if name.startswith("compact_")]
-            graphs["gather"] = _to_onnx(gather, tuple(chosen), (({0: batch},) * len(chosen),), selection_out,
-                                        compact_names)
-            graphs["decode"] = _to_onnx(
-                sparse.graphs.decode_pregathered, (token, mask, *cache, *kept),
-                # per-row tensors lead with the batch; the output biases (1-D) are never per row
-                (*step_shapes, *({0: batch} if t.dim() > 1 else None for t in kept)), decode_in + compact_names,
-                decode_out)
-        else:
-            graphs["decode"] = _to_onnx(sparse.graphs.decode, (token, mask, *cache), step_shapes, decode_in,
-                                        decode_out + selection_out)
+        step_shapes = [{0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)]
+        if sparse.granularity == "token":
+            graphs["decode"] = _to_onnx(progress, sparse.graphs.decode, (token, mask, *cache), tuple(step_shapes),
+                                        decode_in, decode_out + selection_out)
+            return graphs
+        kept = compact_weights(sparse.model, structure, selection, per_row=True).tensors
+        compact_names = [name for name in _placeholder_names(sparse.graphs.decode_pregathered)
+                         if name.startswith("compact_")]
+        widths = _selection_dims(sparse)
+        if widths:  # the cache of a later layer holds its kept KV groups: as many as the example selection's
+            for position, heads in enumerate(selection.kv_heads, start=1):
+                for offset in (0, layers):
+                    past_tensor = cache[offset + position]
+                    cache[offset + position] = past_tensor.new_zeros(past_tensor.shape[0], heads.shape[1],
+                                                                     *past_tensor.shape[2:])
+                    if f"kv_heads_{position}" in widths:
+                        step_shapes[2 + offset + position][1] = widths[f"kv_heads_{position}"]
+        selection_shapes = tuple({0: batch, **({1: widths[name]} if name in widths else {})}
+                                 for name in selection_out)
+        graphs["gather"] = _to_onnx(progress, _GatherKept(sparse), tuple(chosen), (selection_shapes,), selection_out,
+                                    compact_names)
+        graphs["decode"] = _to_onnx(
+            progress, sparse.graphs.decode_pregathered, (token, mask, *cache, *kept),
+            (*step_shapes, *_compact_shapes(sparse, compact_names, kept, batch)), decode_in + compact_names,
+            decode_out)
     return graphs
+
+
+def _unpack_layer_outputs(proto: onnx.ModelProto) -> None:
+    """Give each GlobalTopkIndices node its per-layer outputs. The exporter writes an op returning a list as one
+    sequence value read by SequenceAt nodes; the node type has one output per layer instead (no sequence type, which
+    the shadowfx schemas and kernels do not take), so those reads become the node's outputs."""
+    graph = proto.graph
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            constants[node.output[0]] = node.attribute[0].t
+    for node in [n for n in graph.node if n.domain == DOMAIN and NODE_TYPES[n.op_type].variadic]:
+        sequence = node.output[0]
+        layers = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "layers")
+        readers = [n for n in graph.node if sequence in n.input]
+        if any(n.op_type != "SequenceAt" or n.input[1] not in constants for n in readers):
+            raise OnnxExportError(f"{node.op_type} {node.name}: its outputs are read other than one layer at a time; "
+                                  "the export cannot give them as per-layer outputs")
+        outputs = [f"{sequence}_{layer}" for layer in range(layers)]
+        for reader in readers:
+            outputs[int(numpy_helper.to_array(constants[reader.input[1]]))] = reader.output[0]
+            graph.node.remove(reader)
+        node.output[:] = outputs
+        for info in [v for v in graph.value_info if v.name == sequence]:
+            graph.value_info.remove(info)
 
 
 def _add_functions(proto: onnx.ModelProto) -> None:
@@ -174,12 +319,14 @@ def _add_functions(proto: onnx.ModelProto) -> None:
     proto.functions.extend(function_for(nodes) for nodes in by_type.values())
 
 
-def _metadata(sparse: SparseDecoder, graph: str) -> dict[str, str]:
+def _metadata(model: SparseDecoder | _Dense, graph: str) -> dict[str, str]:
+    sparse = isinstance(model, SparseDecoder)
     return {
-        "format": str(FORMAT), "version": shadowfx_version(), "graph": graph, "granularity": sparse.granularity,
-        "fingerprint": sparse.structure.fingerprint, "sparsity": json.dumps(asdict(sparse.config)),
-        "predictor": getattr(sparse.predictor, "kind", type(sparse.predictor).__name__),
-        "structure": sparse.structure.to_json(indent=None), "max_positions": json.dumps(sparse.max_positions),
+        "format": str(FORMAT), "version": shadowfx_version(), "graph": graph,
+        "granularity": model.granularity if sparse else DENSE, "fingerprint": model.structure.fingerprint,
+        "sparsity": json.dumps(asdict(model.config) if sparse else None),
+        "predictor": getattr(model.predictor, "kind", type(model.predictor).__name__) if sparse else "none",
+        "structure": model.structure.to_json(indent=None), "max_positions": json.dumps(model.max_positions),
     }
 
 
@@ -212,39 +359,36 @@ class _SharedWeights:
         self.file.close()
 
 
-def export_onnx(sparse: SparseDecoder, directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the ONNX graphs of ``sparse`` (from :func:`shadowfx.transform`) into ``directory``; returns it.
+def export_onnx(model: SparseDecoder | nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the ONNX graphs of ``model`` into ``directory``; returns it.
 
-    Supported: both granularities, every predictor kind, ``scope="per_layer"``, sdpa attention. The directory is
-    written beside the target and moved into place, so a failed export leaves nothing half written.
+    ``model`` transformed by :func:`shadowfx.transform`: its sparse graphs (both granularities, both scopes, every
+    predictor kind, sdpa attention). A Hugging Face model as it is: its dense prefill and decode, the baseline that
+    the sparse export is measured against, run by the same runtime. The directory is written beside the target and
+    moved into place, so a failed export leaves nothing half written.
     """
-    if sparse.config.scope != "per_layer":
-        raise OnnxExportError("the ONNX export supports scope='per_layer' only: at scope='global' each layer's "
-                              "selection width depends on the scores, which the export does not write yet; "
-                              "transform with scope='per_layer'")
-    if sparse.granularity == "prompt" and sparse.graphs.decode_pregathered is None:
+    if isinstance(model, SparseDecoder) and model.granularity == "prompt" and model.graphs.decode_pregathered is None:
         raise OnnxExportError("the transformed model has no pre-gathered decode graph to export")
     target = Path(directory)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not overwrite)):
         raise OnnxExportError(f"{target} exists and is not an empty directory; choose another or pass "
                               "overwrite=True")
-    graphs = _graphs(sparse)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    if not isinstance(model, SparseDecoder):
+        model = _Dense(model)
+    names = GRAPH_FILES[model.granularity if isinstance(model, SparseDecoder) else DENSE]
+    with tqdm(total=len(names), desc="exporting ONNX graphs", unit="graph") as progress:
+        graphs = _graphs(model, progress) if isinstance(model, SparseDecoder) else model.graphs(progress)
+
+    def write(staging: Path) -> None:
         weights = _SharedWeights(staging / WEIGHTS_FILE)
         try:
             for name, proto in graphs.items():
+                _unpack_layer_outputs(proto)
                 _add_functions(proto)
-                onnx.helper.set_model_props(proto, {METADATA_PREFIX + k: v for k, v in _metadata(sparse, name).items()})
+                helper.set_model_props(proto, {METADATA_PREFIX + k: v for k, v in _metadata(model, name).items()})
                 weights.externalise(proto)
                 onnx.save(proto, staging / f"{name}.onnx")
         finally:
             weights.close()
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_write_directory(target, write)

@@ -66,6 +66,7 @@ class NodeType:
     attributes: dict[str, OpSchema.AttrType]
     doc: str
     referenced: tuple[str, ...] = ()  # attributes the body reads from the node, so nodes may differ in them
+    variadic: bool = False  # one output per layer (the ``layers`` attribute), named ``<output>_<i>`` in the body
 
     def schema(self) -> OpSchema:
         option = OpSchema.FormalParameterOption
@@ -73,7 +74,9 @@ class NodeType:
             self.name, DOMAIN, DOMAIN_VERSION, doc=self.doc,
             inputs=[OpSchema.FormalParameter(i.name, i.type, param_option=option.Optional if i.optional
                                              else option.Single) for i in self.inputs],
-            outputs=[OpSchema.FormalParameter(name, "I" if name == "indices" else "T") for name in self.outputs],
+            outputs=[OpSchema.FormalParameter(name, "I" if name == "indices" else "T",
+                                              param_option=option.Variadic if self.variadic else option.Single)
+                     for name in self.outputs],
             type_constraints=[("T", _FLOATS, "activations and weights"), ("I", ["tensor(int64)"], "unit indices"),
                               ("M", _MASKS, "attention mask, True = attend")],
             attributes=[OpSchema.Attribute(name, kind, "") for name, kind in self.attributes.items()],
@@ -100,6 +103,11 @@ NODE_TYPES: dict[str, NodeType] = {t.name: t for t in (
              "shadowfx::token_sparse_attention: self-attention with a selection of KV groups per token"),
     NodeType("TopkIndices", _ops.topk_indices.default, _inputs("scores:T"), ("indices",), {"k": _INT},
              "shadowfx::topk_indices: the k largest scores' indices, ascending (the selection)", referenced=("k",)),
+    NodeType("GlobalTopkIndices", _ops.global_topk_indices.default, _inputs("scores:T"), ("indices",),
+             {"budget": _INT, "minimum": _INT, "layers": _INT},
+             "shadowfx::global_topk_indices: per layer the kept units of a budget ranked across layers (the "
+             "selection at scope 'global'); one output per layer, widths set by the scores",
+             referenced=("budget", "minimum"), variadic=True),
     NodeType("ShadowMLP", _ops.shadow_mlp.default, _inputs("x:T", "w1:T", "b1:T", "w2:T", "b2:T"), ("y",), {},
              "shadowfx::shadow_mlp: a shadow predictor's MLP on the min-max scaled input"),
 )}
@@ -152,6 +160,11 @@ def _translate_topk(scores, k):
     return _OPSET.TopkIndices(scores, k=k)
 
 
+def _translate_global_topk(scores, budget, minimum):
+    layers = scores.shape[1]
+    return _OPSET.GlobalTopkIndices(scores, budget=budget, minimum=minimum, layers=layers, _num_outputs=layers)
+
+
 def _translate_shadow_mlp(x, w1, b1, w2, b2):
     return _OPSET.ShadowMLP(x, w1, b1, w2, b2)
 
@@ -161,7 +174,8 @@ def translation_table() -> dict:
     register_schemas()
     translations = {"GatheredMLP": _translate_mlp, "GatheredAttention": _attention_translation("GatheredAttention"),
                     "TokenSparseAttention": _attention_translation("TokenSparseAttention"),
-                    "TopkIndices": _translate_topk, "ShadowMLP": _translate_shadow_mlp}
+                    "TopkIndices": _translate_topk, "GlobalTopkIndices": _translate_global_topk,
+                    "ShadowMLP": _translate_shadow_mlp}
     return {NODE_TYPES[name].torch_op: fn for name, fn in translations.items()}
 
 
@@ -340,6 +354,35 @@ def _topk_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
     return [ascending]
 
 
+def _global_topk_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
+    scores = body("Cast", "scores", to=TensorProto.FLOAT)  # [R, L, N]
+    ones = body("Constant", value_float=1.0)
+
+    def flags(like: str, indices: str) -> str:
+        """float [like's shape], 1 at ``indices`` along the last axis."""
+        zeros = body("ConstantOfShape", body("Shape", like), value=helper.make_tensor("", TensorProto.FLOAT, [1], [0]))
+        return body("ScatterElements", zeros, indices, body("Expand", ones, body("Shape", indices)), axis=-1)
+
+    # ONNX TopK breaks ties towards the lower index, as the reference's stable sorts do
+    _, reserved = body("TopK", scores, body.int_attribute("minimum"), outputs=2, axis=-1, largest=1, sorted=1)
+    infinity = body("Constant", value_float=float("inf"))
+    ranked = body("Reshape", body("Where", body("Cast", flags(scores, reserved), to=TensorProto.BOOL), infinity,
+                                  scores), body.ints(0, -1))
+    _, order = body("TopK", ranked, body.int_attribute("budget"), outputs=2, axis=-1, largest=1, sorted=1)
+    kept = body("Cast", body("Reshape", flags(ranked, order), body("Shape", scores)), to=TensorProto.BOOL)
+    units = body.dims(scores, 2, 3)
+    slots = body("Range", body("Constant", value_int=0), body("Squeeze", units), body("Constant", value_int=1))
+    ascending, _ = body("TopK", body("Where", kept, slots, units), units, outputs=2, axis=-1, largest=0, sorted=1)
+    widths = body("ReduceMax", body("ReduceSum", body("Cast", kept, to=TensorProto.INT64), body.ints(-1), keepdims=0),
+                  body.ints(0), keepdims=0)
+    outputs = []
+    for layer in range(attributes["layers"]):
+        position = body.ints(layer)
+        row = body("Squeeze", body("Gather", ascending, position, axis=1), body.ints(1))
+        outputs.append(body("Slice", row, body.ints(0), body("Gather", widths, position), body.ints(1)))
+    return outputs
+
+
 def _shadow_mlp_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
     x = body("Cast", "x", to=TensorProto.FLOAT)
     last = body.ints(-1)
@@ -354,7 +397,7 @@ def _shadow_mlp_body(body: _Body, present: set[str], attributes: dict) -> list[s
 
 _BODIES: dict[str, Callable[[_Body, set[str], dict], list[str]]] = {
     "GatheredMLP": _mlp_body, "GatheredAttention": _attention_body, "TokenSparseAttention": _attention_body,
-    "TopkIndices": _topk_body, "ShadowMLP": _shadow_mlp_body,
+    "TopkIndices": _topk_body, "GlobalTopkIndices": _global_topk_body, "ShadowMLP": _shadow_mlp_body,
 }
 
 
@@ -378,11 +421,13 @@ def function_for(nodes: list[onnx.NodeProto]) -> onnx.FunctionProto:
     body = _Body()
     outputs = _BODIES[op_type](body, set(present), dict(attributes))
     # the function's outputs are the body's last values, renamed to the schema's output names
-    renames = dict(zip(outputs, node_type.outputs))
+    names = ([f"{node_type.outputs[0]}_{i}" for i in range(len(outputs))] if node_type.variadic
+             else list(node_type.outputs))
+    renames = dict(zip(outputs, names))
     for node in body.nodes:
         node.output[:] = [renames.get(name, name) for name in node.output]
     return helper.make_function(
-        DOMAIN, op_type, inputs=[spec.name for spec in node_type.inputs], outputs=list(node_type.outputs),
+        DOMAIN, op_type, inputs=[spec.name for spec in node_type.inputs], outputs=names,
         nodes=body.nodes, opset_imports=[helper.make_opsetid("", OPSET)],
         attributes=list(node_type.attributes),
     )

@@ -46,8 +46,8 @@ from torch import Tensor
 from torch.library import CustomOpDef, custom_op
 
 __all__ = [
-    "ACTIVATIONS", "gathered_attention", "gathered_mlp", "minmax_scale", "shadow_mlp", "token_sparse_attention",
-    "topk_indices",
+    "ACTIVATIONS", "gathered_attention", "gathered_mlp", "global_topk_indices", "minmax_scale", "shadow_mlp",
+    "token_sparse_attention", "topk_indices",
 ]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -538,6 +538,49 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
 def _topk_indices_fake(scores: Tensor, k: int) -> Tensor:
     _check_topk_args(scores, k)
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64)
+
+
+def _check_global_topk_args(scores: Tensor, budget: int, minimum: int) -> None:
+    torch._check_value(scores.dim() == 3, lambda: f"scores must be [R, L, N], got shape {tuple(scores.shape)}")
+    torch._check_value(scores.is_floating_point(), lambda: f"scores must be floating point, got {scores.dtype}")
+    layers, units = scores.shape[1], scores.shape[2]
+    torch._check_value(1 <= minimum <= units, lambda: f"minimum must be in [1, {units}], got {minimum}")
+    torch._check_value(minimum * layers <= budget <= layers * units,
+                       lambda: f"budget must be in [{minimum * layers}, {layers * units}], got {budget}")
+
+
+@custom_op("shadowfx::global_topk_indices", mutates_args=())
+def global_topk_indices(scores: Tensor, budget: int, minimum: int) -> list[Tensor]:
+    """Rank each row's ``budget`` units across the layers of ``scores`` [R, L, N], after reserving its top ``minimum``
+    units of every layer; per layer an int64 [R, w_l] of the kept units, ascending, where ``w_l`` is the most any row
+    keeps in that layer and the rows that keep fewer are padded with the empty slot ``N``.
+
+    The widths depend on the scores, so the fake implementation gives them as dynamic sizes. Ties go to the lower
+    index (of the layer, then of the flattened layers), as in ``topk_indices``.
+    """
+    _check_global_topk_args(scores, budget, minimum)
+    rows, layers, units = scores.shape
+    scores = scores.float()
+    by_layer = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    reserved = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, by_layer[..., :minimum], True)
+    ranked = scores.masked_fill(reserved, float("inf")).reshape(rows, -1)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    kept = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order[:, :budget], True).view(scores.shape)
+    widths = kept.sum(-1).amax(0).tolist() if rows else [0] * layers
+    slots = torch.arange(units, device=scores.device).expand_as(kept)
+    # kept units first, ascending; then the empty slot `units` fills what a row does not keep
+    indices = slots.masked_fill(~kept, units).sort(dim=-1).values
+    return [indices[:, layer, :width].clone() for layer, width in enumerate(widths)]  # outputs may not alias
+
+
+@global_topk_indices.register_fake
+def _global_topk_indices_fake(scores: Tensor, budget: int, minimum: int) -> list[Tensor]:
+    _check_global_topk_args(scores, budget, minimum)
+    context = torch.library.get_ctx()
+    units = scores.shape[2]
+    bound = units if isinstance(units, int) else None  # a bound must be a known int, not a symbolic size
+    return [scores.new_empty((scores.shape[0], context.new_dynamic_size(max=bound)), dtype=torch.int64)
+            for _ in range(scores.shape[1])]
 
 
 # ------------------------------------------------------------------------------------------------ predictor MLP

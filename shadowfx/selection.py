@@ -19,7 +19,7 @@ from typing import Literal, get_args
 
 import torch
 
-from shadowfx.ops import topk_indices, unit_rows
+from shadowfx.ops import global_topk_indices, topk_indices, unit_rows
 from shadowfx.predictor import Scores
 from shadowfx.structure import DecoderStructure
 
@@ -111,15 +111,8 @@ def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: 
         keep = _keep(units, sparsity, minimum)
         return tuple(topk_indices(rows[:, layer].contiguous(), keep).reshape(*leading, keep) for layer in range(layers))
     budget = kept_per_layer(layers, units, sparsity, scope, minimum)
-    reserved = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, rows.topk(minimum, dim=-1).indices, True)
-    ranked = rows.masked_fill(reserved, float("inf")).reshape(rows.shape[0], -1)
-    kept = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, ranked.topk(budget, dim=-1).indices, True)
-    kept = kept.view(rows.shape)
-    widths = kept.sum(-1).amax(0).tolist()  # per layer, the most any row keeps
-    slots = torch.arange(units, device=scores.device).expand_as(rows)
-    # kept units first, ascending; then the empty slot `units` fills what a row does not keep
-    indices = slots.masked_fill(~kept, units).sort(dim=-1).values
-    return tuple(indices[:, layer, :width].reshape(*leading, width) for layer, width in enumerate(widths))
+    kept = global_topk_indices(rows.contiguous(), budget, minimum)
+    return tuple(indices.reshape(*leading, indices.shape[-1]) for indices in kept)
 
 
 def planned_sparsity(structure: DecoderStructure, config: SparsityConfig) -> dict[str, dict[str, float]]:

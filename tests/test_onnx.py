@@ -18,7 +18,8 @@ import torch
 import shadowfx
 from shadowfx.families import FAMILIES
 from shadowfx.onnx_export import GRAPH_FILES, WEIGHTS_FILE, export_onnx
-from shadowfx.onnx_ops import DOMAIN, OnnxExportError
+from shadowfx.onnx_ops import DOMAIN
+from shadowfx.capture import positions_from_mask
 from shadowfx.cli import main
 from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores, load_predictor, save_predictor
 from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
@@ -31,12 +32,18 @@ PREDICTORS = {
     "dejavu": lambda family: LayerwisePredictor.for_structure(structure(family), hidden=32, seed=1),
     "static": lambda family: StaticScores.random(structure(family), seed=1),
 }
-# An export takes 20-30 s on the 2-core machine, so the default run covers both granularities, all predictor kinds
-# and both sparsities in three cases; SHADOWFX_ONNX_MATRIX=1 runs every family x granularity x sparsity x kind.
-CASES = [("opt", "prompt", 0.5, "shadowllm"), ("llama", "token", 0.5, "dejavu"), ("qwen2", "token", 0.0, "static")]
+# An export takes 20-30 s on the 2-core machine, so the default run covers both granularities, both scopes, all
+# predictor kinds and both sparsities in five cases; SHADOWFX_ONNX_MATRIX=1 runs every family x granularity x
+# sparsity x kind at per-layer scope, and every family x granularity at global scope (the layerwise kind ranks one
+# layer at a time, so it has no global scope).
+CASES = [("opt", "prompt", 0.5, "shadowllm", "per_layer"), ("llama", "token", 0.5, "dejavu", "per_layer"),
+         ("qwen2", "token", 0.0, "static", "per_layer"), ("llama", "prompt", 0.5, "shadowllm", "global"),
+         ("gpt2", "token", 0.5, "static", "global")]
 if os.environ.get("SHADOWFX_ONNX_MATRIX") == "1":
-    CASES = [(family, granularity, sparsity, kind) for family in FAMILIES for granularity in ("prompt", "token")
-             for sparsity in (0.0, 0.5) for kind in PREDICTORS]
+    CASES = [(family, granularity, sparsity, kind, "per_layer") for family in FAMILIES
+             for granularity in ("prompt", "token") for sparsity in (0.0, 0.5) for kind in PREDICTORS]
+    CASES += [(family, granularity, 0.5, kind, "global") for family in FAMILIES for granularity in ("prompt", "token")
+              for kind in ("shadowllm", "static")]
 ROOT = Path(tempfile.mkdtemp(prefix="shadowfx-onnx-tests-"))
 
 
@@ -49,11 +56,15 @@ def single_thread():
     shutil.rmtree(ROOT, ignore_errors=True)
 
 
+def exported(family: str, granularity: str, sparsity: float, kind: str, scope: str = "per_layer"):
+    return _exported(family, granularity, sparsity, kind, scope)  # one cache entry whether scope is given or not
+
+
 @functools.cache
-def exported(family: str, granularity: str, sparsity: float, kind: str):
-    sparse = shadowfx.transform(small_model(family), PREDICTORS[kind](family), sparsity=sparsity, scope="per_layer",
+def _exported(family: str, granularity: str, sparsity: float, kind: str, scope: str):
+    sparse = shadowfx.transform(small_model(family), PREDICTORS[kind](family), sparsity=sparsity, scope=scope,
                                 granularity=granularity)
-    directory = export_onnx(sparse, ROOT / f"{family}-{granularity}-{sparsity}-{kind}")
+    directory = export_onnx(sparse, ROOT / f"{family}-{granularity}-{sparsity}-{kind}-{scope}")
     return sparse, directory
 
 
@@ -63,7 +74,7 @@ def runtime(directory: Path, **options) -> OnnxDecoder:
     return OnnxDecoder(directory, session_options=session_options, **options)
 
 
-def expected_nodes(layers: int, granularity: str, kind: str, graph: str) -> dict[str, int]:
+def expected_nodes(layers: int, granularity: str, kind: str, scope: str, graph: str) -> dict[str, int]:
     later = layers - 1
     if graph == "gather":
         return {}
@@ -72,12 +83,19 @@ def expected_nodes(layers: int, granularity: str, kind: str, graph: str) -> dict
     if graph == "decode" and granularity == "prompt":
         return sparse_ops
     predictor = {"shadowllm": 2, "dejavu": 2 * later, "static": 0}[kind]
-    return {**sparse_ops, "TopkIndices": 2 * later, **({"ShadowMLP": predictor} if predictor else {})}
+    selection = {"GlobalTopkIndices": 2} if scope == "global" else {"TopkIndices": 2 * later}
+    return {**sparse_ops, **selection, **({"ShadowMLP": predictor} if predictor else {})}
 
 
-@pytest.mark.parametrize("family, granularity, sparsity, kind", CASES)
-def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind):
-    sparse, directory = exported(family, granularity, sparsity, kind)
+def kept_flags(indices: torch.Tensor, units: int) -> torch.Tensor:
+    """[..., k] kept units (the empty slot ``units`` pads) -> bool [..., units]: the selection whatever its padding."""
+    flags = torch.zeros(*indices.shape[:-1], units + 1, dtype=torch.bool)
+    return flags.scatter_(-1, indices, True)[..., :units]
+
+
+@pytest.mark.parametrize("family, granularity, sparsity, kind, scope", CASES)
+def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind, scope):
+    sparse, directory = exported(family, granularity, sparsity, kind, scope)
     for graph in GRAPH_FILES[granularity]:
         path = directory / f"{graph}.onnx"
         onnx.checker.check_model(str(path), full_check=True)
@@ -86,7 +104,7 @@ def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind):
         for node in proto.graph.node:
             if node.domain == DOMAIN:
                 counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        assert counts == expected_nodes(sparse.structure.num_layers, granularity, kind, graph), graph
+        assert counts == expected_nodes(sparse.structure.num_layers, granularity, kind, scope, graph), graph
     onnx_model = runtime(directory, structure=sparse.structure)
     for batch in (1, 2):
         input_ids, attention_mask = padded_batch(batch, 7, 512, seed=batch)
@@ -94,8 +112,12 @@ def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind):
         torch.testing.assert_close(onnx_model(input_ids, attention_mask)[real],
                                    sparse(input_ids, attention_mask)[real], rtol=1e-4, atol=1e-4)
         got, want = onnx_model.last_selection, sparse.last_selection
-        for a, b in zip(got.kv_heads + got.neurons, want.kv_heads + want.neurons):
-            assert torch.equal(a[real] if granularity == "token" else a, b[real] if granularity == "token" else b)
+        later = sparse.structure.layers[1:]
+        units = [layer.attention.num_kv_heads for layer in later] + [layer.mlp.intermediate_size for layer in later]
+        for a, b, n in zip(got.kv_heads + got.neurons, want.kv_heads + want.neurons, units):
+            if granularity == "token":  # a padding token's selection is arbitrary, and so is the padding it adds
+                a, b = a[real], b[real]
+            assert torch.equal(kept_flags(a, n), kept_flags(b, n))
         tokens, logits = onnx_model.generate(input_ids, attention_mask, max_new_tokens=4, return_logits=True)
         want_tokens, want_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, return_logits=True)
         torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
@@ -129,13 +151,6 @@ def test_sampling_and_eos_follow_the_pytorch_runtime():
     sampled = [model.generate(input_ids, attention_mask, max_new_tokens=5, do_sample=True, top_k=20, top_p=0.9,
                               generator=torch.Generator().manual_seed(7)) for model in (onnx_model, sparse)]
     assert torch.equal(*sampled)
-
-
-def test_global_scope_is_refused():
-    sparse = shadowfx.transform(small_model("opt"), PREDICTORS["shadowllm"]("opt"), sparsity=0.5, scope="global")
-    with pytest.raises(OnnxExportError, match="scope='per_layer'"):
-        export_onnx(sparse, ROOT / "global")
-    assert not (ROOT / "global").exists()
 
 
 @pytest.fixture
@@ -208,5 +223,30 @@ def test_the_export_command_writes_what_the_runtime_loads(tmp_path, capsys):
     torch.testing.assert_close(got[attention_mask.bool()], expected[attention_mask.bool()], rtol=1e-4, atol=1e-4)
     assert main(["export", str(model_dir), "--out", str(out)]) == 2  # not empty, and no --overwrite
     assert "overwrite" in capsys.readouterr().err
-    assert main(["export", str(model_dir), "--out", str(tmp_path / "global"), "--scope", "global"]) == 2
-    assert "scope='per_layer'" in capsys.readouterr().err and not (tmp_path / "global").exists()
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "bad"), "--sparsity", "1.5"]) == 2
+    assert "sparsity" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_dense_export_equals_the_model(tmp_path, capsys):
+    model_dir = tmp_path / "llama"
+    model = small_model("llama")
+    model.save_pretrained(model_dir)
+    out = tmp_path / "dense"
+    assert main(["export", str(model_dir), "--out", str(out), "--dense"]) == 0
+    assert "dense (no predictor, no sparsity)" in capsys.readouterr().out
+    for graph in GRAPH_FILES["dense"]:
+        onnx.checker.check_model(str(out / f"{graph}.onnx"), full_check=True)
+        proto = onnx.load(str(out / f"{graph}.onnx"), load_external_data=False)
+        assert not [node for node in proto.graph.node if node.domain == DOMAIN]
+    dense = runtime(out, structure=structure("llama"))
+    assert dense.granularity == "dense" and dense.config is None
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=3)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        want = model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=positions_from_mask(attention_mask)).logits
+        want_tokens = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                                     pad_token_id=0)
+    torch.testing.assert_close(dense(input_ids, attention_mask)[real], want[real], rtol=1e-4, atol=1e-4)
+    assert dense.last_selection is None
+    assert torch.equal(dense.generate(input_ids, attention_mask, max_new_tokens=4), want_tokens)

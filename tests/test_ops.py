@@ -916,6 +916,51 @@ def test_topk_indices_errors(scores: Tensor, k: int, match: str) -> None:
         ops.topk_indices(scores, k)
 
 
+def test_global_topk_indices_ranks_across_layers_with_reserved_minimums() -> None:
+    # row 0: layer 1 holds the three best scores, but layer 0 keeps its reserved best unit; row 1 ties everywhere,
+    # so its reserved units and its third are the lowest indices
+    scores = torch.tensor([[[0.1, 0.3, 0.2], [0.9, 0.8, 0.7]],
+                           [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]])
+    kept = ops.global_topk_indices(scores, 3, 1)
+    # widths are the most any row keeps per layer; a row that keeps fewer is padded with the empty slot 3
+    assert [k.tolist() for k in kept] == [[[1, 3], [0, 1]], [[0, 1], [0, 3]]]
+    assert ops.global_topk_indices(scores, 6, 1)[0].tolist() == [[0, 1, 2]] * 2
+    assert [k.shape[-1] for k in ops.global_topk_indices(scores, 2, 1)] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "scores, budget, minimum, match",
+    [
+        (torch.randn(2, 5), 2, 1, r"\[R, L, N\]"),
+        (torch.randn(2, 3, 5), 2, 1, "budget must be in"),
+        (torch.randn(2, 3, 5), 16, 1, "budget must be in"),
+        (torch.randn(2, 3, 5), 6, 0, "minimum must be in"),
+        (torch.arange(30).view(2, 3, 5), 6, 1, "floating point"),
+    ],
+)
+def test_global_topk_indices_errors(scores: Tensor, budget: int, minimum: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ops.global_topk_indices(scores, budget, minimum)
+
+
+@torch.no_grad()
+def test_export_and_compile_global_topk_indices() -> None:
+    class GlobalTopK(nn.Module):
+        def forward(self, scores: Tensor) -> list[Tensor]:
+            return [k + 0 for k in ops.global_topk_indices(scores, 9, 1)]
+
+    module = GlobalTopK()
+    ep = torch.export.export(module, (torch.randn(2, 3, 10),), dynamic_shapes=({0: Dim("batch")},), strict=False)
+    assert _count(ep, torch.ops.shadowfx.global_topk_indices.default) == 1
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    for batch in (1, 4):
+        scores = torch.randn(batch, 3, 10)
+        want = module(scores)
+        for got in (ep.module()(scores), compiled(scores)):
+            assert [g.shape for g in got] == [w.shape for w in want]
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 # ------------------------------------------------------------------------------------- opcheck, export, compile
 
 
@@ -930,6 +975,7 @@ def test_opcheck() -> None:
         (ops.gathered_mlp, (x, *pregather_mlp(mlp, torch.tensor([[0, 5], [3, 1]])).values(), None, "silu")),
         (ops.gathered_mlp, (x, *mlp.values(), token_selection(16, 4, 2, 3), "silu")),
         (ops.topk_indices, (torch.randn(3, 10), 4)),
+        (ops.global_topk_indices, (torch.randn(3, 4, 10), 12, 1)),
     ]
     w = random_attention(EMBED, 8, 2, HEAD_DIM, True, torch.float32)
     hidden = torch.randn(2, 3, EMBED)

@@ -8,12 +8,13 @@ run in alternation; a speedup is the median ratio of the alternated pairs, and e
 ``--runs`` independent runs, reported as their median with the range. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
 
 With ``--onnx`` the same run also exports the dense model and every per-prompt setting (:func:`shadowfx.export_onnx`)
-and times them in onnxruntime with the same thread count, after the PyTorch measurements and with the PyTorch models
-released (the sessions hold their own weights): dense ONNX against sparse ONNX in alternation, and the sparse ONNX
+and times them in onnxruntime with the same thread count, after the PyTorch measurements (which run in a child
+process, so their memory is released before the sessions load their own copy of the weights): dense ONNX against
+sparse ONNX in alternation, and the sparse ONNX
 step against the PyTorch runtime's sparse step measured before.
 
     python benchmarks/decode_speed.py                      # OPT-1.3B shape (about 9 GB of memory, ~15 minutes)
-    python benchmarks/decode_speed.py --onnx --granularity prompt --sparsity 0.5   # and onnxruntime (~20 GB disk)
+    python benchmarks/decode_speed.py --onnx --granularity prompt --sparsity 0.5   # and onnxruntime (~13 GB disk, ~23 GB memory)
     python benchmarks/decode_speed.py --layers 4 --hidden 512 --heads 8 --vocab 4096   # a quick check
 """
 
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -101,6 +104,7 @@ def onnx_session_options():
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
     return options
 
 
@@ -145,14 +149,37 @@ def main() -> None:
     parser.add_argument("--onnx-dir", type=Path, help="where the exports go (default: a temporary folder, removed "
                         "at the end)")
     args = parser.parse_args()
+    exports = None
+    if args.onnx:
+        exports = args.onnx_dir or Path(tempfile.mkdtemp(prefix="shadowfx-bench-"))
+        # PyTorch timing and the exports run in a child process, so that its memory (the model, the gathered
+        # weights) is gone before the onnxruntime sessions load their own copy of the weights
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.submit(measure_pytorch, args, exports).result()
+        measure_onnx(results, exports, args)
+        if args.onnx_dir is None:
+            shutil.rmtree(exports, ignore_errors=True)
+    else:
+        results = measure_pytorch(args, None)
+    atomic_write_text(args.out / "decode_speed.json", json.dumps(results, indent=2))
+    _plot(results, args.out / "decode_speed.png")
+    print(f"wrote {args.out / 'decode_speed.json'} and decode_speed.png")
 
+
+def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    return input_ids, torch.ones_like(input_ids)
+
+
+def measure_pytorch(args: argparse.Namespace, exports: Path | None) -> dict:
+    """Dense vs sparse in the PyTorch runtime, every setting; with ``exports``, also write the dense model and every
+    per-prompt setting there as ONNX."""
     torch.manual_seed(0)
     config = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        ffn_dim=4 * args.hidden, num_attention_heads=args.heads, word_embed_proj_dim=args.hidden,
                        max_position_embeddings=2048)
     model = OPTForCausalLM(config).eval()
-    input_ids = torch.randint(0, args.vocab, (1, args.prompt))
-    attention_mask = torch.ones_like(input_ids)
+    input_ids, attention_mask = _inputs(args)
     structure = shadowfx.discover(model)
     predictor = shadowfx.ShadowPredictor.for_structure(structure, hidden=args.predictor_hidden)
 
@@ -162,11 +189,11 @@ def main() -> None:
     dense_bytes = layer_bytes + head_bytes + kv_bytes
     predictor_bytes = sum(p.numel() * p.element_size() for p in predictor.parameters())
 
-    results = {"config": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
-               "bytes_per_dense_decode_step": dense_bytes, "predictor_bytes": predictor_bytes, "sparse": []}
+    results = {"config": vars(args) | {"out": str(args.out), "onnx_dir": str(args.onnx_dir)},
+               "threads": torch.get_num_threads(), "bytes_per_dense_decode_step": dense_bytes,
+               "predictor_bytes": predictor_bytes, "sparse": []}
     dense = DenseDecoder(model, input_ids, attention_mask)
-    exports = Path(tempfile.mkdtemp(prefix="shadowfx-bench-")) if args.onnx and args.onnx_dir is None else args.onnx_dir
-    if args.onnx:
+    if exports is not None:
         shadowfx.export_onnx(model, exports / "dense", overwrite=True)
     for granularity in args.granularity:
         for sparsity in args.sparsity:
@@ -185,31 +212,33 @@ def main() -> None:
             print(f"{granularity:6s} {sparsity:.2f}: decode {speedup:.2f}x (runs {low:.2f}-{high:.2f}; bound "
                   f"{bound:.2f}x, {100 * speedup / bound:.0f}% of it; dense {timing['dense_decode_step_s'] * 1e3:.0f} "
                   f"ms, sparse {timing['decode_step_s'] * 1e3:.0f} ms, path {timing['decode_path']}), "
-                  f"prefill {timing['prefill_speedup']:.2f}x")
-            if args.onnx and granularity == "prompt":
+                  f"prefill {timing['prefill_speedup']:.2f}x", flush=True)
+            if exports is not None and granularity == "prompt":
                 shadowfx.export_onnx(sparse, exports / f"prompt-{sparsity}", overwrite=True)
             del sparse
-    if args.onnx:
-        del dense, model  # the sessions hold their own copy of the weights
-        for row in results["sparse"]:
-            if row["granularity"] != "prompt":
-                continue
-            runs = [compare_onnx(exports / "dense", exports / f"prompt-{row['sparsity']}", input_ids,
-                                 attention_mask, args.repeats) for _ in range(args.runs)]
-            row.update({key: statistics.median(run[key] for run in runs) for key in runs[0]})
-            row["onnx_decode_speedup_runs"] = [run["onnx_decode_speedup"] for run in runs]
-            # medians of the same run: the sparse ONNX step over the PyTorch runtime's sparse step
-            row["onnx_over_pytorch_decode"] = row["onnx_decode_step_s"] / row["decode_step_s"]
-            row["onnx_dense_over_pytorch_dense_decode"] = row["onnx_dense_decode_step_s"] / row["dense_decode_step_s"]
-            print(f"onnx   {row['sparsity']:.2f}: decode {row['onnx_decode_speedup']:.2f}x dense ONNX (dense "
-                  f"{row['onnx_dense_decode_step_s'] * 1e3:.0f} ms, sparse {row['onnx_decode_step_s'] * 1e3:.0f} ms; "
-                  f"sparse ONNX step / PyTorch sparse step {row['onnx_over_pytorch_decode']:.2f}), prefill "
-                  f"{row['onnx_prefill_speedup']:.2f}x")
-        if args.onnx_dir is None:
-            shutil.rmtree(exports, ignore_errors=True)
-    atomic_write_text(args.out / "decode_speed.json", json.dumps(results, indent=2))
-    _plot(results, args.out / "decode_speed.png")
-    print(f"wrote {args.out / 'decode_speed.json'} and decode_speed.png")
+    return results
+
+
+def measure_onnx(results: dict, exports: Path, args: argparse.Namespace) -> None:
+    """Dense vs sparse ONNX for every per-prompt row of ``results`` (filled in place), with the thread count the
+    PyTorch runs had."""
+    torch.set_num_threads(results["threads"])
+    input_ids, attention_mask = _inputs(args)
+    for row in results["sparse"]:
+        if row["granularity"] != "prompt":
+            continue
+        runs = [compare_onnx(exports / "dense", exports / f"prompt-{row['sparsity']}", input_ids, attention_mask,
+                             args.repeats) for _ in range(args.runs)]
+        row.update({key: statistics.median(run[key] for run in runs) for key in runs[0]})
+        row["onnx_decode_speedup_runs"] = [run["onnx_decode_speedup"] for run in runs]
+        # medians of the same run: the sparse ONNX step over the PyTorch runtime's sparse step
+        row["onnx_over_pytorch_decode"] = row["onnx_decode_step_s"] / row["decode_step_s"]
+        row["onnx_dense_over_pytorch_dense_decode"] = row["onnx_dense_decode_step_s"] / row["dense_decode_step_s"]
+        low, high = min(row["onnx_decode_speedup_runs"]), max(row["onnx_decode_speedup_runs"])
+        print(f"onnx   {row['sparsity']:.2f}: decode {row['onnx_decode_speedup']:.2f}x dense ONNX (runs {low:.2f}-"
+              f"{high:.2f}; dense {row['onnx_dense_decode_step_s'] * 1e3:.0f} ms, sparse "
+              f"{row['onnx_decode_step_s'] * 1e3:.0f} ms; sparse ONNX step / PyTorch sparse step "
+              f"{row['onnx_over_pytorch_decode']:.2f}), prefill {row['onnx_prefill_speedup']:.2f}x", flush=True)
 
 
 def _dense_effective(structure):

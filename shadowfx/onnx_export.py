@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -112,23 +113,23 @@ class _Dense:
         self.model = model
         self.max_positions = max_positions(model)
 
-    def graphs(self, progress: tqdm) -> dict[str, onnx.ModelProto]:
+    def graphs(self, progress: tqdm) -> Iterator[tuple[str, onnx.ModelProto]]:
+        """The dense graphs by name, one at a time (a large model's graphs are not held in memory together)."""
         layers = self.structure.num_layers
         batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
         input_ids, attention_mask = _example(self.model)
         prefill = editable_module(self.prefill.program)
-        decode = editable_module(capture(self.model, step="decode").program)
         with torch.inference_mode(False), torch.no_grad():
             cache = list(prefill(input_ids, attention_mask)[1:])
+            yield "prefill", _to_onnx(progress, prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
+                                      ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers)])
+            del prefill
             mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            return {
-                "prefill": _to_onnx(progress, prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
-                                    ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers)]),
-                "decode": _to_onnx(progress, decode, (input_ids[:, -1:], mask, *cache),
-                                   ({0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)),
-                                   ["input_ids", "attention_mask", *_cache_names("past", layers)],
-                                   ["logits", *_cache_names("present", layers)]),
-            }
+            decode = editable_module(capture(self.model, step="decode").program)
+            yield "decode", _to_onnx(progress, decode, (input_ids[:, -1:], mask, *cache),
+                                     ({0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)),
+                                     ["input_ids", "attention_mask", *_cache_names("past", layers)],
+                                     ["logits", *_cache_names("present", layers)])
 
 
 def _placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
@@ -180,13 +181,25 @@ def _example_selection(sparse: SparseDecoder, selection: Selection) -> Selection
                      neurons=tuple(kept(layer.mlp.intermediate_size) for layer in later))
 
 
-def _compact_shapes(sparse: SparseDecoder, names: list[str], tensors: list[torch.Tensor], batch: Dim) -> list:
+_SHARED_ROLES = ("o_bias", "down_bias")  # output biases: kept whole, never per row
+
+
+def _example_kept(sparse: SparseDecoder, selection: Selection, names: list[str]) -> list[torch.Tensor]:
+    """The decode graph's example kept weights (``names`` in order): row 0's, gathered once and shown to every row as
+    a view, so a large model is not copied once per example row."""
+    first = Selection(kv_heads=tuple(t[:1] for t in selection.kv_heads), neurons=tuple(t[:1] for t in selection.neurons))
+    shared = compact_weights(sparse.model, sparse.structure, first, per_row=False).tensors
+    return [t if name.endswith(_SHARED_ROLES) else t.unsqueeze(0).expand(selection.batch, *t.shape)
+            for name, t in zip(names, shared, strict=True)]
+
+
+def _compact_shapes(sparse: SparseDecoder, names: list[str], batch: Dim) -> list:
     """The dynamic shapes of the decode graph's compact weights: batch rows lead, except the output biases (1-D,
     never per row); at scope "global" the kept rows follow their layer's selection size."""
     selection = _selection_dims(sparse)
     shapes = []
-    for name, tensor in zip(names, tensors):
-        if tensor.dim() == 1:
+    for name in names:
+        if name.endswith(_SHARED_ROLES):
             shapes.append(None)
             continue
         _, layer, role = name.split("_", 2)
@@ -216,12 +229,15 @@ def _example(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _quiet_exporter() -> Iterator[None]:
     """Keep the exporter's per-step messages (and its optimiser's notes on pass-through weights) off the console;
     the export shows its own progress, one step per graph."""
-    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch's own pytree use inside export; nothing the caller can act on
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
@@ -239,18 +255,17 @@ def _to_onnx(progress: tqdm, module: nn.Module, args: tuple, dynamic_shapes: tup
     return onnx_program.model_proto
 
 
-def _graphs(sparse: SparseDecoder, progress: tqdm) -> dict[str, onnx.ModelProto]:
-    """The ONNX graphs of ``sparse``, by name (see the module docstring)."""
-    structure, layers = sparse.structure, sparse.structure.num_layers
+def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.ModelProto]]:
+    """The ONNX graphs of ``sparse`` by name (see the module docstring), one at a time."""
+    layers = sparse.structure.num_layers
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
     input_ids, attention_mask = _example(sparse.model)
     state = sparse.start(input_ids, attention_mask, decode=False)
     selection = _example_selection(sparse, sparse.last_selection)
     chosen = [*selection.kv_heads, *selection.neurons]
     selection_out = _selection_names(layers)
-    graphs = {}
     with torch.inference_mode(False), torch.no_grad(), _predictor_as_nodes(sparse.predictor):
-        graphs["prefill"] = _to_onnx(
+        yield "prefill", _to_onnx(
             progress, sparse.graphs.prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
             ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers), *selection_out])
         token = input_ids[:, -1:]
@@ -260,12 +275,12 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> dict[str, onnx.ModelProto]
         decode_out = ["logits", *_cache_names("present", layers)]
         step_shapes = [{0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)]
         if sparse.granularity == "token":
-            graphs["decode"] = _to_onnx(progress, sparse.graphs.decode, (token, mask, *cache), tuple(step_shapes),
-                                        decode_in, decode_out + selection_out)
-            return graphs
-        kept = compact_weights(sparse.model, structure, selection, per_row=True).tensors
+            yield "decode", _to_onnx(progress, sparse.graphs.decode, (token, mask, *cache), tuple(step_shapes),
+                                     decode_in, decode_out + selection_out)
+            return
         compact_names = [name for name in _placeholder_names(sparse.graphs.decode_pregathered)
                          if name.startswith("compact_")]
+        kept = _example_kept(sparse, selection, compact_names)
         widths = _selection_dims(sparse)
         if widths:  # the cache of a later layer holds its kept KV groups: as many as the example selection's
             for position, heads in enumerate(selection.kv_heads, start=1):
@@ -277,13 +292,12 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> dict[str, onnx.ModelProto]
                         step_shapes[2 + offset + position][1] = widths[f"kv_heads_{position}"]
         selection_shapes = tuple({0: batch, **({1: widths[name]} if name in widths else {})}
                                  for name in selection_out)
-        graphs["gather"] = _to_onnx(progress, _GatherKept(sparse), tuple(chosen), (selection_shapes,), selection_out,
-                                    compact_names)
-        graphs["decode"] = _to_onnx(
+        yield "gather", _to_onnx(progress, _GatherKept(sparse), tuple(chosen), (selection_shapes,), selection_out,
+                                 compact_names)
+        yield "decode", _to_onnx(
             progress, sparse.graphs.decode_pregathered, (token, mask, *cache, *kept),
-            (*step_shapes, *_compact_shapes(sparse, compact_names, kept, batch)), decode_in + compact_names,
+            (*step_shapes, *_compact_shapes(sparse, compact_names, batch)), decode_in + compact_names,
             decode_out)
-    return graphs
 
 
 def _unpack_layer_outputs(proto: onnx.ModelProto) -> None:
@@ -309,6 +323,9 @@ def _unpack_layer_outputs(proto: onnx.ModelProto) -> None:
         node.output[:] = outputs
         for info in [v for v in graph.value_info if v.name == sequence]:
             graph.value_info.remove(info)
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in read]:  # the positions the reads took
+        graph.initializer.remove(tensor)
 
 
 def _add_functions(proto: onnx.ModelProto) -> None:
@@ -376,18 +393,19 @@ def export_onnx(model: SparseDecoder | nn.Module, directory: str | Path, *, over
     if not isinstance(model, SparseDecoder):
         model = _Dense(model)
     names = GRAPH_FILES[model.granularity if isinstance(model, SparseDecoder) else DENSE]
-    with tqdm(total=len(names), desc="exporting ONNX graphs", unit="graph") as progress:
-        graphs = _graphs(model, progress) if isinstance(model, SparseDecoder) else model.graphs(progress)
 
     def write(staging: Path) -> None:
         weights = _SharedWeights(staging / WEIGHTS_FILE)
         try:
-            for name, proto in graphs.items():
-                _unpack_layer_outputs(proto)
-                _add_functions(proto)
-                helper.set_model_props(proto, {METADATA_PREFIX + k: v for k, v in _metadata(model, name).items()})
-                weights.externalise(proto)
-                onnx.save(proto, staging / f"{name}.onnx")
+            with tqdm(total=len(names), desc="exporting ONNX graphs", unit="graph") as progress:
+                graphs = _graphs(model, progress) if isinstance(model, SparseDecoder) else model.graphs(progress)
+                for name, proto in graphs:  # each graph is written (its weights moved to the file) before the next
+                    _unpack_layer_outputs(proto)
+                    _add_functions(proto)
+                    helper.set_model_props(proto, {METADATA_PREFIX + k: v for k, v in _metadata(model, name).items()})
+                    weights.externalise(proto)
+                    onnx.save(proto, staging / f"{name}.onnx")
+                    del proto
         finally:
             weights.close()
 

@@ -13,8 +13,10 @@ damage curve, on held-out prose or else on API docs) and written with its tokeni
     python scripts/train_reference.py --arch opt --wikitext path/to/wikitext-2     # OPT-style, ReLU
     python scripts/train_reference.py --arch llama --steps 20 --layers 2 --hidden 64 --home /tmp/ref   # smoke run
 
-Artifacts go under ``--home`` (default ``$SHADOWFX_HOME`` or ``~/.cache/shadowfx``), outside the repository: the
-models in ``reference/<name>``, their training state in ``checkpoints/<name>``.
+The finished models go to ``--out`` (default: the repository's ``reference/<name>``, where they are committed, stored
+in float16 to stay small); the tokenizer, token streams and training state go under ``--home`` (default
+``$SHADOWFX_HOME`` or ``~/.cache/shadowfx``), outside the repository. Running the script again for a model whose
+training finished only evaluates it and writes it again.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from shadowfx.data import (
 from shadowfx.evaluate import damage_curve, perplexity
 from shadowfx.files import atomic_write, atomic_write_directory
 
+REPOSITORY_MODELS = Path(__file__).resolve().parents[1] / "reference"
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -145,7 +148,10 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=("llama", "opt"), required=True)
-    parser.add_argument("--home", type=Path, default=default_home())
+    parser.add_argument("--home", type=Path, default=default_home(), help="tokenizer, token streams and training "
+                        "checkpoints (outside the repository)")
+    parser.add_argument("--out", type=Path, default=REPOSITORY_MODELS,
+                        help="where the finished model goes, in float16 (default: the repository's reference/)")
     parser.add_argument("--name", help="model directory name (default: <arch>-<layers>x<hidden>)")
     parser.add_argument("--wikitext", type=Path, default=wikitext_dir(),
                         help=f"WikiText-2 folder holding {' and '.join(WIKITEXT_FILES.values())}, for a prose domain "
@@ -170,7 +176,7 @@ def main() -> None:
     except DataError as error:
         raise SystemExit(f"train_reference.py: {error}") from error
     name = args.name or f"{args.arch}-{args.layers}x{args.hidden}"
-    out = args.home / "reference" / name
+    out = args.out / name
     # outside the model folder, which is replaced whole when a run finishes
     state_file = args.home / "checkpoints" / name / "state.pt"
     torch.manual_seed(0)
@@ -226,8 +232,10 @@ def main() -> None:
               "damage_domain": damage_domain,
               "damage": damage_curve(model, streams[f"heldout_{damage_domain}"].long(), length=args.length)}
 
+    report["saved_dtype"] = "float16"  # evaluated in float32; stored in half the bytes, loaded back as asked
+
     def write_model(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.to(torch.float16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / "report.json").write_text(json.dumps(report, indent=2))  # the folder's rename makes it atomic
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import shadowfx
@@ -27,8 +28,9 @@ def run(home: Path, steps: int, wikitext: Path | None = None, *, succeeds: bool 
     env = {key: value for key, value in os.environ.items() if key != WIKITEXT_ENV}
     if wikitext is not None:
         env[WIKITEXT_ENV] = str(wikitext)
-    result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "llama", "--home", str(home), "--steps",
-                             str(steps), *TOY], capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "llama", "--home", str(home), "--out",
+                             str(home / "reference"), "--steps", str(steps), *TOY], capture_output=True, text=True,
+                            timeout=600, env=env)
     assert (result.returncode == 0) == succeeds, result.stderr[-3000:]
     return result
 
@@ -47,6 +49,7 @@ def test_train_resume_and_report(tmp_path):
     assert report["train_minutes"] == pytest.approx(first["train_minutes"] + report["train_minutes_this_run"])
     assert sorted(path.name for path in directory.parent.iterdir()) == ["llama-2x32"]  # replaced whole, no leftovers
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)  # an ordinary HF directory
+    assert model.dtype == torch.float16 and report["saved_dtype"] == "float16"  # small enough to commit
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     assert tokenizer("def f(x): return x")["input_ids"]
     assert shadowfx.discover(model).layers[1].attention.num_kv_heads == 1

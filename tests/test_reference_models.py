@@ -1,0 +1,47 @@
+"""The reference models committed under ``reference/``: they load, and their ONNX export scores held-out text with the
+perplexity of the PyTorch runtime, to four digits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+
+import shadowfx
+from shadowfx.data import build_corpus, token_windows
+from shadowfx.evaluate import mean_nll
+from shadowfx.loading import load_decoder
+from shadowfx.predictor import ShadowPredictor
+from shadowfx.runtimes.onnx import OnnxDecoder
+
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
+MODELS = ["llama-8x384"]
+
+
+def held_out_windows(tokenizer, count: int = 8, length: int = 128) -> torch.Tensor:
+    """Windows of the built-in corpus's held-out API documentation (files the reference models never trained on)."""
+    corpus = build_corpus(docs_chars=400_000, code_chars=0)
+    ids = tokenizer("\n\n".join(corpus.texts("heldout", "docs")), return_tensors="pt")["input_ids"][0]
+    return token_windows(ids, length, limit=count)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_perplexity_equals_the_pytorch_runtimes(name, tmp_path):
+    from transformers import AutoTokenizer
+
+    directory = REFERENCE / name
+    model = load_decoder(directory)
+    assert next(model.parameters()).dtype == torch.float32  # stored in float16, loaded as asked
+    windows = held_out_windows(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+    predictor = ShadowPredictor.for_structure(shadowfx.discover(model), hidden=64, seed=0)
+    sparse = shadowfx.transform(model, predictor, sparsity=0.5, granularity="prompt")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    onnx_model = OnnxDecoder(shadowfx.export_onnx(sparse, tmp_path / "onnx"), session_options=options,
+                             structure=sparse.structure)
+    pytorch, onnxruntime = (math.exp(mean_nll(runtime, windows)) for runtime in (sparse, onnx_model))
+    assert 1 < pytorch < 1e4  # a trained model's perplexity, not a degenerate one
+    assert f"{onnxruntime:.4g}" == f"{pytorch:.4g}", (onnxruntime, pytorch)

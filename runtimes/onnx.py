@@ -94,6 +94,32 @@ def _kernel_library(kernels: str | Path | None) -> Path | None:
         return None
 
 
+def _with_library(options: ort.SessionOptions | None, library: Path) -> ort.SessionOptions:
+    """A new SessionOptions with ``library`` registered, carrying every setting of ``options`` that onnxruntime
+    exposes as an attribute (threads, graph optimisation level, execution mode and order, profiling, logging, memory
+    arena and patterns, deterministic compute); ``options`` itself is left as it is.
+
+    onnxruntime's SessionOptions cannot be copied (it does not pickle) and cannot list what its methods set: session
+    config entries, added initializers, free-dimension overrides, providers and custom op libraries registered on
+    ``options`` do not carry over. Registering on the caller's object instead would change it for its other uses
+    (sessions made with it later would run the kernels), and a second decoder given it with kernels would fail
+    (onnxruntime refuses a session whose options register the domain twice).
+    """
+    fresh = ort.SessionOptions()
+    if options is not None:
+        for name, attribute in vars(type(options)).items():
+            if isinstance(attribute, property) and attribute.fset is not None:
+                value = getattr(options, name)
+                if value != getattr(fresh, name):
+                    setattr(fresh, name, value)
+    try:
+        fresh.register_custom_ops_library(str(library))
+    except Exception as error:  # onnxruntime raises its own exception types, not one base class
+        raise OnnxLoadError(f"onnxruntime cannot load the kernel library {library}: {error}; give the "
+                            "library shadowfx.ort_kernels.kernel_library() builds, or kernels=None") from error
+    return fresh
+
+
 @dataclass
 class OnnxDecodeState:
     """A generation in progress: next-token logits [B, V], the mask, and the onnxruntime values decoding reads."""
@@ -109,11 +135,14 @@ class OnnxDecoder(GenerationLoop):
     :meth:`shadowfx.runtimes.pytorch.SparseDecoder.generate`.
 
     ``structure``: refuse a directory made for another model (its fingerprint is compared). ``session_options``
-    and ``providers`` go to every session as given. ``kernels``: a native kernel library for the ``shadowfx`` domain,
-    registered in every session: onnxruntime then runs its kernel for each node type it implements, the function
-    bodies for the rest. ``"auto"``: the library :func:`shadowfx.ort_kernels.kernel_library` builds, or, where it
-    cannot be built, the function bodies alone (with a logged warning saying why). ``self.kernels`` is the library
-    in use, or None.
+    and ``providers`` go to every session as given, except that with ``kernels`` the sessions get a new
+    SessionOptions carrying the library and the attribute settings of ``session_options`` (not those made by its
+    methods, such as config entries, which onnxruntime cannot read back; see :func:`_with_library`): the caller's
+    object is never changed, and may be given to any number of decoders. ``kernels``: a native kernel library for
+    the ``shadowfx`` domain, registered in every session: onnxruntime then runs its kernel for each node type it
+    implements, the function bodies for the rest. ``"auto"``: the library :func:`shadowfx.ort_kernels.kernel_library`
+    builds, or, where it cannot be built, the function bodies alone (with a logged warning saying why).
+    ``self.kernels`` is the library in use, or None.
     """
 
     def __init__(self, directory: str | Path, *, structure: DecoderStructure | None = None,
@@ -143,13 +172,10 @@ class OnnxDecoder(GenerationLoop):
         self.config = SparsityConfig(**sparsity) if sparsity is not None else None  # None: a dense export
         self.max_positions = json.loads(metadata["max_positions"])
         self.generation_config = generation_config
-        options = session_options or ort.SessionOptions()
         if kernels is not None:
-            try:
-                options.register_custom_ops_library(str(kernels))
-            except Exception as error:  # onnxruntime raises its own exception types, not one base class
-                raise OnnxLoadError(f"onnxruntime cannot load the kernel library {kernels}: {error}; give the "
-                                    "library shadowfx.ort_kernels.kernel_library() builds, or kernels=None") from error
+            options = _with_library(session_options, kernels)
+        else:
+            options = session_options or ort.SessionOptions()
         self.sessions = {}
         for name in graphs:
             try:

@@ -4,6 +4,8 @@ The tensors come out in the order the ``pregathered_weights`` pass gives the dec
 the attention's q/k/v/o weights and biases, then the MLP's up/gate/down weights and biases, skipping the ones the
 model does not have. Output-projection weights (attention o, MLP down) are gathered as contiguous rows of their
 transpose, so the kept units are contiguous in memory and the op reads them with one dense matmul.
+:attr:`CompactWeights.layout` says of each tensor which selection it follows, where its kept rows lie and how many
+rows a kept unit owns (what an exporter needs to give the tensors dynamic shapes).
 """
 
 from __future__ import annotations
@@ -15,10 +17,29 @@ from torch import nn
 
 from shadowfx.ops import unit_rows
 from shadowfx.selection import Selection
-from shadowfx.structure import DecoderStructure, Projection
+from shadowfx.structure import DecoderStructure, LayerStructure, Projection
 
 ATTENTION_ROLES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias")
 MLP_ROLES = ("up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias")
+
+
+@dataclass(frozen=True)
+class CompactTensor:
+    """What one tensor of the compact set holds: the ``role`` (of :data:`ATTENTION_ROLES` / :data:`MLP_ROLES`) of
+    layer ``layer``'s weights, gathered by that layer's ``selection`` (``"kv_heads"`` or ``"neurons"``), each kept
+    unit owning ``unit_rows`` consecutive rows along ``axis`` of one batch row's tensor (a per-row tensor has the
+    batch axis before it). ``selection`` None: an output bias, kept whole and shared by all rows (no ``axis``).
+    """
+
+    layer: int
+    role: str
+    selection: str | None
+    axis: int | None
+    unit_rows: int = 1
+
+    @property
+    def shared(self) -> bool:
+        return self.selection is None
 
 
 @dataclass(frozen=True)
@@ -26,11 +47,12 @@ class CompactWeights:
     tensors: list[torch.Tensor]
     gathered_bytes: int
     per_row: bool
+    layout: list[CompactTensor]  # one per tensor, in the same order
 
 
 @dataclass(frozen=True)
 class _Gather:
-    """One tensor of the compact set: ``source`` as it is (never gathered), or its ``rows``.
+    """One tensor of the compact set (``layout`` says which): ``source`` as it is (never gathered), or its ``rows``.
 
     An empty slot's row index is past the end of ``source``; it gathers the last row instead. For an output
     projection (``output``: ``source`` is its transpose) those rows are zeroed, so an empty slot adds nothing to
@@ -38,6 +60,7 @@ class _Gather:
     """
 
     source: torch.Tensor
+    layout: CompactTensor
     rows: torch.Tensor | None = None
     output: bool = False
 
@@ -71,32 +94,51 @@ def _bias(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tens
     return bias[projection.rows[0]:projection.rows[1]] if projection.rows else bias
 
 
+def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
+                units: dict[str, torch.Tensor]) -> list[_Gather]:
+    """One later layer's part of :func:`_plan`; ``units``: its kept units by selection (kv heads, neurons)."""
+    attention, mlp = layer.attention, layer.mlp
+    plan: list[_Gather] = []
+    rows: dict[tuple[str, int], torch.Tensor] = {}  # per (selection, rows per unit): the rows to gather
+
+    def add(role: str, tensor: torch.Tensor | None, kind: str | None = None, unit: int = 1, *,
+            output: bool = False) -> None:
+        """``tensor`` (if the model has it) gathered by the layer's ``kind`` of selection, ``unit`` rows per kept
+        unit, or kept whole (``kind`` None); an output projection's kept rows are its last axis, once transposed
+        back to the op's layout."""
+        if tensor is None:
+            return
+        if kind is None:
+            plan.append(_Gather(tensor, CompactTensor(layer.index, role, None, None)))
+            return
+        if (kind, unit) not in rows:
+            rows[kind, unit] = units[kind] if unit == 1 else unit_rows(units[kind], unit)
+        layout = CompactTensor(layer.index, role, kind, 1 if output else 0, unit)
+        plan.append(_Gather(tensor, layout, rows[kind, unit], output))
+
+    query_rows = attention.kv_group_size * attention.head_dim
+    for name, projection, unit in (("q", attention.q, query_rows), ("k", attention.k, attention.head_dim),
+                                   ("v", attention.v, attention.head_dim)):
+        add(f"{name}_weight", _weight(params, projection), "kv_heads", unit)
+        add(f"{name}_bias", _bias(params, projection), "kv_heads", unit)
+    add("o_weight", _weight(params, attention.o).t(), "kv_heads", query_rows, output=True)
+    add("o_bias", _bias(params, attention.o))
+    for name, projection in (("up", mlp.up), ("gate", mlp.gate)):
+        if projection is not None:
+            add(f"{name}_weight", _weight(params, projection), "neurons")
+            add(f"{name}_bias", _bias(params, projection), "neurons")
+    add("down_weight", _weight(params, mlp.down).t(), "neurons", output=True)
+    add("down_bias", _bias(params, mlp.down))
+    return plan
+
+
 def _plan(model: nn.Module, structure: DecoderStructure, selection: Selection, per_row: bool) -> list[_Gather]:
     """What :func:`compact_weights` gathers, in the order the decode graph takes it (nothing is copied yet)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     plan: list[_Gather] = []
-
-    def add(tensor: torch.Tensor | None, rows: torch.Tensor | None = None, *, output: bool = False) -> None:
-        if tensor is not None:
-            plan.append(_Gather(tensor, rows, output))
-
     for position, layer in enumerate(structure.layers[1:]):
-        attention, mlp = layer.attention, layer.mlp
-        kv_heads = selection.kv_heads[position] if per_row else selection.kv_heads[position][0]
-        neurons = selection.neurons[position] if per_row else selection.neurons[position][0]
-        q_rows = unit_rows(kv_heads, attention.kv_group_size * attention.head_dim)
-        kv_rows = unit_rows(kv_heads, attention.head_dim)
-        for projection, rows in ((attention.q, q_rows), (attention.k, kv_rows), (attention.v, kv_rows)):
-            add(_weight(params, projection), rows)
-            add(_bias(params, projection), rows)
-        add(_weight(params, attention.o).t(), q_rows, output=True)
-        add(_bias(params, attention.o))
-        for projection in (mlp.up, mlp.gate):
-            if projection is not None:
-                add(_weight(params, projection), neurons)
-                add(_bias(params, projection), neurons)
-        add(_weight(params, mlp.down).t(), neurons, output=True)
-        add(_bias(params, mlp.down))
+        units = {"kv_heads": selection.kv_heads[position], "neurons": selection.neurons[position]}
+        plan += _layer_plan(params, layer, units if per_row else {kind: kept[0] for kind, kept in units.items()})
     return plan
 
 
@@ -115,4 +157,5 @@ def compact_weights(model: nn.Module, structure: DecoderStructure, selection: Se
     gathered = sum(item.bytes for item in plan)
     if max_bytes is not None and gathered > max_bytes:
         return None
-    return CompactWeights(tensors=[item.take() for item in plan], gathered_bytes=gathered, per_row=per_row)
+    return CompactWeights(tensors=[item.take() for item in plan], gathered_bytes=gathered, per_row=per_row,
+                          layout=[item.layout for item in plan])

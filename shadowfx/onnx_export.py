@@ -38,7 +38,7 @@ from torch.export import Dim
 from tqdm import tqdm
 
 from shadowfx.capture import capture, max_positions
-from shadowfx.compact import compact_weights
+from shadowfx.compact import CompactTensor, CompactWeights, compact_weights
 from shadowfx.files import atomic_write_directory
 from shadowfx.onnx_ops import DOMAIN, NODE_TYPES, OnnxExportError, function_for, translation_table
 from shadowfx.passes.discover_structure import discover_structure
@@ -124,10 +124,9 @@ class _Dense:
             yield "prefill", _to_onnx(progress, prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
                                       ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers)])
             del prefill
-            mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             decode = editable_module(capture(self.model, step="decode").program)
-            yield "decode", _to_onnx(progress, decode, (input_ids[:, -1:], mask, *cache),
-                                     ({0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)),
+            step, step_shapes = _step_example(input_ids, attention_mask, cache, batch, past)
+            yield "decode", _to_onnx(progress, decode, step, tuple(step_shapes),
                                      ["input_ids", "attention_mask", *_cache_names("past", layers)],
                                      ["logits", *_cache_names("present", layers)])
 
@@ -144,13 +143,13 @@ def _cache_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{index}" for kind in ("keys", "values") for index in range(layers)]
 
 
-# per compact-weight role: which selection it follows, the axis of its kept rows, and rows per kept unit
-_KEPT_AXES = {"q_weight": ("kv_heads", 1, "query_rows"), "q_bias": ("kv_heads", 1, "query_rows"),
-              "k_weight": ("kv_heads", 1, "head_dim"), "k_bias": ("kv_heads", 1, "head_dim"),
-              "v_weight": ("kv_heads", 1, "head_dim"), "v_bias": ("kv_heads", 1, "head_dim"),
-              "o_weight": ("kv_heads", 2, "query_rows"), "up_weight": ("neurons", 1, "one"),
-              "up_bias": ("neurons", 1, "one"), "gate_weight": ("neurons", 1, "one"),
-              "gate_bias": ("neurons", 1, "one"), "down_weight": ("neurons", 2, "one")}
+def _step_example(input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: list[torch.Tensor], batch: Dim,
+                  past: Dim) -> tuple[tuple[torch.Tensor, ...], list[dict]]:
+    """A decode step's example inputs after the prompt ``input_ids`` (each row's last token, the mask one position
+    longer, the prompt's cache) and their dynamic shapes, a list whose dicts a caller may add sizes to."""
+    mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+    shapes = [{0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)]
+    return (input_ids[:, -1:], mask, *cache), shapes
 
 
 def _selection_dims(sparse: SparseDecoder) -> dict[str, Dim]:
@@ -181,36 +180,33 @@ def _example_selection(sparse: SparseDecoder, selection: Selection) -> Selection
                      neurons=tuple(kept(layer.mlp.intermediate_size) for layer in later))
 
 
-_SHARED_ROLES = ("o_bias", "down_bias")  # output biases: kept whole, never per row
+def _example_compact(sparse: SparseDecoder, selection: Selection) -> CompactWeights:
+    """Row 0's kept weights, gathered once (shared), for the decode graph's example (see :func:`_example_kept`)."""
+    first = Selection(kv_heads=tuple(t[:1] for t in selection.kv_heads),
+                      neurons=tuple(t[:1] for t in selection.neurons))
+    return compact_weights(sparse.model, sparse.structure, first, per_row=False)
 
 
-def _example_kept(sparse: SparseDecoder, selection: Selection, names: list[str]) -> list[torch.Tensor]:
-    """The decode graph's example kept weights (``names`` in order): row 0's, gathered once and shown to every row as
-    a view, so a large model is not copied once per example row."""
-    first = Selection(kv_heads=tuple(t[:1] for t in selection.kv_heads), neurons=tuple(t[:1] for t in selection.neurons))
-    shared = compact_weights(sparse.model, sparse.structure, first, per_row=False).tensors
-    return [t if name.endswith(_SHARED_ROLES) else t.unsqueeze(0).expand(selection.batch, *t.shape)
-            for name, t in zip(names, shared, strict=True)]
+def _example_kept(compact: CompactWeights, batch: int) -> list[torch.Tensor]:
+    """The decode graph's example kept weights: row 0's (``compact``) shown to every one of ``batch`` rows as a
+    view, so a large model is not copied once per example row; output biases stay whole, never per row."""
+    return [t if layout.shared else t.unsqueeze(0).expand(batch, *t.shape)
+            for layout, t in zip(compact.layout, compact.tensors, strict=True)]
 
 
-def _compact_shapes(sparse: SparseDecoder, names: list[str], batch: Dim) -> list:
-    """The dynamic shapes of the decode graph's compact weights: batch rows lead, except the output biases (1-D,
-    never per row); at scope "global" the kept rows follow their layer's selection size."""
-    selection = _selection_dims(sparse)
+def _compact_shapes(layout: list[CompactTensor], selection_dims: dict[str, Dim], batch: Dim) -> list:
+    """The dynamic shapes of the decode graph's compact weights (``layout``, in order): batch rows lead, except the
+    output biases (1-D, never per row); at scope "global" the kept rows follow their layer's selection size
+    (``selection_dims``, of :func:`_selection_dims`)."""
     shapes = []
-    for name in names:
-        if name.endswith(_SHARED_ROLES):
+    for tensor in layout:
+        if tensor.shared:
             shapes.append(None)
             continue
-        _, layer, role = name.split("_", 2)
         shape = {0: batch}
-        kind, axis, unit = _KEPT_AXES[role]
-        if f"{kind}_{layer}" in selection:
-            attention = sparse.structure.layers[int(layer)].attention
-            rows = {"query_rows": attention.kv_group_size * attention.head_dim, "head_dim": attention.head_dim,
-                    "one": 1}[unit]
-            size = selection[f"{kind}_{layer}"]
-            shape[axis] = size if rows == 1 else rows * size
+        size = selection_dims.get(f"{tensor.selection}_{tensor.layer}")
+        if size is not None:
+            shape[1 + tensor.axis] = size if tensor.unit_rows == 1 else tensor.unit_rows * size
         shapes.append(shape)
     return shapes
 
@@ -268,19 +264,21 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
         yield "prefill", _to_onnx(
             progress, sparse.graphs.prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
             ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers), *selection_out])
-        token = input_ids[:, -1:]
-        mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         cache = [*state.keys, *state.values]
         decode_in = ["input_ids", "attention_mask", *_cache_names("past", layers)]
         decode_out = ["logits", *_cache_names("present", layers)]
-        step_shapes = [{0: batch}, {0: batch, 1: past + 1}, *({0: batch, 2: past} for _ in cache)]
         if sparse.granularity == "token":
-            yield "decode", _to_onnx(progress, sparse.graphs.decode, (token, mask, *cache), tuple(step_shapes),
-                                     decode_in, decode_out + selection_out)
+            step, step_shapes = _step_example(input_ids, attention_mask, cache, batch, past)
+            yield "decode", _to_onnx(progress, sparse.graphs.decode, step, tuple(step_shapes), decode_in,
+                                     decode_out + selection_out)
             return
         compact_names = [name for name in _placeholder_names(sparse.graphs.decode_pregathered)
                          if name.startswith("compact_")]
-        kept = _example_kept(sparse, selection, compact_names)
+        compact = _example_compact(sparse, selection)
+        if compact_names != [f"compact_{t.layer}_{t.role}" for t in compact.layout]:
+            raise OnnxExportError("the pre-gathered decode graph's weight inputs are not the tensors compact_weights "
+                                  "gives, in its order; transform the model again with this shadowfx")
+        kept = _example_kept(compact, selection.batch)
         widths = _selection_dims(sparse)
         if widths:  # the cache of a later layer holds its kept KV groups: as many as the example selection's
             for position, heads in enumerate(selection.kv_heads, start=1):
@@ -288,15 +286,18 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
                     past_tensor = cache[offset + position]
                     cache[offset + position] = past_tensor.new_zeros(past_tensor.shape[0], heads.shape[1],
                                                                      *past_tensor.shape[2:])
-                    if f"kv_heads_{position}" in widths:
-                        step_shapes[2 + offset + position][1] = widths[f"kv_heads_{position}"]
+        step, step_shapes = _step_example(input_ids, attention_mask, cache, batch, past)
+        for position in range(1, layers):
+            if f"kv_heads_{position}" in widths:
+                for offset in (0, layers):
+                    step_shapes[2 + offset + position][1] = widths[f"kv_heads_{position}"]
         selection_shapes = tuple({0: batch, **({1: widths[name]} if name in widths else {})}
                                  for name in selection_out)
         yield "gather", _to_onnx(progress, _GatherKept(sparse), tuple(chosen), (selection_shapes,), selection_out,
                                  compact_names)
         yield "decode", _to_onnx(
-            progress, sparse.graphs.decode_pregathered, (token, mask, *cache, *kept),
-            (*step_shapes, *_compact_shapes(sparse, compact_names, batch)), decode_in + compact_names,
+            progress, sparse.graphs.decode_pregathered, (*step, *kept),
+            (*step_shapes, *_compact_shapes(compact.layout, widths, batch)), decode_in + compact_names,
             decode_out)
 
 

@@ -196,6 +196,38 @@ def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(libr
     torch.testing.assert_close(native_generated, body_generated, rtol=1e-4, atol=1e-4)
 
 
+def test_one_session_options_serves_several_decoders_and_is_left_as_it_was(library, tmp_path):
+    sparse, directory = exported("opt", "prompt")
+    options = session_options(tmp_path / "shared")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # not the default
+
+    def settings() -> dict:
+        return {name: getattr(options, name) for name, attribute in vars(type(options)).items()
+                if isinstance(attribute, property)}
+
+    before = settings()
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=5)
+    real = attention_mask.bool()
+    want = sparse(input_ids, attention_mask)
+    want_tokens = sparse.generate(input_ids, attention_mask, max_new_tokens=2)
+    for kernels in (library, library, None):
+        onnx_model = OnnxDecoder(directory, session_options=options, kernels=kernels)
+        torch.testing.assert_close(onnx_model(input_ids, attention_mask)[real], want[real], rtol=1e-4, atol=1e-4)
+        assert torch.equal(onnx_model.generate(input_ids, attention_mask, max_new_tokens=2), want_tokens)
+        prefill = onnx_model.sessions["prefill"]
+        assert prefill.get_session_options().graph_optimization_level == options.graph_optimization_level
+        # prefill ran twice (the call and generate's start): with the kernels, in every decoder given them
+        ran = executed_ops(prefill)["GatheredMLP"]
+        assert ran == (2 * mlp_nodes(directory, "prefill") if onnx_model.kernels else 0)
+    assert settings() == before
+    # no library was registered on the caller's object: a session made with it runs the function bodies
+    model, feeds = mlp_model("rows", False, "relu")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    ran = executed_ops(session)
+    assert "GatheredMLP" not in ran and ran
+
+
 def test_auto_uses_the_built_library(library):
     _, directory = exported("opt", "prompt")
     assert OnnxDecoder(directory, session_options=session_options(), kernels="auto").kernels == library

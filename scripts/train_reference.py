@@ -50,7 +50,7 @@ from shadowfx.data import (
     wikitext_dir,
     wikitext_file,
 )
-from shadowfx.evaluate import damage_curve, perplexity
+from shadowfx.perplexity import damage_curve, perplexity
 from shadowfx.files import atomic_write, atomic_write_directory
 
 REPOSITORY_MODELS = Path(__file__).resolve().parents[1] / "reference"

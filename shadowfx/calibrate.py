@@ -261,3 +261,25 @@ def load_traces(directory: str | Path, structure: DecoderStructure | None = None
         if name in tensors and not torch.isfinite(tensors[name].float()).all():
             raise TraceError(f"{directory}: {name} holds non-finite scores (a diverged model?); {RECALIBRATE_FP32}")
     return Traces(header=header, tensors=tensors)
+
+
+def merge_traces(parts: dict[str, Traces]) -> Traces:
+    """Traces of one model and criterion made on several texts (named), as one set; the header records each part."""
+    if not parts:
+        raise TraceError("no traces to merge")
+    first = next(iter(parts.values()))
+    for name, traces in parts.items():
+        for key in ("fingerprint", "criterion", "window", "tokens_per_sample", "format_version"):
+            if traces.header.get(key) != first.header.get(key):
+                raise TraceError(f"the traces of {name!r} differ from the others in {key} "
+                                 f"({traces.header.get(key)!r} vs {first.header.get(key)!r}); they cannot be merged")
+    names = sorted(set().union(*(t.tensors for t in parts.values())))
+    missing = {name: sorted(set(names) - set(t.tensors)) for name, t in parts.items() if set(names) - set(t.tensors)}
+    if missing:
+        raise TraceError(f"the traces hold different tensors ({missing} missing); calibrate them alike")
+    header = {key: first.header[key] for key in HEADER_KEYS if key not in ("samples", "data", "shards", "seed")}
+    header |= {"samples": sum(len(t) for t in parts.values()),
+               "data": {name: t.header["data"] for name, t in parts.items()},
+               "parts": {name: len(t) for name, t in parts.items()}}
+    return Traces(header=header, tensors={name: torch.cat([t.tensors[name] for t in parts.values()])
+                                          for name in names})

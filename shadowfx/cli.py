@@ -16,7 +16,9 @@ from shadowfx.api import GRANULARITIES, discover, transform
 from shadowfx.calibrate import calibrate, load_traces, refuse_other_traces, trace_bytes
 from shadowfx.capture import CaptureError, PrefillStep, capture
 from shadowfx.criteria import CRITERIA
-from shadowfx.data import read_text, token_windows
+from shadowfx.comparison import DEFAULT_SPARSITIES, METHODS, PROTOCOLS
+from shadowfx.data import read_text, token_windows, wikitext_dir
+from shadowfx.experiment import compare
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
 from shadowfx.loading import DTYPES, ModelLoadError, gguf_file, load_decoder, load_tokenizer, model_path
@@ -201,6 +203,40 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Calibrate, train the predictors and compare every method with dense on held-out text; print the table."""
+    out = Path(args.out or f"eval-{model_path(args.model).stem}")
+    report = compare(args.model, out, wikitext=args.wikitext or wikitext_dir(), text_files=args.text or (),
+                     builtin=not args.no_builtin, predictors=args.predictors, sparsities=args.sparsity,
+                     scopes=args.scope, methods=args.methods, protocol=args.protocol, windows=args.windows,
+                     prompt_length=args.prompt_length, continuation=args.continuation,
+                     calibration_samples=args.calibration_samples, criterion=args.criterion, hidden=args.hidden,
+                     batch_size=args.batch_size, dtype=args.dtype)
+    print(comparison_table(report))
+    print(f"report {out / 'comparison.json'}, plot {out / 'comparison.png'}")
+    return 0
+
+
+def comparison_table(report: dict) -> str:
+    """Perplexity / dense per method and sparsity, a block per scope, with the sparsity each method affords."""
+    dense = report["dense"]
+    lines = [f"dense perplexity {dense['perplexity']:.3f} over {dense['windows']} windows "
+             f"({report['settings']['protocol']} protocol; ratio to dense, * where the 95% interval excludes 1)"]
+    for scope, methods in report["methods"].items():
+        sparsities = sorted({s for by_sparsity in methods.values() for s in by_sparsity}, key=float)
+        lines.append(f"scope {scope:9s} " + " ".join(f"{s:>8s}" for s in sparsities) + "   within 5%  within 20%")
+        for method, by_sparsity in methods.items():
+            cells = []
+            for s in sparsities:
+                entry = by_sparsity.get(s)
+                cells.append(f"{entry['vs_dense']['ratio']:7.3f}{'*' if entry['vs_dense']['excludes_equality'] else ' '}"
+                             if entry else f"{'-':>8s}")
+            affordable = report["affordable_sparsity"][scope][method]
+            lines.append(f"  {method:19s} " + " ".join(cells) + "   " + "  ".join(
+                f"{'-' if affordable[c] is None else f'{affordable[c]:g}':>9s}" for c in ("5%", "20%")))
+    return "\n".join(lines)
+
+
 def _one_or_pair(values: list[int] | None) -> int | tuple[int, ...] | None:
     """One value for heads and neurons, or a (heads, neurons) pair, as train_predictor takes them."""
     if values is None:
@@ -277,6 +313,35 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     export.add_argument("--dtype", **DTYPE_OPTION)
     export.set_defaults(run=_export)
+
+    evaluation = commands.add_parser("eval", help="perplexity of every selection method and control against dense, "
+                                     "on held-out text (calibrates and trains the predictors first)")
+    evaluation.add_argument("model", help="local model directory with weights and tokenizer, a .gguf file, or "
+                            "smollm2")
+    evaluation.add_argument("--out", help="directory for the report, plot, traces, predictors and finished runs; a "
+                            "rerun resumes (default: eval-<model name>)")
+    evaluation.add_argument("--text", action="append", metavar="FILE", help="a text file as one more domain (its "
+                            "first 90%% calibrates, the rest is evaluated; repeatable)")
+    evaluation.add_argument("--wikitext", help="WikiText-2 folder: valid.txt calibrates, test.txt is evaluated "
+                            "(default: $SHADOWFX_WIKITEXT, else no prose)")
+    evaluation.add_argument("--no-builtin", action="store_true", help="leave out the built-in corpus (docs and code "
+                            "of the installed Python packages)")
+    evaluation.add_argument("--predictors", help="use the predictors saved in this directory instead of training "
+                            "them (methods whose predictor it lacks are skipped)")
+    evaluation.add_argument("--sparsity", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
+    evaluation.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))
+    evaluation.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    evaluation.add_argument("--protocol", choices=PROTOCOLS, default="leak_free", help="leak_free: select from the "
+                            "prompt, score the continuation; paper: select from the whole window it scores")
+    evaluation.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
+    evaluation.add_argument("--prompt-length", type=int, default=128, help="prompt tokens (and calibration window)")
+    evaluation.add_argument("--continuation", type=int, default=32, help="scored tokens after each prompt")
+    evaluation.add_argument("--calibration-samples", type=int, default=512, help="calibration windows per domain")
+    evaluation.add_argument("--criterion", default="plainact", choices=CRITERIA)
+    evaluation.add_argument("--hidden", type=int, default=1024, help="hidden width of the trained predictors")
+    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--dtype", **DTYPE_OPTION)
+    evaluation.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="capture the embedded small models and show what shadowfx would rewrite")
     demo.add_argument("--family", action="append", choices=FAMILIES, help="only this family (repeatable)")

@@ -52,7 +52,7 @@ DEFAULT_EPOCHS = (100, 20)  # heads, neurons
 DEFAULT_BATCH_SIZE = (32, 16)
 EVAL_CHUNK = 128  # rows per prediction/ranking chunk (bounds the memory of the neuron rankings)
 
-__all__ = ["TrainResult", "TrainingError", "load_predictor", "normalise_targets",
+__all__ = ["CriterionSums", "TrainResult", "TrainingError", "load_predictor", "normalise_targets",
            "rank", "save_predictor", "spearman", "train_predictor"]
 
 
@@ -230,19 +230,47 @@ def _fit(parameters: list[nn.Parameter], loss_of: Callable[[torch.Tensor], torch
             "final_loss": round(losses[-1], 6) if losses else None}
 
 
-def _constant_and_static(data: _Data, rows: torch.Tensor, fingerprint: str) -> tuple[StaticScores, StaticScores]:
-    """The mean normalised target of ``rows`` and their summed raw criterion (per-layer min-max)."""
-    sums = [torch.zeros(data.heads.shape[1:], dtype=torch.float64), torch.zeros(data.neurons.shape[1:],
-                                                                                 dtype=torch.float64)]
-    raw = [torch.zeros_like(sums[0]), torch.zeros_like(sums[1])]
-    for start in range(0, len(rows), EVAL_CHUNK):
-        chunk = rows[start:start + EVAL_CHUNK]
-        for i, scores in enumerate((data.heads[chunk], data.neurons[chunk])):
-            sums[i] += normalise_targets(scores).sum(0, dtype=torch.float64)
-            raw[i] += scores.float().sum(0, dtype=torch.float64)
-    constant = StaticScores(sums[0] / len(rows), sums[1] / len(rows), fingerprint)
-    static = StaticScores(minmax_scale(raw[0]), minmax_scale(raw[1]), fingerprint)
-    return constant, static
+@dataclass(frozen=True)
+class CriterionSums:
+    """Per-prompt targets of some samples, summed: min-max normalised per example (the constant predictor is their
+    mean) and raw (the static aggregate is their per-layer min-max). Sums of disjoint samples add up."""
+
+    normalised: tuple[torch.Tensor, torch.Tensor]  # heads [L - 1, H], neurons [L - 1, F], float64
+    raw: tuple[torch.Tensor, torch.Tensor]
+    count: int
+    fingerprint: str
+
+    @classmethod
+    def of_rows(cls, data: _Data, rows: torch.Tensor, fingerprint: str) -> CriterionSums:
+        normalised = [torch.zeros(data.heads.shape[1:], dtype=torch.float64),
+                      torch.zeros(data.neurons.shape[1:], dtype=torch.float64)]
+        raw = [torch.zeros_like(normalised[0]), torch.zeros_like(normalised[1])]
+        for start in range(0, len(rows), EVAL_CHUNK):
+            chunk = rows[start:start + EVAL_CHUNK]
+            for i, scores in enumerate((data.heads[chunk], data.neurons[chunk])):
+                normalised[i] += normalise_targets(scores).sum(0, dtype=torch.float64)
+                raw[i] += scores.float().sum(0, dtype=torch.float64)
+        return cls(tuple(normalised), tuple(raw), len(rows), fingerprint)
+
+    @classmethod
+    def of(cls, traces: Traces) -> CriterionSums:
+        """Over every sample of ``traces``, per prompt."""
+        return cls.of_rows(_data(traces, "shadowllm", "prompt"), torch.arange(len(traces)), traces.fingerprint)
+
+    def __add__(self, other: CriterionSums) -> CriterionSums:
+        if other.fingerprint != self.fingerprint:
+            raise TrainingError("criterion sums of two different models cannot be pooled")
+        return CriterionSums(tuple(a + b for a, b in zip(self.normalised, other.normalised)),
+                             tuple(a + b for a, b in zip(self.raw, other.raw)), self.count + other.count,
+                             self.fingerprint)
+
+    def constant(self) -> StaticScores:
+        """The mean normalised target."""
+        return StaticScores(*(s / self.count for s in self.normalised), self.fingerprint)
+
+    def static(self) -> StaticScores:
+        """The summed raw criterion, min-max per layer."""
+        return StaticScores(*(minmax_scale(s) for s in self.raw), self.fingerprint)
 
 
 @torch.no_grad()
@@ -326,7 +354,8 @@ def train_predictor(traces: Traces, *, kind: PredictorKind = "shadowllm", granul
     held_out_samples, train_samples = order[:held].sort().values, order[held:].sort().values
     train_rows, held_rows = data.rows(train_samples), data.rows(held_out_samples)
     fingerprint = traces.fingerprint
-    constant, static = _constant_and_static(data, train_rows, fingerprint)
+    sums = CriterionSums.of_rows(data, train_rows, fingerprint)
+    constant, static = sums.constant(), sums.static()
 
     fits: dict[str, dict] = {}
     if kind == "static":

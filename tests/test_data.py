@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shadowfx.data import WIKITEXT_ENV, DataError, build_corpus, read_text, token_windows, wikitext_dir
-from shadowfx.evaluate import damage_curve, perplexity
+from shadowfx.perplexity import damage_curve, perplexity
 from conftest import small_model
 
 

@@ -12,7 +12,7 @@ import torch
 
 import shadowfx
 from shadowfx.data import build_corpus, token_windows
-from shadowfx.evaluate import mean_nll
+from shadowfx.perplexity import mean_nll
 from shadowfx.loading import load_decoder
 from shadowfx.predictor import ShadowPredictor
 from shadowfx.runtimes.onnx import OnnxDecoder

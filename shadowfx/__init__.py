@@ -4,6 +4,7 @@ from shadowfx import ops  # noqa: F401  (registers the shadowfx:: custom ops)
 from shadowfx.api import discover, transform
 from shadowfx.capture import CapturedDecoder, CaptureError, capture
 from shadowfx.calibrate import calibrate, load_traces
+from shadowfx.comparison import evaluate
 from shadowfx.onnx_export import export_onnx
 from shadowfx.predictor import PredictorError, Scores, ShadowPredictor, StaticScores, load_predictor, save_predictor
 from shadowfx.selection import SparsityError, SparsityWarning
@@ -25,6 +26,7 @@ __all__ = [
     "calibrate",
     "capture",
     "discover",
+    "evaluate",
     "export_onnx",
     "load_predictor",
     "load_traces",

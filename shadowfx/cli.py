@@ -18,6 +18,7 @@ from shadowfx.capture import CaptureError, PrefillStep, capture
 from shadowfx.criteria import CRITERIA
 from shadowfx.comparison import DEFAULT_SPARSITIES, METHODS, PROTOCOLS
 from shadowfx.data import read_text, token_windows, wikitext_dir
+from shadowfx.demo import run_demo
 from shadowfx.experiment import compare
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
@@ -75,6 +76,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The method end to end on SmolLM2 (:mod:`shadowfx.demo`), or with --families the walk over the small models."""
+    if args.families or args.family:
+        return _families_demo(args)
+    run_demo(args.out)
+    return 0
+
+
+def _families_demo(args: argparse.Namespace) -> int:
     """Capture each embedded small model, check the graph against eager, show its structure and rewrite plan, then
     sparsify it at 0.5 with an untrained predictor and report what the passes rewrote and what the selection skips."""
     families = args.family or list(FAMILIES)
@@ -205,13 +214,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """Calibrate, train the predictors and compare every method with dense on held-out text; print the table."""
-    out = Path(args.out or f"eval-{model_path(args.model).stem}")
-    report = compare(args.model, out, wikitext=args.wikitext or wikitext_dir(), text_files=args.text or (),
+    out = writable_directory(args.out or f"eval-{model_path(args.model).stem}")  # before the model loads
+    model = load_decoder(args.model, dtype=args.dtype)
+    report = compare(model, load_tokenizer(args.model), out, model_name=str(args.model), wikitext=args.wikitext or wikitext_dir(), text_files=args.text or (),
                      builtin=not args.no_builtin, predictors=args.predictors, sparsities=args.sparsity,
                      scopes=args.scope, methods=args.methods, protocol=args.protocol, windows=args.windows,
                      prompt_length=args.prompt_length, continuation=args.continuation,
                      calibration_samples=args.calibration_samples, criterion=args.criterion, hidden=args.hidden,
-                     batch_size=args.batch_size, dtype=args.dtype)
+                     batch_size=args.batch_size)
     print(comparison_table(report))
     print(f"report {out / 'comparison.json'}, plot {out / 'comparison.png'}")
     return 0
@@ -326,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $SHADOWFX_WIKITEXT, else no prose)")
     evaluation.add_argument("--no-builtin", action="store_true", help="leave out the built-in corpus (docs and code "
                             "of the installed Python packages)")
-    evaluation.add_argument("--predictors", help="use the predictors saved in this directory instead of training "
-                            "them (methods whose predictor it lacks are skipped)")
+    evaluation.add_argument("--predictors", help="directory of the predictors: those saved there are used, the "
+                            "missing ones are trained and saved there (default: OUT/predictors)")
     evaluation.add_argument("--sparsity", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
     evaluation.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))
     evaluation.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -343,9 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--dtype", **DTYPE_OPTION)
     evaluation.set_defaults(run=_eval)
 
-    demo = commands.add_parser("demo", help="capture the embedded small models and show what shadowfx would rewrite")
-    demo.add_argument("--family", action="append", choices=FAMILIES, help="only this family (repeatable)")
-    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo = commands.add_parser("demo", help="the method end to end on SmolLM2-135M: calibrate, train, compare with "
+                               "static and random, answer prompts dense and sparse, time decoding")
+    demo.add_argument("--out", default="shadowfx-demo", help="where the demo caches its traces and predictor and "
+                      "writes its JSON and plot (a rerun reuses them)")
+    demo.add_argument("--families", action="store_true", help="instead: capture the embedded small models of every "
+                      "family and show what shadowfx would rewrite")
+    demo.add_argument("--family", action="append", choices=FAMILIES, help="with --families: only this family "
+                      "(repeatable)")
+    demo.add_argument("--json", action="store_true", help="with --families: print the report as JSON")
     demo.set_defaults(run=_demo)
     return parser
 

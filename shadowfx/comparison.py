@@ -354,7 +354,8 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     directory = writable_directory(out) if out is not None else None
     recorded = {"fingerprint": structure.fingerprint, "protocol": protocol, "criterion": criterion,
                 "windows": windows.describe(), "random_seeds": list(random_seeds),
-                "predictors": {name: _digest(module) for name, module in sorted(predictors.items())},
+                "predictors": {name: {"digest": _digest(module), "hidden": module.config().get("hidden")}
+                               for name, module in sorted(predictors.items())},
                 "baselines": _digest(baselines.static)} | (settings or {})
     runs = _load_runs(directory, recorded)
     context = _Context(model, structure, windows, protocol, batch_size, progress)

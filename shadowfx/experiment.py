@@ -33,7 +33,6 @@ from shadowfx.comparison import (
 from shadowfx.criteria import Criterion
 from shadowfx.data import DataError, build_corpus, read_text, token_windows
 from shadowfx.files import atomic_write_text, writable_directory
-from shadowfx.loading import load_decoder, load_tokenizer
 from shadowfx.predictor import SavedPredictor, load_predictor, save_predictor, saved_predictors
 from shadowfx.selection import SCOPES, Scope
 from shadowfx.structure import DecoderStructure
@@ -105,37 +104,39 @@ def predictors_in(directory: Path, structure: DecoderStructure, methods: Sequenc
             if method in methods and SavedPredictor(kind, granularity) in saved}
 
 
-def train_missing(traces: Traces, structure: DecoderStructure, directory: Path, methods: Sequence[str], *,
-                  hidden: int, progress: bool) -> dict[str, nn.Module]:
-    """The predictors of ``methods``: loaded from ``directory``, or trained on ``traces`` and saved there."""
+def train_missing(traces: dict[str, Traces], structure: DecoderStructure, directory: Path, methods: Sequence[str],
+                  *, hidden: int, progress: bool) -> dict[str, nn.Module]:
+    """The predictors of ``methods``: loaded from ``directory``, or trained on all of ``traces`` and saved there."""
     found = predictors_in(directory, structure, methods)
-    for method, (kind, granularity) in PREDICTOR_SETTINGS.items():
-        if method in methods and method not in found:
-            result = train_predictor(traces, kind=kind, granularity=granularity, structure=structure, hidden=hidden,
-                                     progress=progress)
-            save_predictor(result.predictor, directory)
-            atomic_write_text(directory / f"shadow_predictor_report_{kind}_{granularity}.json",
-                              json.dumps(result.report, indent=2))
-            found[method] = result.predictor
+    missing = [m for m in PREDICTOR_SETTINGS if m in methods and m not in found]
+    merged = merge_traces(traces) if missing else None
+    for method in missing:
+        kind, granularity = PREDICTOR_SETTINGS[method]
+        result = train_predictor(merged, kind=kind, granularity=granularity, structure=structure, hidden=hidden,
+                                 progress=progress)
+        save_predictor(result.predictor, directory)
+        atomic_write_text(directory / f"shadow_predictor_report_{kind}_{granularity}.json",
+                          json.dumps(result.report, indent=2))
+        found[method] = result.predictor
     return found
 
 
-def compare(model_id: str | Path, out: str | Path, *, wikitext: str | Path | None = None,
+def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wikitext: str | Path | None = None,
             text_files: Sequence[str | Path] = (), builtin: bool = True, predictors: str | Path | None = None,
             sparsities: Sequence[float] = DEFAULT_SPARSITIES, scopes: Sequence[Scope] = SCOPES,
             methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free", windows: int = 64,
             prompt_length: int = 128, continuation: int = 32, calibration_samples: int = 512,
-            criterion: Criterion = "plainact", hidden: int = 1024, batch_size: int = 8, dtype: str = "float32",
-            progress: bool = True) -> dict:
-    """Load ``model_id``, calibrate on each domain's text, train (or, with ``predictors``, load) the predictors, and
-    compare every method on each domain's held-out windows; the report and plot go to ``out``.
+            criterion: Criterion = "plainact", hidden: int = 1024, random_seeds: Sequence[int] = (0, 1, 2),
+            batch_size: int = 8, progress: bool = True) -> dict:
+    """Calibrate ``model`` on each domain's text, train the predictors, and compare every method on each domain's
+    held-out windows; the report and plot go to ``out``.
 
-    Calibration windows are as long as the prompts, so the predictors are trained on contexts like the ones they
-    select from. Returns the report (``out/comparison.json``).
+    The predictors are loaded from ``predictors`` (default ``out/predictors``) where they were saved before; the
+    missing ones are trained on the calibration traces and saved there. Calibration windows are as long as the
+    prompts, so the predictors learn from contexts like the ones they select from. Returns the report
+    (``out/comparison.json``).
     """
     out = writable_directory(out)  # before anything slow
-    model = load_decoder(model_id, dtype=dtype)
-    tokenizer = load_tokenizer(model_id)
     structure = discover(model)
     texts = domain_texts(wikitext=wikitext, text_files=text_files, builtin=builtin)
     held_out = {domain: spread_windows(tokenizer, text.held_out, prompt_length + continuation, windows,
@@ -144,17 +145,14 @@ def compare(model_id: str | Path, out: str | Path, *, wikitext: str | Path | Non
                                           f"calibration {domain}") for domain, text in texts.items()}
     traces = calibrate_domains(model, structure, calibration, out / "traces", criterion=criterion,
                                batch_size=batch_size, progress=progress)
-    if predictors is not None:
-        trained = predictors_in(Path(predictors), structure, methods)
-    else:
-        trained = train_missing(merge_traces(traces), structure, out / "predictors", methods, hidden=hidden,
-                                progress=progress)
+    directory = Path(predictors) if predictors is not None else out / "predictors"
+    trained = train_missing(traces, structure, directory, methods, hidden=hidden, progress=progress)
     eval_windows = EvalWindows(torch.cat(list(held_out.values())),
                                tuple(d for d, w in held_out.items() for _ in range(w.shape[0])), prompt_length)
-    settings = {"model": str(model_id), "dtype": dtype,
+    settings = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "calibration": {d: {"windows": int(w.shape[0]), "tokens": prompt_length}
                                 for d, w in calibration.items()},
-                "predictors_from": str(predictors) if predictors is not None else "trained on the calibration traces"}
+                "predictors": str(directory)}
     return evaluate(model, eval_windows, Baselines.from_traces(traces), criterion=criterion, predictors=trained,
-                    sparsities=sparsities, scopes=scopes, methods=methods, protocol=protocol, batch_size=batch_size,
-                    out=out, settings=settings, progress=progress)
+                    sparsities=sparsities, scopes=scopes, methods=methods, protocol=protocol,
+                    random_seeds=random_seeds, batch_size=batch_size, out=out, settings=settings, progress=progress)

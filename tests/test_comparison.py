@@ -245,3 +245,19 @@ def test_eval_command_calibrates_trains_and_prints_the_table(tmp_path, capsys, o
     assert result["settings"]["windows"]["per_domain"] == {"notes": 3}
     assert (out / "predictors").is_dir() and (out / "traces" / "notes").is_dir()
     assert main(["eval", *argv]) == 0  # resumes: traces, predictor and runs are all reused
+
+
+def test_demo_runs_the_method_end_to_end(tmp_path, capsys, one_thread):
+    from shadowfx.demo import METHODS, SCOPE, run_demo
+
+    model = small_model("llama")
+    text = " ".join(f"word{i % 97} value{i % 13}" for i in range(3000))
+    checkpoint = save_with_tokenizer(model, tmp_path / "model", [text], vocab_size=300)
+    demo = run_demo(tmp_path / "demo", model_id=checkpoint, windows=2, calibration_samples=24, prompt_length=16,
+                    continuation=4, hidden=8, progress=False)
+    printed = capsys.readouterr().out
+    assert set(demo["perplexity"]) == set(METHODS) and demo["scope"] == SCOPE
+    assert len(demo["answers"]) == 3 and all("dense" in a and "sparse" in a for a in demo["answers"])
+    assert demo["decode"]["dense_s"] > 0 and demo["decode"]["sparse_s"] > 0
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["sparsity"] == demo["sparsity"]
+    assert "Q: What is the capital of France?" in printed and "decode" in printed

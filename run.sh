@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the project's virtual environment (once; re-run only when pyproject.toml changes), then runs a job.
-#   ./run.sh demo [args]    capture the embedded small models and show their structure and rewrite plan
+#   ./run.sh demo [args]    the method end to end on SmolLM2-135M (--families: the capture walk over small models)
 #   ./run.sh test [args]    the test suite (pytest arguments pass through)
 #   ./run.sh shadowfx ...   any shadowfx command
 set -euo pipefail

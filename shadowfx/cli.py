@@ -22,7 +22,15 @@ from shadowfx.demo import run_demo
 from shadowfx.experiment import compare
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
-from shadowfx.loading import DTYPES, ModelLoadError, gguf_file, load_decoder, load_tokenizer, model_path
+from shadowfx.loading import (
+    DTYPES,
+    ModelLoadError,
+    gguf_file,
+    load_decoder,
+    load_tokenizer,
+    model_path,
+    torch_dtype,
+)
 from shadowfx.passes.base import PassError
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.predictor import (
@@ -216,12 +224,13 @@ def _eval(args: argparse.Namespace) -> int:
     """Calibrate, train the predictors and compare every method with dense on held-out text; print the table."""
     out = writable_directory(args.out or f"eval-{model_path(args.model).stem}")  # before the model loads
     model = load_decoder(args.model, dtype=args.dtype)
-    report = compare(model, load_tokenizer(args.model), out, model_name=str(args.model), wikitext=args.wikitext or wikitext_dir(), text_files=args.text or (),
+    report = compare(model, load_tokenizer(args.model), out, model_name=str(args.model),
+                     wikitext=args.wikitext or wikitext_dir(), text_files=args.text or (),
                      builtin=not args.no_builtin, predictors=args.predictors, sparsities=args.sparsity,
                      scopes=args.scope, methods=args.methods, protocol=args.protocol, windows=args.windows,
                      prompt_length=args.prompt_length, continuation=args.continuation,
                      calibration_samples=args.calibration_samples, criterion=args.criterion, hidden=args.hidden,
-                     batch_size=args.batch_size)
+                     predictor_dtype=torch_dtype(args.predictor_dtype), batch_size=args.batch_size)
     print(comparison_table(report))
     print(f"report {out / 'comparison.json'}, plot {out / 'comparison.png'}")
     return 0
@@ -239,8 +248,8 @@ def comparison_table(report: dict) -> str:
             cells = []
             for s in sparsities:
                 entry = by_sparsity.get(s)
-                cells.append(f"{entry['vs_dense']['ratio']:7.3f}{'*' if entry['vs_dense']['excludes_equality'] else ' '}"
-                             if entry else f"{'-':>8s}")
+                mark = "*" if entry and entry["vs_dense"]["excludes_equality"] else " "
+                cells.append(f"{entry['vs_dense']['ratio']:7.3f}{mark}" if entry else f"{'-':>8s}")
             affordable = report["affordable_sparsity"][scope][method]
             lines.append(f"  {method:19s} " + " ".join(cells) + "   " + "  ".join(
                 f"{'-' if affordable[c] is None else f'{affordable[c]:g}':>9s}" for c in ("5%", "20%")))
@@ -349,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--calibration-samples", type=int, default=512, help="calibration windows per domain")
     evaluation.add_argument("--criterion", default="plainact", choices=CRITERIA)
     evaluation.add_argument("--hidden", type=int, default=1024, help="hidden width of the trained predictors")
+    evaluation.add_argument("--predictor-dtype", default="float32", choices=tuple(DTYPES),
+                            help="dtype the trained predictors are stored in (float16 halves their files)")
     evaluation.add_argument("--batch-size", type=int, default=8)
     evaluation.add_argument("--dtype", **DTYPE_OPTION)
     evaluation.set_defaults(run=_eval)

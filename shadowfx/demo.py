@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from shadowfx.files import atomic_write_text, writable_directory
 from shadowfx.loading import load_decoder, load_tokenizer
 from shadowfx.predictor import load_predictor
 from shadowfx.runtimes.pytorch import SparseDecoder
+from shadowfx.selection import SparsityWarning
 
 MODEL = "smollm2"
 METHODS = ("random", "static", "shadowllm_prompt")
@@ -65,8 +67,8 @@ def _median_seconds(run: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
-def run_demo(out: str | Path, *, model_id: str | Path = MODEL, windows: int = 8, calibration_samples: int = 128,
-             prompt_length: int = 128, continuation: int = 32, hidden: int = 1024, progress: bool = True) -> dict:
+def run_demo(out: str | Path, *, model_id: str | Path = MODEL, windows: int = 6, calibration_samples: int = 96,
+             prompt_length: int = 96, continuation: int = 24, hidden: int = 512, progress: bool = True) -> dict:
     """The demo; prints as it goes and writes ``out/demo.json`` beside the comparison's report and plot.
 
     ``model_id`` and the sizes are there for a quick run on another model (the tests' small one).
@@ -79,13 +81,17 @@ def run_demo(out: str | Path, *, model_id: str | Path = MODEL, windows: int = 8,
     print(f"comparing {', '.join(METHODS)} at sparsity {', '.join(map(str, SPARSITIES))} ({SCOPE} scope) on "
           f"{windows} held-out windows per built-in domain, after calibrating on {calibration_samples} per domain "
           f"and training the predictor (cached in {out})")
-    report = compare(model, tokenizer, out, model_name=str(model_id), methods=METHODS, scopes=(SCOPE,),
-                     sparsities=SPARSITIES, windows=windows, calibration_samples=calibration_samples,
-                     prompt_length=prompt_length, continuation=continuation, hidden=hidden, random_seeds=(0, 1),
-                     progress=progress)
+    with warnings.catch_warnings():
+        # the effective sparsity printed below says what a budget applies where whole KV groups round it
+        warnings.simplefilter("ignore", SparsityWarning)
+        report = compare(model, tokenizer, out, model_name=str(model_id), methods=METHODS, scopes=(SCOPE,),
+                         sparsities=SPARSITIES, windows=windows, calibration_samples=calibration_samples,
+                         prompt_length=prompt_length, continuation=continuation, hidden=hidden, random_seeds=(0,),
+                         progress=progress)
     dense = report["dense"]["perplexity"]
     by_method = report["methods"][SCOPE]
-    print(f"\nheld-out perplexity (dense {dense:.2f}; prompt selects, continuation scored):")
+    print(f"\nheld-out perplexity (dense {dense:.2f}; the prompt selects, the continuation is scored; random is one "
+          "seed):")
     for method, by_sparsity in by_method.items():
         cells = ", ".join(f"{s}: {e['perplexity']:.2f} ({e['vs_dense']['ratio']:.3f}x)" for s, e in
                           by_sparsity.items())
@@ -95,7 +101,9 @@ def run_demo(out: str | Path, *, model_id: str | Path = MODEL, windows: int = 8,
     why = (f"the highest swept sparsity within {COST} of dense perplexity" if affordable is not None else
            f"no swept sparsity stays within {COST} of dense; using the lowest")
     predictor = load_predictor(out / "predictors", discover(model), kind="shadowllm", granularity="prompt")
-    sparse = transform(model, predictor, sparsity=sparsity, scope=SCOPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityWarning)
+        sparse = transform(model, predictor, sparsity=sparsity, scope=SCOPE)
     effective = report["methods"][SCOPE]["shadowllm_prompt"][f"{sparsity:g}"]["effective_sparsity"]
     print(f"\nShadowLLM per prompt at sparsity {sparsity:g} ({why}): layers 1..L-1 skip "
           f"{effective['heads']:.0%} of heads, {effective['neurons']:.0%} of neurons, "
@@ -114,7 +122,8 @@ def run_demo(out: str | Path, *, model_id: str | Path = MODEL, windows: int = 8,
           f"({torch.get_num_threads()} threads): dense Hugging Face generate {timing['dense_s']:.2f} s, sparse "
           f"{timing['sparse_s']:.2f} s ({timing['speedup']:.2f}x; dense is eager transformers, the benchmarks "
           "compare against stronger baselines)")
-    demo = {"model": str(model_id), "scope": SCOPE, "sparsity": sparsity, "chosen_because": why, "dense_perplexity": dense,
+    demo = {"model": str(model_id), "scope": SCOPE, "sparsity": sparsity, "chosen_because": why,
+            "dense_perplexity": dense,
             "perplexity": {m: {s: e["perplexity"] for s, e in by_s.items()} for m, by_s in by_method.items()},
             "effective_sparsity": effective, "answers": answers, "decode": timing, "cost_limits": COSTS}
     path = atomic_write_text(out / "demo.json", json.dumps(demo, indent=2))

@@ -105,8 +105,11 @@ def predictors_in(directory: Path, structure: DecoderStructure, methods: Sequenc
 
 
 def train_missing(traces: dict[str, Traces], structure: DecoderStructure, directory: Path, methods: Sequence[str],
-                  *, hidden: int, progress: bool) -> dict[str, nn.Module]:
-    """The predictors of ``methods``: loaded from ``directory``, or trained on all of ``traces`` and saved there."""
+                  *, hidden: int, stored_dtype: torch.dtype | None = None,
+                  progress: bool) -> dict[str, nn.Module]:
+    """The predictors of ``methods``: loaded from ``directory``, or trained on all of ``traces`` and saved there
+    (weights in ``stored_dtype``, if given). What is used is always what was saved, read back, so a first run and
+    a resumed one compare the same predictors."""
     found = predictors_in(directory, structure, methods)
     missing = [m for m in PREDICTOR_SETTINGS if m in methods and m not in found]
     merged = merge_traces(traces) if missing else None
@@ -114,11 +117,10 @@ def train_missing(traces: dict[str, Traces], structure: DecoderStructure, direct
         kind, granularity = PREDICTOR_SETTINGS[method]
         result = train_predictor(merged, kind=kind, granularity=granularity, structure=structure, hidden=hidden,
                                  progress=progress)
-        save_predictor(result.predictor, directory)
+        save_predictor(result.predictor, directory, dtype=stored_dtype)
         atomic_write_text(directory / f"shadow_predictor_report_{kind}_{granularity}.json",
-                          json.dumps(result.report, indent=2))
-        found[method] = result.predictor
-    return found
+                          json.dumps(result.report | {"stored_dtype": str(stored_dtype or "as trained")}, indent=2))
+    return found | predictors_in(directory, structure, missing)
 
 
 def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wikitext: str | Path | None = None,
@@ -126,7 +128,8 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
             sparsities: Sequence[float] = DEFAULT_SPARSITIES, scopes: Sequence[Scope] = SCOPES,
             methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free", windows: int = 64,
             prompt_length: int = 128, continuation: int = 32, calibration_samples: int = 512,
-            criterion: Criterion = "plainact", hidden: int = 1024, random_seeds: Sequence[int] = (0, 1, 2),
+            criterion: Criterion = "plainact", hidden: int = 1024, predictor_dtype: torch.dtype | None = None,
+            random_seeds: Sequence[int] = (0, 1, 2),
             batch_size: int = 8, progress: bool = True) -> dict:
     """Calibrate ``model`` on each domain's text, train the predictors, and compare every method on each domain's
     held-out windows; the report and plot go to ``out``.
@@ -146,7 +149,8 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
     traces = calibrate_domains(model, structure, calibration, out / "traces", criterion=criterion,
                                batch_size=batch_size, progress=progress)
     directory = Path(predictors) if predictors is not None else out / "predictors"
-    trained = train_missing(traces, structure, directory, methods, hidden=hidden, progress=progress)
+    trained = train_missing(traces, structure, directory, methods, hidden=hidden, stored_dtype=predictor_dtype,
+                            progress=progress)
     eval_windows = EvalWindows(torch.cat(list(held_out.values())),
                                tuple(d for d, w in held_out.items() for _ in range(w.shape[0])), prompt_length)
     settings = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -148,8 +148,11 @@ def _listing(saved: list[SavedPredictor], default: SavedPredictor | None) -> str
 
 
 def _write_files(directory: Path, unit: SavedPredictor, config: dict, tensors: dict[str, torch.Tensor], *,
-                 default: bool | None) -> Path:
-    data = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()})
+                 default: bool | None, dtype: torch.dtype | None) -> Path:
+    def stored(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    data = save_tensors({k: stored(v.detach()).contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
     weights = atomic_write(directory / unit.weights_name(digest), lambda temporary: temporary.write_bytes(data))
     meta = atomic_write_text(directory / unit.config_name, json.dumps(
@@ -250,14 +253,16 @@ class _PredictorFiles(nn.Module):
         """An untrained module of the size ``config`` describes (its weights are loaded after)."""
         raise NotImplementedError
 
-    def save(self, directory: str | Path, *, default: bool | None = None) -> Path:
+    def save(self, directory: str | Path, *, default: bool | None = None, dtype: torch.dtype | None = None) -> Path:
         """Write the predictor into ``directory`` (next to the checkpoint by convention) under its kind and
         granularity, replacing only a predictor of the same kind and granularity; returns the config path.
 
         ``default`` makes it the one ``transform(model)`` loads (None: only if the directory names no default yet).
+        ``dtype`` stores the weights in another dtype (float16 halves the files); loading casts them to the
+        module's own dtype (float32), so what is loaded is the stored, rounded weights.
         """
         return _write_files(Path(directory), SavedPredictor(self.kind, self.granularity), self.config(),
-                            self.state_dict(), default=default)
+                            self.state_dict(), default=default, dtype=dtype)
 
     @classmethod
     def load(cls, directory: str | Path, structure: DecoderStructure, *, granularity: str | None = None) -> nn.Module:
@@ -448,12 +453,13 @@ PREDICTOR_CLASSES: dict[PredictorKind, type[_PredictorFiles]] = {
     cls.kind: cls for cls in (ShadowPredictor, LayerwisePredictor, StaticScores)}
 
 
-def save_predictor(module: nn.Module, directory: str | Path, *, default: bool | None = None) -> Path:
+def save_predictor(module: nn.Module, directory: str | Path, *, default: bool | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
     """Save any of the three kinds into ``directory`` (see :meth:`ShadowPredictor.save`)."""
     if not isinstance(module, _PredictorFiles):
         raise PredictorError(f"cannot save a {type(module).__name__}; save_predictor handles ShadowPredictor, "
                              "LayerwisePredictor and StaticScores")
-    return module.save(directory, default=default)
+    return module.save(directory, default=default, dtype=dtype)
 
 
 def load_predictor(directory: str | Path, structure: DecoderStructure, *, kind: str | None = None,

@@ -230,3 +230,16 @@ def test_a_predictor_made_in_another_dtype_loads_with_a_warning(tmp_path):
         load_predictor(tmp_path, discover(build_small("llama", seed=1)))
     with pytest.raises(FingerprintMismatch, match="a model with another architecture and other weights "):
         load_predictor(tmp_path, structure("opt"))
+
+
+@pytest.mark.parametrize("kind", ["shadowllm", "dejavu", "static"])
+def test_weights_stored_in_float16_load_as_the_rounded_float32_module(kind, tmp_path):
+    module = predictors()[kind]
+    save_predictor(module, tmp_path / "full")
+    save_predictor(module, tmp_path / "half", dtype=torch.float16)
+    (full,), (half,) = (list((tmp_path / d).glob("*.safetensors")) for d in ("full", "half"))
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_predictor(tmp_path / "half", structure("llama"))
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor, module.state_dict()[name].half().float(), rtol=0, atol=0)

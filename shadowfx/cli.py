@@ -230,8 +230,12 @@ def _eval(args: argparse.Namespace) -> int:
                      scopes=args.scope, methods=args.methods, protocol=args.protocol, windows=args.windows,
                      prompt_length=args.prompt_length, continuation=args.continuation,
                      calibration_samples=args.calibration_samples, criterion=args.criterion, hidden=args.hidden,
-                     predictor_dtype=torch_dtype(args.predictor_dtype), batch_size=args.batch_size)
+                     predictor_dtype=torch_dtype(args.predictor_dtype), batch_size=args.batch_size,
+                     run_missing=not args.report_only)
     print(comparison_table(report))
+    if report["missing_runs"]:
+        print(f"{len(report['missing_runs'])} runs are not finished yet (the report's missing_runs); the same "
+              "command without --report-only finishes them")
     print(f"report {out / 'comparison.json'}, plot {out / 'comparison.png'}")
     return 0
 
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--predictor-dtype", default="float32", choices=tuple(DTYPES),
                             help="dtype the trained predictors are stored in (float16 halves their files)")
     evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--report-only", action="store_true", help="run nothing: write the report of the runs "
+                            "finished so far in OUT (of a comparison still running, or stopped) and list the rest")
     evaluation.add_argument("--dtype", **DTYPE_OPTION)
     evaluation.set_defaults(run=_eval)
 

@@ -255,6 +255,11 @@ def _methods_at(scope: Scope, methods: Sequence[str], predictors: dict[str, nn.M
     return runs, skipped
 
 
+def _run_keys(method: str, seeds: Sequence[int]) -> list[str]:
+    """The runs a method takes at one scope and sparsity (one per seed for random)."""
+    return [f"random/seed{seed}" for seed in seeds] if method == "random" else [method]
+
+
 def _row_sources(method: str, baselines: Baselines, oracle: tuple[torch.Tensor, torch.Tensor], windows: EvalWindows,
                  structure: DecoderStructure, seeds: Sequence[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-window scores of an input-free method, one entry per run (a run per seed for random)."""
@@ -264,7 +269,7 @@ def _row_sources(method: str, baselines: Baselines, oracle: tuple[torch.Tensor, 
         return scores.head_scores.expand(n, -1, -1), scores.neuron_scores.expand(n, -1, -1)
 
     if method == "random":
-        return {f"random/seed{seed}": each(StaticScores.random(structure, seed)) for seed in seeds}
+        return {key: each(StaticScores.random(structure, seed)) for key, seed in zip(_run_keys(method, seeds), seeds)}
     if method in ("static", "constant"):
         return {method: each(getattr(baselines, method))}
     if method == "domain_router":
@@ -325,7 +330,8 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
              predictors: dict[str, nn.Module] | None = None, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
              scopes: Sequence[Scope] = SCOPES, methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free",
              random_seeds: Sequence[int] = (0, 1, 2), batch_size: int = 8, bootstrap_samples: int = 2000,
-             out: str | Path | None = None, settings: dict | None = None, progress: bool = True) -> dict:
+             out: str | Path | None = None, settings: dict | None = None, run_missing: bool = True,
+             progress: bool = True) -> dict:
     """Perplexity of ``model`` dense and under every method, sparsity and scope, on the same held-out windows.
 
     ``predictors`` maps ``shadowllm_prompt``, ``shadowllm_token``, ``dejavu_prompt``, ``dejavu_token`` to trained
@@ -333,6 +339,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     measures: the predictors' training criterion. With ``out``, each finished run is saved there and a rerun with the
     same settings resumes; the report (``comparison.json``) and its plot (``comparison.png``) are written there too.
     ``settings`` adds what the caller wants recorded (and checked on resume) to the report's settings.
+    ``run_missing=False`` runs nothing: the report covers the runs ``out`` holds so far and lists the missing ones.
     """
     predictors = dict(predictors or {})
     unknown = sorted(set(methods) - set(METHODS))
@@ -366,15 +373,22 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
             _save_runs(directory, recorded, runs)
         return runs[key]
 
+    if not run_missing and "dense" not in runs:
+        raise ComparisonError(f"{out} holds no finished runs of these settings yet; run the comparison first")
     record("dense", lambda: _run(context, model, desc="dense"))
     oracle_tokens = windows.tokens if protocol == "paper" else windows.tokens[:, :windows.prompt_length]
     oracle: tuple[torch.Tensor, torch.Tensor] | None = None
     skipped: dict[str, dict[str, str]] = {}
+    missing: list[str] = []
     plan = [(scope, sparsity) for scope in scopes for sparsity in sorted(sparsities)]
     bar = tqdm(plan, desc="comparison", disable=not progress)
     for scope, sparsity in bar:
         active, skipped[scope] = _methods_at(scope, methods, predictors)
         prefix = f"{scope}/{sparsity:g}"
+        if not run_missing:
+            missing += [f"{prefix}/{key}" for method in active for key in _run_keys(method, random_seeds)
+                        if f"{prefix}/{key}" not in runs]
+            continue
         row_methods = [m for m in active if m in ROW_METHODS]
         if any(m.endswith("oracle") for m in row_methods) and oracle is None:
             oracle = oracle_scores(model, structure, oracle_tokens, criterion, batch_size=batch_size,
@@ -401,6 +415,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     report = summarise(runs, windows, recorded, plan=plan, methods=methods, random_seeds=random_seeds,
                        skipped=skipped, bootstrap_samples=bootstrap_samples)
     # what each budget skips of the later layers' KV groups and neurons (units are whole, so not always the ask)
+    report["missing_runs"] = missing
     report["planned_sparsity"] = {scope: {f"{sparsity:g}": planned_sparsity(
         structure, SparsityConfig.from_arguments(sparsity, None, None, scope)) for s, sparsity in plan if s == scope}
         for scope in scopes}
@@ -438,10 +453,7 @@ def summarise(runs: dict, windows: EvalWindows, settings: dict, *, plan: Sequenc
     for scope, sparsity in plan:
         prefix = f"{scope}/{sparsity:g}"
         for method in methods:
-            if method == "random":
-                keys = [f"{prefix}/random/seed{seed}" for seed in random_seeds]
-            else:
-                keys = [f"{prefix}/{method}"]
+            keys = [f"{prefix}/{key}" for key in _run_keys(method, random_seeds)]
             if not all(k in runs for k in keys):
                 continue
             # the random floor is the mean over seeds of each window's NLL: a paired sample like any other method

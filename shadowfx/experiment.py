@@ -130,7 +130,7 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
             prompt_length: int = 128, continuation: int = 32, calibration_samples: int = 512,
             criterion: Criterion = "plainact", hidden: int = 1024, predictor_dtype: torch.dtype | None = None,
             random_seeds: Sequence[int] = (0, 1, 2),
-            batch_size: int = 8, progress: bool = True) -> dict:
+            batch_size: int = 8, run_missing: bool = True, progress: bool = True) -> dict:
     """Calibrate ``model`` on each domain's text, train the predictors, and compare every method on each domain's
     held-out windows; the report and plot go to ``out``.
 
@@ -159,4 +159,5 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
                 "predictors": str(directory)}
     return evaluate(model, eval_windows, Baselines.from_traces(traces), criterion=criterion, predictors=trained,
                     sparsities=sparsities, scopes=scopes, methods=methods, protocol=protocol,
-                    random_seeds=random_seeds, batch_size=batch_size, out=out, settings=settings, progress=progress)
+                    random_seeds=random_seeds, batch_size=batch_size, out=out, settings=settings,
+                    run_missing=run_missing, progress=progress)

@@ -207,7 +207,15 @@ def test_a_rerun_resumes_and_other_settings_are_refused(report, llama, baselines
     monkeypatch.setattr(comparison, "_run", no_new_runs)
     again = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors,
                      sparsities=(0.25, 0.5), batch_size=4, bootstrap_samples=200, out=out, progress=False)
-    assert again["methods"] == result["methods"]
+    assert again["methods"] == result["methods"] and again["missing_runs"] == []
+    partial = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors,
+                       sparsities=(0.5, 0.75), batch_size=4, bootstrap_samples=200, out=out, run_missing=False,
+                       progress=False)
+    assert partial["methods"]["global"]["static"].keys() == {"0.5"}  # reports what ran, runs nothing
+    assert "global/0.75/static" in partial["missing_runs"] and "per_layer/0.75/random/seed2" in partial["missing_runs"]
+    with pytest.raises(ComparisonError, match="no finished runs"):
+        evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors, out=out / "empty",
+                 run_missing=False, progress=False)
     with pytest.raises(ComparisonError, match="other settings"):
         evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors, sparsities=(0.5,),
                  protocol="paper", out=out, progress=False)

@@ -21,7 +21,7 @@ from shadowfx.data import read_text, token_windows, wikitext_dir
 from shadowfx.demo import run_demo
 from shadowfx.experiment import compare
 from shadowfx.families import FAMILIES, build_small
-from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
+from shadowfx.files import ArtifactError, writable_directory
 from shadowfx.loading import (
     DTYPES,
     ModelLoadError,
@@ -40,12 +40,11 @@ from shadowfx.predictor import (
     ShadowPredictor,
     default_predictor,
     load_predictor,
-    save_predictor,
 )
 from shadowfx.onnx_export import export_onnx
 from shadowfx.selection import SCOPES, planned_sparsity
 from shadowfx.structure import DecoderStructure, Fingerprint, StructureError
-from shadowfx.training import train_predictor
+from shadowfx.training import save_trained, train_predictor
 
 # ValueError covers the library's own errors (ModelLoadError, TraceError, PredictorError, FingerprintMismatch, ...);
 # OSError covers files that cannot be read or written (ArtifactError among them)
@@ -173,9 +172,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train_predictor(traces, kind=args.kind, granularity=args.granularity, structure=structure,
                              hidden=args.hidden, neuron_block=args.neuron_block, seed=args.seed,
                              epochs=_one_or_pair(args.epochs), batch_size=_one_or_pair(args.batch_size), lr=args.lr)
-    config = save_predictor(result.predictor, out, default=True if args.default else None)
-    report = atomic_write_text(out / f"shadow_predictor_report_{args.kind}_{args.granularity}.json",
-                               json.dumps(result.report, indent=2))
+    config, report = save_trained(result, out, default=True if args.default else None)
     held_out = result.report["spearman"]["held_out"]
     for unit in ("heads", "neurons"):
         rho = {method: _format_rho(held_out[method][unit]["flat"]) for method in ("predictor", "constant", "static")}

@@ -414,8 +414,8 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     bar.close()
     report = summarise(runs, windows, recorded, plan=plan, methods=methods, random_seeds=random_seeds,
                        skipped=skipped, bootstrap_samples=bootstrap_samples)
-    # what each budget skips of the later layers' KV groups and neurons (units are whole, so not always the ask)
     report["missing_runs"] = missing
+    # what each budget skips of the later layers' KV groups and neurons (units are whole, so not always the ask)
     report["planned_sparsity"] = {scope: {f"{sparsity:g}": planned_sparsity(
         structure, SparsityConfig.from_arguments(sparsity, None, None, scope)) for s, sparsity in plan if s == scope}
         for scope in scopes}
@@ -506,7 +506,7 @@ def plot(report: dict, path: Path) -> None:
         for method, by_sparsity in report["methods"][scope].items():
             xs = [float(s) for s in by_sparsity]
             axis.plot(xs, [e["vs_dense"]["ratio"] for e in by_sparsity.values()], marker="o", label=method)
-        for cost, limit in COSTS.items():
+        for limit in COSTS.values():
             axis.axhline(limit, color="grey", linewidth=0.6, linestyle=":")
         axis.set_yscale("log")
         axis.set_xlabel("sparsity of layers 1..L-1")

@@ -11,7 +11,6 @@ rather than retrained, finished runs are skipped.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from shadowfx.comparison import (
 )
 from shadowfx.criteria import Criterion
 from shadowfx.data import DataError, build_corpus, read_text, token_windows
-from shadowfx.files import atomic_write_text, writable_directory
-from shadowfx.predictor import SavedPredictor, load_predictor, save_predictor, saved_predictors
+from shadowfx.files import writable_directory
+from shadowfx.predictor import SavedPredictor, load_predictor, saved_predictors
 from shadowfx.selection import SCOPES, Scope
 from shadowfx.structure import DecoderStructure
-from shadowfx.training import train_predictor
+from shadowfx.training import save_trained, train_predictor
 
 BUILTIN_CHARS = 2_000_000  # per built-in domain; its held-out share (5%) is ~100k characters, ~25k tokens
 HELD_OUT_SHARE = 0.1  # the end of a user's text file that is evaluated
@@ -117,9 +116,7 @@ def train_missing(traces: dict[str, Traces], structure: DecoderStructure, direct
         kind, granularity = PREDICTOR_SETTINGS[method]
         result = train_predictor(merged, kind=kind, granularity=granularity, structure=structure, hidden=hidden,
                                  progress=progress)
-        save_predictor(result.predictor, directory, dtype=stored_dtype)
-        atomic_write_text(directory / f"shadow_predictor_report_{kind}_{granularity}.json",
-                          json.dumps(result.report | {"stored_dtype": str(stored_dtype or "as trained")}, indent=2))
+        save_trained(result, directory, dtype=stored_dtype)
     return found | predictors_in(directory, structure, missing)
 
 

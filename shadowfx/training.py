@@ -22,10 +22,12 @@ layer. Only the margin over the constant predictor is what the input contributes
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from shadowfx.api import GRANULARITIES
 from shadowfx.calibrate import RECALIBRATE_FP32, Traces
+from shadowfx.files import atomic_write_text
 from shadowfx.predictor import (
     KINDS,
     LayerwisePredictor,
@@ -52,7 +55,7 @@ DEFAULT_EPOCHS = (100, 20)  # heads, neurons
 DEFAULT_BATCH_SIZE = (32, 16)
 EVAL_CHUNK = 128  # rows per prediction/ranking chunk (bounds the memory of the neuron rankings)
 
-__all__ = ["CriterionSums", "TrainResult", "TrainingError", "load_predictor", "normalise_targets",
+__all__ = ["CriterionSums", "TrainResult", "TrainingError", "load_predictor", "normalise_targets", "save_trained",
            "rank", "save_predictor", "spearman", "train_predictor"]
 
 
@@ -304,6 +307,18 @@ class TrainResult:
     static: StaticScores  # criterion summed over the training rows, min-max per layer
     train_samples: torch.Tensor = field(repr=False)
     held_out_samples: torch.Tensor = field(repr=False)
+
+
+def save_trained(result: TrainResult, directory: str | Path, *, default: bool | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[Path, Path]:
+    """Save a trained predictor (weights in ``dtype``, if given) and its report
+    (``shadow_predictor_report_<kind>_<granularity>.json``) into ``directory``; returns (config, report) paths."""
+    config = save_predictor(result.predictor, directory, default=default, dtype=dtype)
+    report = result.report | ({"stored_dtype": str(dtype)} if dtype is not None else {})
+    kind, granularity = result.report["kind"], result.report["granularity"]
+    path = atomic_write_text(Path(directory) / f"shadow_predictor_report_{kind}_{granularity}.json",
+                             json.dumps(report, indent=2))
+    return config, path
 
 
 def train_predictor(traces: Traces, *, kind: PredictorKind = "shadowllm", granularity: Granularity = "prompt",

@@ -219,7 +219,12 @@ def _attention(layer: str, core: Node, layer_nodes: set[Node], params: GraphPara
         roles[role] = (_role_projection(projections[reached[0]], path), path)
     q, q_path = roles["q"]
     k, k_path = roles["k"]
-    v, _ = roles["v"]
+    v, v_path = roles["v"]
+    rotary = _rotary(q_path, layer_nodes)
+    if rotary != _rotary(k_path, layer_nodes):
+        raise StructureError(f"layer {layer}: the query and key paths do not apply the same rotary embedding")
+    for role, path in (("q", q_path), ("k", k_path), ("v", v_path)):
+        _require_carried(layer, roles[role][0], role, path, rotary is not None)
     if q.width != num_heads * head_dim:
         raise StructureError(f"layer {layer}: query projection {q.module} has {q.width} outputs, expected "
                              f"{num_heads} heads x {head_dim}")
@@ -248,7 +253,7 @@ def _attention(layer: str, core: Node, layer_nodes: set[Node], params: GraphPara
         core=kind, core_node=core.name,
         mask_node=mask.name if isinstance(mask, Node) else None,
         context_node=entry_node(o_node).name,
-        rotary=_rotary(q_path, layer_nodes),
+        rotary=rotary,
     )
 
 
@@ -270,6 +275,43 @@ def _eager_attention(layer: str, softmax: Node, layer_nodes: set[Node]):
     scale = math.prod(_scalar_factor(n) for n in between)
     k_in = score_matmul.args[1]
     return score_matmul.args[0], k_in, value_matmul.args[1], masks[0] if masks else None, scale, value_matmul
+
+
+# What the sparse attention op recomputes between a projection and the attention core: moving and splitting the
+# heads, a constant scale of the queries (folded into the scaling), and a rotate-half rotary embedding.
+_HEAD_LAYOUT_OPS = LAYOUT_OPS | {operator.getitem, aten.split.Tensor, aten.split_with_sizes.default,
+                                 aten._assert_tensor_metadata.default}
+_ROTARY_OPS = {aten.neg.default, aten.cat.default, aten.slice.Tensor, aten.mul.Tensor, aten.add.Tensor}
+
+
+def _require_carried(layer: str, projection: Projection, role: str, path: set[Node], rotary: bool) -> None:
+    """Refuse a q/k/v path that computes anything the sparse op would not recompute (a norm, a soft-cap, ...)."""
+    foreign = set()
+    for node in path:
+        if node.op != "call_function" or node.target in _HEAD_LAYOUT_OPS:
+            continue
+        if role == "q" and _scalar_factor(node) != 1.0:
+            continue
+        if rotary and role != "v" and node.target in _ROTARY_OPS and not (
+                node.target == aten.mul.Tensor and scalar_args(node)):
+            continue
+        if role != "q" and _appends_to_cache(node, path):
+            continue
+        foreign.add(str(node.target))
+    if foreign:
+        if not rotary and aten.neg.default in {n.target for n in path}:
+            foreign.add("a rotary embedding other than rotate-half (e.g. on interleaved pairs)")
+        raise StructureError(
+            f"layer {layer}: between {projection.module} and the attention core the {role} path computes "
+            f"{sorted(foreign)}, which the sparse attention does not recompute (it carries head reshapes, a constant "
+            "query scale and a rotate-half rotary embedding)")
+
+
+def _appends_to_cache(node: Node, path: set[Node]) -> bool:
+    """The past key/value cache (computed outside this path: a graph input, or an empty constant in a prefill)
+    concatenated in front of this step's keys/values."""
+    return (is_call(node, {aten.cat.default}) and len(node.args[0]) == 2
+            and node.args[0][0] not in path and node.args[0][1] in path)
 
 
 def _scalar_factor(node: Node) -> float:

@@ -22,7 +22,7 @@ from shadowfx.passes.pregathered_weights import PregatheredWeights
 from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
-from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, load_predictor
+from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, StaticScores, load_predictor
 from shadowfx.runtimes.pytorch import (
     Granularity,
     RewriteReport,
@@ -33,6 +33,7 @@ from shadowfx.runtimes.pytorch import (
 )
 from shadowfx.selection import Scope, Selector, SparsityConfig, SparsityWarning, planned_sparsity
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
+from shadowfx.verify import verify_rewrite
 
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
@@ -117,6 +118,7 @@ def transform(
     granularity: Granularity | None = None,
     runtime: Runtime = "eager",
     max_gathered_bytes: int | None = None,
+    verify: bool = True,
 ) -> SparseDecoder:
     """Rewrite ``model`` so that a shadow predictor picks the heads and neurons each later layer computes.
 
@@ -127,7 +129,8 @@ def transform(
     "token" selects for every token (the KV cache stays complete); by default, the one the predictor was trained for
     (a predictor's ``granularity``), else "prompt". ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
     of the later layers' weights); beyond it decoding gathers on every step instead. With ``predictor=None`` the
-    predictor saved next to the checkpoint is loaded.
+    predictor saved next to the checkpoint is loaded. ``verify`` (on by default; a prefill on a 2 x 9 probe batch)
+    checks that the rewrite with every unit kept equals the model, and raises :class:`RewriteMismatch` if not.
     """
     config = SparsityConfig.from_arguments(sparsity, heads_sparsity, neurons_sparsity, scope)
     if granularity not in (*GRANULARITIES, None):
@@ -146,12 +149,12 @@ def transform(
     if granularity is None:
         trained_for = getattr(predictor, "granularity", None)
         granularity = trained_for if trained_for in GRANULARITIES else "prompt"
-    build = partial(_rewrite, model, predictor, config, granularity == "token")
+    build = partial(_rewrite, model, predictor, config, granularity == "token", verify)
     return SparseDecoder(model, predictor, config, build, build(prefill_capture), granularity=granularity,
                          runtime=runtime, max_positions=max_positions(model), max_gathered_bytes=max_gathered_bytes)
 
 
-def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per_token: bool,
+def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per_token: bool, verify: bool,
              prefill_capture: CapturedDecoder | None = None) -> RewrittenGraphs:
     """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes."""
     prefill_capture = prefill_capture or capture(model, step="prefill_cache")
@@ -164,14 +167,24 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
             return InsertLayerwisePredictor(graph_structure, predictor, config, per_token=per_token)
         return InsertShadowPredictor(graph_structure, predictor, Selector(structure, config), per_token=per_token)
 
+    def rewrite_prefill(shadow: InsertShadowPredictor | InsertLayerwisePredictor) -> tuple[nn.Module, dict]:
+        prefill = editable_module(prefill_capture.program)
+        return prefill, run_passes(prefill, [
+            shadow,
+            SparsifyMLP(structure),
+            SparsifyAttention(structure, cache=True, per_token=per_token),
+            Cleanup(structure),
+        ])
+
     reports = {}
-    prefill = editable_module(prefill_capture.program)
-    reports["prefill"] = run_passes(prefill, [
-        insert_predictor(structure),
-        SparsifyMLP(structure),
-        SparsifyAttention(structure, cache=True, per_token=per_token),
-        Cleanup(structure),
-    ])
+    if verify:
+        # every unit kept: the shared selection of static scores keeps the check independent of the predictor
+        keep_all = replace(config, heads=0.0, neurons=0.0, scope="per_layer", neuron_block=1)
+        everything = StaticScores.random(structure, seed=0)
+        dense_rewrite, _ = rewrite_prefill(InsertShadowPredictor(structure, everything, Selector(structure, keep_all),
+                                                                 per_token=per_token))
+        verify_rewrite(prefill_capture, structure, dense_rewrite)
+    prefill, reports["prefill"] = rewrite_prefill(insert_predictor(structure))
     decode_capture = capture(model, step="decode")
     decode_structure = discover_structure(decode_capture)
     decode = editable_module(decode_capture.program)

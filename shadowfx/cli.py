@@ -21,7 +21,9 @@ from shadowfx.data import read_text, token_windows, wikitext_dir
 from shadowfx.demo import run_demo
 from shadowfx.experiment import compare
 from shadowfx.families import FAMILIES, build_small
-from shadowfx.files import ArtifactError, writable_directory
+from shadowfx import family_matrix
+from shadowfx.family_matrix import RESULTS as RESULTS_FILE
+from shadowfx.files import ArtifactError, atomic_write_text, writable_directory
 from shadowfx.loading import (
     DTYPES,
     ModelLoadError,
@@ -88,6 +90,40 @@ def _demo(args: argparse.Namespace) -> int:
         return _families_demo(args)
     run_demo(args.out)
     return 0
+
+
+def _families(args: argparse.Namespace) -> int:
+    """Run the family matrix, compare with the recorded outcomes, and with --update record these and the README table."""
+
+    expected = family_matrix.load_results(args.results) if Path(args.results).exists() else {}
+    model_types = args.only or list(family_matrix.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    unknown = sorted(set(model_types) - set(family_matrix.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    if unknown:
+        raise ValueError(f"not causal-LM model types of transformers: {', '.join(unknown)}")
+    results = family_matrix.run_matrix(model_types)
+    print(family_matrix.table(results))
+    differing = [r for r in results if r.outcome == "differs"]
+    moved = family_matrix.moved(results, expected)
+    if moved:
+        print("\noutcome changed since the recorded results:\n  " + "\n  ".join(moved))
+    if args.update:
+        merged = {**expected, **{r.model_type: r for r in results}}
+        family_matrix.save_results(list(merged.values()), args.results)
+        print(f"\nrecorded {len(results)} families in {args.results}")
+        if args.readme:
+            _replace_section(Path(args.readme), "families", family_matrix.table(list(merged.values())))
+            print(f"updated the family table in {args.readme}")
+    return 1 if differing or (moved and not args.update) else 0
+
+
+def _replace_section(path: Path, name: str, text: str) -> None:
+    """Replace what stands between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    content = path.read_text()
+    if start not in content or end not in content:
+        raise ValueError(f"{path} has no {start} ... {end} section to replace")
+    before, rest = content.split(start, 1)
+    atomic_write_text(path, f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def _families_demo(args: argparse.Namespace) -> int:
@@ -366,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "finished so far in OUT (of a comparison still running, or stopped) and list the rest")
     evaluation.add_argument("--dtype", **DTYPE_OPTION)
     evaluation.set_defaults(run=_eval)
+
+    families = commands.add_parser("families", help="the family matrix: build every causal-LM family of transformers "
+                                   "small, transform it, and report supported / refused / not built")
+    families.add_argument("--only", action="append", metavar="MODEL_TYPE", help="only this model type (repeatable)")
+    families.add_argument("--results", type=Path, default=RESULTS_FILE, help="the recorded outcomes to compare with "
+                          "(default: the repository's benchmarks/results/families.json)")
+    families.add_argument("--update", action="store_true", help="record these outcomes in --results (and the table "
+                          "in --readme) instead of failing when one moved")
+    families.add_argument("--readme", type=Path, help="with --update: the README whose family table to rewrite")
+    families.set_defaults(run=_families)
 
     demo = commands.add_parser("demo", help="the method end to end on SmolLM2-135M: calibrate, train, compare with "
                                "static and random, answer prompts dense and sparse, time decoding")

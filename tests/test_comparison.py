@@ -26,7 +26,7 @@ from shadowfx.comparison import (
 from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores
 from shadowfx.selection import SparsityConfig, kept_counts, select
 from conftest import save_with_tokenizer, small_model, structure
-from masked_reference import MaskedReference
+from shadowfx.masked_reference import MaskedReference
 
 PROMPT = 12
 WINDOW = 18

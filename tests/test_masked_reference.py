@@ -13,7 +13,7 @@ import torch
 
 from shadowfx.capture import PrefillStep
 from conftest import padded_batch, small_model, structure
-from masked_reference import MaskedReference
+from shadowfx.masked_reference import MaskedReference
 
 BATCH, LENGTH, NEW_TOKENS = 3, 10, 5
 CLOSE = dict(rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from shadowfx.structure import FingerprintMismatch
 from torch._inductor.utils import run_and_get_code
 
 from conftest import padded_batch, small_model, structure
-from masked_reference import LayerwiseMaskedReference, MaskedReference
+from shadowfx.masked_reference import LayerwiseMaskedReference, MaskedReference
 
 gathered_mlp = torch.ops.shadowfx.gathered_mlp.default
 gathered_attention = torch.ops.shadowfx.gathered_attention.default

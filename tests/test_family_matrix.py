@@ -1,0 +1,97 @@
+"""Families transformers ships: supported exactly, or refused with the reason; never transformed and different."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+import shadowfx
+from shadowfx import family_matrix
+from shadowfx.capture import PrefillStep
+from shadowfx.cli import main
+from shadowfx.passes import discover_structure as discovery
+from shadowfx.predictor import ShadowPredictor
+from shadowfx.structure import StructureError
+from shadowfx.verify import RewriteMismatch
+
+# A spread of the recorded outcomes, cheap enough for every CI run: plain and gated MLPs, fused and separate
+# projections, learned and rotary positions, and the refusals of query/key norms, interleaved rotary, a
+# bidirectional encoder and an attention with a score bias.
+FAST = ("llama", "gpt2", "biogpt", "ctrl", "gemma", "olmo2", "cohere", "gptj", "bert", "bloom")
+
+
+@functools.cache
+def recorded() -> dict[str, family_matrix.FamilyResult]:
+    return family_matrix.load_results()
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_family_keeps_its_recorded_outcome(model_type):
+    result = family_matrix.check(model_type)
+    assert result.outcome != "differs", result.detail
+    assert result.outcome == recorded()[model_type].outcome, result.detail
+
+
+def test_the_recorded_matrix_has_no_family_that_differs_and_covers_the_mapping():
+    results = recorded()
+    assert not [r for r in results.values() if r.outcome == "differs"]
+    assert set(family_matrix.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) <= set(results)
+
+
+def test_query_key_norms_are_refused_by_discovery():
+    with pytest.raises(StructureError, match=r"q path computes .*rsqrt"):
+        shadowfx.discover(family_matrix.build("olmo2"))
+
+
+def test_interleaved_rotary_is_refused_by_discovery():
+    with pytest.raises(StructureError, match="rotary embedding other than rotate-half"):
+        shadowfx.discover(family_matrix.build("cohere"))
+
+
+def test_the_self_check_catches_what_discovery_lets_through(monkeypatch):
+    """With discovery's proof switched off, olmo2's query/key norms are dropped by the rewrite: transform's own
+    check at sparsity 0 names the first layer and the keys, and without the check the model silently differs."""
+    monkeypatch.setattr(discovery, "_require_carried", lambda *args: None)
+    model = family_matrix.build("olmo2")
+    predictor = ShadowPredictor.for_structure(shadowfx.discover(model), hidden=16, seed=1)
+    with pytest.raises(RewriteMismatch, match="layer 1 computes other attention keys"):
+        shadowfx.transform(model, predictor, sparsity=0.5)
+    unchecked = shadowfx.transform(model, predictor, sparsity=0.0, verify=False)
+    input_ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        assert not torch.allclose(unchecked(input_ids, mask), PrefillStep(model)(input_ids, mask), atol=1e-3)
+
+
+def test_small_config_shrinks_and_keeps_token_ids_in_the_vocabulary():
+    config = family_matrix.small_config("opt")
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (3, 64, 512)
+    assert all(getattr(config, name) is None or getattr(config, name) < 512 for name in ("pad_token_id", "eos_token_id"))
+
+
+def test_table_and_moved_outcomes():
+    results = [family_matrix.FamilyResult("a", "A", "supported", "ok"),
+               family_matrix.FamilyResult("b", "B", "refused", "no | because")]
+    text = family_matrix.table(results)
+    assert "1 supported, 1 refused, 0 not built, 0 differs" in text
+    assert "| refused | b | B | no \\| because |" in text
+    expected = {"a": family_matrix.FamilyResult("a", "A", "refused", "x")}
+    assert family_matrix.moved(results, expected) == ["a: refused -> supported", "b: new -> refused"]
+    assert family_matrix.moved(results, {}) == []
+
+
+def test_families_command_fails_when_an_outcome_moved_and_records_with_update(tmp_path, capsys):
+    results = tmp_path / "families.json"
+    family_matrix.save_results([family_matrix.FamilyResult("olmo2", "Olmo2ForCausalLM", "supported", "")], results)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- families:start -->\nold\n<!-- families:end -->\nafter\n")
+    assert main(["families", "--only", "olmo2", "--results", str(results)]) == 1
+    assert "olmo2: supported -> refused" in capsys.readouterr().out
+    assert main(["families", "--only", "olmo2", "--results", str(results), "--update", "--readme", str(readme)]) == 0
+    assert json.loads(results.read_text())["families"][0]["outcome"] == "refused"
+    text = readme.read_text()
+    assert "old" not in text and "| refused | olmo2 |" in text and text.endswith("after\n")
+    assert main(["families", "--only", "no_such_family"]) == 2

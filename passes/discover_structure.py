@@ -379,7 +379,7 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 # ---- MLP -------------------------------------------------------------------------------------------------------------
-_ACTIVATION_OPS = {aten.relu.default, aten.silu.default, aten.gelu.default, aten.tanh.default, aten.sigmoid.default,
+_ACTIVATION_OPS = {aten.relu.default, aten.square.default, aten.silu.default, aten.gelu.default, aten.tanh.default, aten.sigmoid.default,
                    aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor, aten.div.Tensor, aten.erf.default}
 
 
@@ -464,6 +464,9 @@ def _activation(layer: str, nodes: set[Node]) -> str:
     gelus = [n for n in computing if n.target == aten.gelu.default]
     if targets == {aten.relu.default}:
         return "relu"
+    if targets in ({aten.relu.default, aten.square.default}, {aten.relu.default, aten.pow.Tensor_Scalar}) and all(
+            c == 2 for n in computing if n.target == aten.pow.Tensor_Scalar for c in scalar_args(n)):
+        return "relu2"
     if targets == {aten.silu.default} or targets == {aten.sigmoid.default, aten.mul.Tensor} and not _constants(computing):
         return "silu"
     if gelus and targets == {aten.gelu.default}:

@@ -240,6 +240,9 @@ class _Body:
     def activation(self, name: str, t: str) -> str:
         if name == "relu":
             return self("Relu", t)
+        if name == "relu2":
+            relu = self("Relu", t)
+            return self("Mul", relu, relu)
         if name in ("gelu", "gelu_tanh"):
             return self("Gelu", t, approximate="tanh" if name == "gelu_tanh" else "none")
         scale = {"silu": 1.0, "quick_gelu": 1.702}.get(name)

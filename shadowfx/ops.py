@@ -56,8 +56,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+    "relu2": lambda t: torch.relu(t).square(),
 }
-"""Activation names accepted by ``gathered_mlp``: erf GELU, tanh GELU (GPT-2's ``gelu_new``), x * sigmoid(1.702 x)."""
+"""Activation names accepted by ``gathered_mlp``: erf GELU, tanh GELU (GPT-2's ``gelu_new``), x * sigmoid(1.702 x),
+and squared ReLU (Primer; Nemotron, Arcee)."""
 
 
 # Shape checks go through torch._check_value so that, under torch.export with dynamic dims, an equality between

@@ -17,10 +17,10 @@ from shadowfx.predictor import ShadowPredictor
 from shadowfx.structure import StructureError
 from shadowfx.verify import RewriteMismatch
 
-# A spread of the recorded outcomes, cheap enough for every CI run: plain and gated MLPs, fused and separate
-# projections, learned and rotary positions, and the refusals of query/key norms, interleaved rotary, a
+# A spread of the recorded outcomes, cheap enough for every CI run: plain, gated and squared-ReLU MLPs, fused and
+# separate projections, learned and rotary positions, and the refusals of query/key norms, interleaved rotary, a
 # bidirectional encoder and an attention with a score bias.
-FAST = ("llama", "gpt2", "biogpt", "ctrl", "gemma", "olmo2", "cohere", "gptj", "bert", "bloom")
+FAST = ("llama", "gpt2", "biogpt", "ctrl", "gemma", "arcee", "olmo2", "cohere", "gptj", "bert", "bloom")
 
 
 @functools.cache

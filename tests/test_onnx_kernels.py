@@ -104,7 +104,7 @@ def run_once(model: onnx.ModelProto, feeds: dict, tmp_path: Path, kernels: Path 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("selection", ["rows", "tokens", "pregathered"])
 def test_kernel_runs_instead_of_the_body_and_matches_it(library, tmp_path, selection, gated):
-    for activation in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu"):
+    for activation in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "relu2"):
         model, feeds = mlp_model(selection, gated, activation)
         (native,), native_ops = run_once(model, feeds, tmp_path, library)
         (body,), body_ops = run_once(model, feeds, tmp_path, None)

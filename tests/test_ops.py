@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from shadowfx import ops
 
-ACTIVATIONS = ["relu", "silu", "gelu", "gelu_tanh", "quick_gelu"]
+ACTIVATIONS = ["relu", "silu", "gelu", "gelu_tanh", "quick_gelu", "relu2"]
 # transformers' implementations of the same activations, as independent references
 HF_ACTIVATION = {
     "relu": "relu",
@@ -40,6 +40,7 @@ HF_ACTIVATION = {
     "gelu": "gelu_python",
     "gelu_tanh": "gelu_new",
     "quick_gelu": "quick_gelu",
+    "relu2": "relu2",
 }
 # (atol, rtol) of the op in a dtype against a float64 reference computed from the same (rounded) inputs
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (5e-2, 5e-2)}

@@ -51,7 +51,7 @@ OrtStatusPtr AsStatus(Body&& body) {
 // ---- GatheredMLP ---------------------------------------------------------------------------------------------------
 
 enum class Selection { kRows, kTokens, kPregathered };
-enum class Activation { kRelu, kGelu, kGeluTanh, kSilu, kQuickGelu };
+enum class Activation { kRelu, kGelu, kGeluTanh, kSilu, kQuickGelu, kRelu2 };
 
 Selection ParseSelection(const std::string& name) {
   if (name == "rows") return Selection::kRows;
@@ -66,7 +66,8 @@ Activation ParseActivation(const std::string& name) {
   if (name == "gelu_tanh") return Activation::kGeluTanh;
   if (name == "silu") return Activation::kSilu;
   if (name == "quick_gelu") return Activation::kQuickGelu;
-  Fail("unknown activation '" + name + "' (relu, gelu, gelu_tanh, silu or quick_gelu)");
+  if (name == "relu2") return Activation::kRelu2;
+  Fail("unknown activation '" + name + "' (relu, gelu, gelu_tanh, silu, quick_gelu or relu2)");
 }
 
 float Sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
@@ -84,6 +85,8 @@ float Activate(Activation activation, float v) {
       return v * Sigmoid(v);
     case Activation::kQuickGelu:
       return v * Sigmoid(1.702f * v);
+    case Activation::kRelu2:
+      return v > 0.0f ? v * v : 0.0f;
   }
   return v;
 }

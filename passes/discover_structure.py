@@ -379,8 +379,8 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 # ---- MLP -------------------------------------------------------------------------------------------------------------
-_ACTIVATION_OPS = {aten.relu.default, aten.square.default, aten.silu.default, aten.gelu.default, aten.tanh.default, aten.sigmoid.default,
-                   aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor, aten.div.Tensor, aten.erf.default}
+_ACTIVATION_OPS = {aten.relu.default, aten.square.default, aten.silu.default, aten.gelu.default, aten.tanh.default,
+                   aten.sigmoid.default, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor, aten.div.Tensor, aten.erf.default}
 
 
 def _mlp(layer: str, attention: AttentionStructure, layer_nodes: set[Node], params: GraphParameters) -> MLPStructure:

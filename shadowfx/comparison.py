@@ -381,6 +381,15 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     skipped: dict[str, dict[str, str]] = {}
     missing: list[str] = []
     plan = [(scope, sparsity) for scope in scopes for sparsity in sorted(sparsities)]
+    verified: set[str] = set()
+
+    def sparse_model(predictor: nn.Module, sparsity: float, scope: str, granularity: str) -> nn.Module:
+        # the rewrite's self-check depends on the model and granularity only: once each is enough
+        sparse = transform(model, predictor, sparsity=sparsity, scope=scope, granularity=granularity,
+                           verify=granularity not in verified)
+        verified.add(granularity)
+        return sparse
+
     bar = tqdm(plan, desc="comparison", disable=not progress)
     for scope, sparsity in bar:
         active, skipped[scope] = _methods_at(scope, methods, predictors)
@@ -398,7 +407,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
         pending = {key: scores for key, scores in sources.items() if f"{prefix}/{key}" not in runs}
         if pending:
             rows = RowScores(baselines.static)
-            sparse = transform(model, rows, sparsity=sparsity, scope=scope, granularity="prompt")
+            sparse = sparse_model(rows, sparsity, scope, "prompt")
             for key, scores in pending.items():
                 bar.set_postfix_str(f"{prefix} {key}")
                 record(f"{prefix}/{key}", lambda: _run(context, sparse, rows, scores, desc=key))
@@ -409,7 +418,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
             predictor = (BudgetOnly(predictors["shadowllm_prompt"], baselines.static, structure)
                          if method == "budget_only" else predictors[method])
             granularity = "token" if method.endswith("_token") else "prompt"
-            sparse = transform(model, predictor, sparsity=sparsity, scope=scope, granularity=granularity)
+            sparse = sparse_model(predictor, sparsity, scope, granularity)
             record(f"{prefix}/{method}", lambda: _run(context, sparse, desc=method))
     bar.close()
     report = summarise(runs, windows, recorded, plan=plan, methods=methods, random_seeds=random_seeds,

@@ -24,16 +24,18 @@ class RewriteMismatch(StructureError):
     """The rewritten graph with every unit kept does not compute what the model computes."""
 
 
-def probe_batch(structure: DecoderStructure, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two rows of random tokens, the second left-padded, so the masks and positions are exercised."""
+def probe_batch(vocab_size: int, device: torch.device, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of random tokens, row ``r`` left-padded by ``2 r + 1`` (row 0 not at all), so the masks and positions
+    are exercised."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, structure.vocab_size, (2, PROBE_LENGTH), generator=generator).to(device)
+    input_ids = torch.randint(0, vocab_size, (rows, PROBE_LENGTH), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :3] = 0
+    for row in range(1, rows):
+        attention_mask[row, : 2 * row + 1] = 0
     return input_ids, attention_mask
 
 
-def _excess(ours: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
+def excess(ours: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
     """(max |difference|, the allowed difference) between two tensors of the model's dtype."""
     tolerance = _TOLERANCE.get(dense.dtype, 1e-4)
     ours, dense = ours.double(), dense.double()
@@ -47,7 +49,7 @@ def verify_rewrite(prefill_capture: CapturedDecoder, structure: DecoderStructure
     captured graph's logits on real tokens and its keys and values in every layer."""
     program_inputs = [n for n in prefill_capture.graph.nodes if n.op == "placeholder"]
     device = next((n.meta["val"].device for n in program_inputs if "val" in n.meta), torch.device("cpu"))
-    input_ids, attention_mask = probe_batch(structure, device)
+    input_ids, attention_mask = probe_batch(structure.vocab_size, device)
     layers = structure.num_layers
     with torch.no_grad():
         dense = prefill_capture.module()(input_ids, attention_mask, (), ())
@@ -57,7 +59,7 @@ def verify_rewrite(prefill_capture: CapturedDecoder, structure: DecoderStructure
     for index in range(layers):
         for side, dense_cache, our_cache in (("keys", dense_keys, ours[1:1 + layers]),
                                              ("values", dense_values, ours[1 + layers:1 + 2 * layers])):
-            diff, allowed = _excess(our_cache[index], dense_cache[index])
+            diff, allowed = excess(our_cache[index], dense_cache[index])
             if diff > allowed:
                 attention = structure.layers[index].attention
                 projection = attention.k if side == "keys" else attention.v
@@ -67,7 +69,7 @@ def verify_rewrite(prefill_capture: CapturedDecoder, structure: DecoderStructure
                     f"model does something between {projection.module} and its attention core that shadowfx does "
                     "not carry into the sparse op, so this family cannot be sparsified exactly; please report it "
                     "(transform(..., verify=False) skips this check at your own risk)")
-    diff, allowed = _excess(ours[0][real], dense_logits[real])
+    diff, allowed = excess(ours[0][real], dense_logits[real])
     if diff > allowed:
         raise RewriteMismatch(
             f"{structure.model_class}: with every head and neuron kept, the rewritten model's logits differ from the "

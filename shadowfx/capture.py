@@ -16,6 +16,7 @@ Position ids are derived from the attention mask the way ``generate`` does it (`
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -194,6 +195,38 @@ def capture(
     if example_batch < 2 or example_length < 3:
         raise ValueError("example_batch must be >= 2 and example_length >= 3 so that batch and length stay dynamic")
     model.eval()
+    state = (step, example_batch, example_length, _model_state(model))
+    programs = _CAPTURES.setdefault(model, {})
+    if state not in programs:
+        programs[state] = _export(model, step, example_batch, example_length)
+    program, num_layers = programs[state]
+    return CapturedDecoder(program=program, step=step, model=model, num_layers=num_layers)
+
+
+# torch.export of a model costs seconds (a minute on a large one), and transforming a model at several sparsities,
+# or discovering it first, captures the same graphs again: an export is kept per model, for as long as the model
+# lives, under everything it depends on (see _model_state).
+_CAPTURES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[ExportedProgram, int | None]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _model_state(model: nn.Module) -> tuple:
+    """What a captured graph of ``model`` depends on: the graph lifts the model's parameters and buffers by
+    identity (so new values in the same tensors need no new capture, a new dtype, device or shape does), and bakes
+    in the modules' code and hooks and the config."""
+    tensors = tuple((name, id(t), t.dtype, t.device, tuple(t.shape))
+                    for name, t in (*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False)))
+    code = tuple((name, type(m).forward, m.__dict__.get("forward"), tuple(m._forward_pre_hooks),
+                  tuple(m._forward_hooks)) for name, m in model.named_modules(remove_duplicate=False))
+    config = getattr(model, "config", None)
+    settings = (config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config),
+                getattr(config, "_attn_implementation", None))
+    return tensors, code, settings, torch.is_grad_enabled(), torch.get_default_dtype()
+
+
+def _export(model: nn.Module, step: Step, example_batch: int, example_length: int
+            ) -> tuple[ExportedProgram, int | None]:
     limit = max_positions(model)
     length_max = limit if limit is not None else 1 << 16
     batch_dim = Dim("batch", min=1, max=1 << 16)
@@ -209,7 +242,7 @@ def capture(
                 shapes |= {"past_keys": (), "past_values": ()}
             program = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False,
                                           prefer_deferred_runtime_asserts_over_guards=True)
-            return CapturedDecoder(program=program, step=step, model=model, num_layers=num_layers)
+            return program, num_layers
         _cache_keyword(model)
         num_layers = _num_layers(model)
         keys, values = _example_cache(model, example_batch, example_length)
@@ -233,7 +266,7 @@ def capture(
             # GQA models guard on the repeated-KV shapes; deferring the guards keeps the past length dynamic.
             prefer_deferred_runtime_asserts_over_guards=True,
         )
-        return CapturedDecoder(program=program, step="decode", model=model, num_layers=num_layers)
+        return program, num_layers
     except CaptureError:
         raise
     except Exception as error:  # export failures are long; keep the cause, say what failed

@@ -76,3 +76,29 @@ def test_bad_step_and_example_sizes():
         capture(model, step="generate")
     with pytest.raises(ValueError, match="example_batch"):
         capture(model, example_batch=1)
+
+
+def test_a_model_in_the_same_state_is_exported_once(monkeypatch):
+    """Capturing again reuses the export while the model's tensors, code, hooks and config are what they were; new
+    values in the same tensors are read by the graph, a hook or a new dtype exports again."""
+    from shadowfx.families import build_small
+
+    exports = []
+    export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: exports.append(1) or export(*args, **kwargs))
+    model = build_small("llama", num_layers=2)
+    first = capture(model)
+    assert capture(model).program is first.program and len(exports) == 1
+    capture(model, step="prefill_cache")
+    assert len(exports) == 2
+
+    input_ids, mask = padded_batch(2, 5, model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    torch.testing.assert_close(capture(model)(input_ids, mask), PrefillStep(model)(input_ids, mask))
+    assert len(exports) == 2
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: output * 0)
+    assert capture(model)(input_ids, mask).abs().max() == 0 and len(exports) == 3
+    handle.remove()
+    model.double()
+    assert capture(model)(input_ids, mask).dtype == torch.float64 and len(exports) == 4

@@ -261,7 +261,11 @@ def _final_norm(head: Node, layers_module: str) -> str | None:
     _, seen = walk([projection_input(head)], inputs, within=lambda n: not owner(n).startswith(prefix),
                    stop=lambda n: False)
     norms = [n for n in seen if is_call(n, NORM_OPS)]
-    return owner(norms[0]) if norms else None
+    if not norms:
+        return None
+    # the norm nearest the head, in graph order (a head may hold a norm of its own after the model's)
+    order = {n: i for i, n in enumerate(head.graph.nodes)}
+    return owner(max(norms, key=order.__getitem__))
 
 
 def _embeddings(graph: torch.fx.Graph, params: GraphParameters, captured: CapturedDecoder, layers_module: str):

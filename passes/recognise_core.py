@@ -58,9 +58,14 @@ def _eager_attention(layer: str, softmax: Node, layer_nodes: set[Node]):
     between = [n for n in seen if n not in (softmax, score_matmul)]
     if any(n.op == "call_function" and n.target not in _SCORE_OPS for n in between):
         raise StructureError(f"layer {layer}: unexpected ops between attention scores and softmax: "
-                             f"{sorted({str(n.target) for n in between if n.target not in _SCORE_OPS})}")
+                             f"{sorted({_op_name(n.target) for n in between if n.target not in _SCORE_OPS})}")
     masks = [a for n in between if n.target == aten.add.Tensor for a in n.args
              if isinstance(a, Node) and a not in seen]
     scale = math.prod(scalar_factor(n) for n in between)
     k_in = score_matmul.args[1]
     return score_matmul.args[0], k_in, value_matmul.args[1], masks[0] if masks else None, scale, value_matmul
+
+
+def _op_name(target: object) -> str:
+    """An aten op as torch prints it, a Python function by its name (not its address, which changes every run)."""
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))

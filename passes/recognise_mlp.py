@@ -74,7 +74,15 @@ def _gate_and_up(layer: str, feeders: list[Node], intermediate: Node, layer_node
     if not merges:
         raise StructureError(f"layer {layer}: the two MLP input projections never multiply, so the gated MLP is "
                              "not recognised")
-    merge = merges[0]
+    # the first multiply in graph order, so the answer does not depend on the order of a set
+    order = {n: i for i, n in enumerate(first.graph.nodes)}
+    merge = min(merges, key=order.__getitem__)
+    after = {n for n in between(merge, intermediate, layer_nodes) | ({intermediate} - {merge})
+             if n.op == "call_function" and n.target not in LAYOUT_OPS}
+    if after:
+        raise StructureError(f"layer {layer}: between the gated MLP's multiply and its down projection the MLP "
+                             f"computes {sorted(str(n.target) for n in after)}, which the sparse MLP does not "
+                             "recompute")
     paths = {f: between(f, merge, layer_nodes) for f in feeders}
     computing = {f: {n for n in path if n.target not in LAYOUT_OPS} for f, path in paths.items()}
     gates = [f for f, ops in computing.items() if ops]

@@ -51,6 +51,22 @@ def test_interleaved_rotary_is_refused_by_discovery():
         shadowfx.discover(family_matrix.build("cohere"))
 
 
+def test_a_norm_after_the_gated_multiply_is_refused_by_discovery():
+    with pytest.raises(StructureError, match="between the gated MLP's multiply and its down projection"):
+        shadowfx.discover(family_matrix.build("bitnet"))
+
+
+def test_the_final_norm_is_the_one_nearest_the_head_whichever_step_is_captured():
+    """ModernBERT's head holds a norm of its own after the model's: discovery names the same one from every graph
+    (a predictor discovered on one is accepted by the transform of the other)."""
+    from shadowfx.capture import capture
+
+    model = family_matrix.build("modernbert-decoder")
+    structures = [discovery.discover_structure(capture(model, step=step)) for step in ("prefill", "prefill_cache")]
+    assert {s.final_norm for s in structures} == {"lm_head.norm"}
+    assert structures[0].fingerprint == structures[1].fingerprint
+
+
 def test_the_self_check_catches_what_discovery_lets_through(monkeypatch):
     """With discovery's proof switched off, olmo2's query/key norms are dropped by the rewrite: transform's own
     check at sparsity 0 names the first layer and the keys, and without the check the model silently differs."""

@@ -40,7 +40,7 @@ from shadowfx.passes.graph import (
     walk,
 )
 from shadowfx.passes.recognise_core import ATTENTION_CORE_OPS, attention_core
-from shadowfx.passes.recognise_head_transforms import require_carried, rotary, scalar_factor
+from shadowfx.passes.recognise_head_transforms import head_norm, require_carried, rotary, scalar_factor
 from shadowfx.passes.recognise_mlp import mlp_structure
 from shadowfx.passes.recognise_projections import (
     between,
@@ -93,6 +93,7 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
         attention = _attention(layer_path, layer_of_core[index], layer_nodes, params)
         mlp = mlp_structure(layer_path, attention, layer_nodes, params)
         layers.append(LayerStructure(index=index, module=layer_path, attention=attention, mlp=mlp))
+    _refuse_routed_experts(captured.model, layers)
     head = _lm_head(graph, params)
     lm_head = projection_of(head, params)
     embedding, position_embedding = _embeddings(graph, params, captured, layers_module)
@@ -189,6 +190,20 @@ def _layer_index(node: Node, layers_module: str) -> int | None:
     return None
 
 
+def _refuse_routed_experts(model: torch.nn.Module, layers: list[LayerStructure]) -> None:
+    """A mixture-of-experts layer whose shared expert was read as its MLP: its routed experts (batched weights, not
+    linear projections) would run dense, so the sparsity asked for would not be the sparsity applied."""
+    for layer in layers:
+        mlp = layer.mlp
+        mlp_weights = {p.weight for p in (mlp.up, mlp.gate, mlp.down) if p is not None}
+        experts = sorted(name for name, _ in model.named_parameters()
+                         if name.startswith(layer.module + ".") and ".experts." in name and name not in mlp_weights)
+        if experts:
+            raise StructureError(f"layer {layer.module}: besides the MLP read from {mlp.down.module.rsplit('.', 1)[0]} "
+                                 f"the layer has routed experts ({experts[0].rsplit('.', 1)[0]}); mixture-of-experts "
+                                 "MLPs are not sparsified yet, and leaving them dense would skip less than asked")
+
+
 # ---- attention -------------------------------------------------------------------------------------------------------
 def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: GraphParameters) -> AttentionStructure:
     """The attention of one layer: its core, the projection each of q/k/v comes from (or the part of a fused one),
@@ -211,8 +226,10 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: Grap
     rope = rotary(q_path, layer_nodes)
     if rope != rotary(k_path, layer_nodes):
         raise StructureError(f"layer {layer}: the query and key paths do not apply the same rotary embedding")
+    norms = {role: head_norm(layer, roles[role][0], role, roles[role][2], head_dim, params) for role in ("q", "k")}
     for role, (projection, taking, path) in roles.items():
-        require_carried(layer, projection, role, path - taking, path, rope is not None)
+        norm_nodes = norms[role][1] if role in norms else set()
+        require_carried(layer, projection, role, path - taking - norm_nodes, path, rope is not None)
     if q.width != num_heads * head_dim:
         raise StructureError(f"layer {layer}: query projection {q.module} has {q.width} outputs, expected "
                              f"{num_heads} heads x {head_dim}")
@@ -232,7 +249,10 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: Grap
     if o.in_features != num_heads * head_dim:
         raise StructureError(f"layer {layer}: output projection {o.module} takes {o.in_features} features, expected "
                              f"{num_heads} heads x {head_dim}")
-    q_scale = math.prod(scalar_factor(n) for n in q_path if n.op == "call_function")
+    q_scale = math.prod(scalar_factor(n) for n in q_path - norms["q"][1] if n.op == "call_function")
+    if q_scale != 1.0 and norms["q"][0] is not None:
+        raise StructureError(f"layer {layer}: the queries are both scaled by a constant and normalised per head; "
+                             "shadowfx folds the scale into the attention's and cannot tell which comes first")
     return AttentionStructure(
         module=common_prefix(q.module, o.module),
         q=q, k=k, v=v, o=o,
@@ -242,6 +262,8 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: Grap
         mask_node=core.mask.name if core.mask is not None else None,
         context_node=entry_node(o_node).name,
         rotary=rope,
+        q_norm=norms["q"][0],
+        k_norm=norms["k"][0],
     )
 
 

@@ -1,8 +1,8 @@
 """Recogniser: what the q/k/v paths compute between a projection and the attention core, per head.
 
 The sparse attention op recomputes the path from the kept heads' projection rows, so everything on it must be
-something the op carries (head layout, a constant query scale, a rotate-half rotary embedding, the KV-cache append);
-anything else is refused with the layer, the projection and the ops found.
+something the op carries (head layout, a constant query scale, an RMSNorm of each query/key head, a rotate-half
+rotary embedding, the KV-cache append); anything else is refused with the layer, the projection and the ops found.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import operator
 import torch
 from torch.fx import Node
 
-from shadowfx.passes.graph import LAYOUT_OPS, is_call, scalar_args, shape
-from shadowfx.structure import Projection, Rotary, StructureError
+from shadowfx.passes.graph import LAYOUT_OPS, GraphParameters, inputs, is_call, scalar_args, shape, walk
+from shadowfx.passes.recognise_projections import between
+from shadowfx.structure import HeadNorm, Projection, Rotary, StructureError
 
 aten = torch.ops.aten
 
@@ -47,7 +48,7 @@ def require_carried(layer: str, projection: Projection, role: str, computing: se
         raise StructureError(
             f"layer {layer}: between {projection.module} and the attention core the {role} path computes "
             f"{sorted(foreign)}, which the sparse attention does not recompute (it carries head reshapes, a constant "
-            "query scale and a rotate-half rotary embedding)")
+            "query scale, an RMSNorm of each query/key head and a rotate-half rotary embedding)")
 
 
 def _appends_to_cache(node: Node, path: set[Node]) -> bool:
@@ -93,3 +94,72 @@ def _outside(node: Node, layer_nodes: set[Node]) -> Node:
     while node in layer_nodes and is_call(node, LAYOUT_OPS):
         node = node.args[0]
     return node
+
+
+_NORM_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.rsqrt.default, aten.mul.Tensor,
+             aten.type_as.default, aten._assert_tensor_metadata.default}
+
+
+def head_norm(layer: str, projection: Projection, role: str, path: set[Node], head_dim: int,
+              params: GraphParameters) -> tuple[HeadNorm | None, set[Node]]:
+    """The RMSNorm of each head on a q/k path, ``x * rsqrt(mean(x^2, -1) + eps) * scale`` over ``head_dim``
+    features, and its nodes; (None, no nodes) on a path without one. A norm over all heads at once (OLMo 2's, of
+    the whole projection) or one applied after the rotary embedding is refused: the sparse op normalises each kept
+    head before its rotary embedding."""
+    statistics = [n for n in path if is_call(n, {aten.rsqrt.default})]
+    if not statistics:
+        return None, set()
+    where = f"layer {layer}: the {role} path of {projection.module}"
+    eps_add = statistics[0].args[0]
+    mean = next((a for a in eps_add.args if isinstance(a, Node)), None) if is_call(eps_add, {aten.add.Tensor}) else None
+    square = mean.args[0] if is_call(mean, {aten.mean.dim}) else None
+    if len(statistics) != 1 or len(scalar_args(eps_add)) != 1 or not (
+            is_call(square, {aten.pow.Tensor_Scalar}) and scalar_args(square) == [2]):
+        raise StructureError(f"{where} normalises in a way shadowfx does not recognise "
+                             f"({len(statistics)} rsqrt, not of mean(x^2) + eps); only RMSNorm is carried")
+    x = square.args[0]
+    if list(mean.args[1]) not in ([-1], [len(shape(x)) - 1]) or shape(x)[-1] != head_dim or len(shape(x)) != 4:
+        raise StructureError(f"{where} normalises over {shape(x)[-1]} features of shape {list(shape(x))}, not over "
+                             f"each head's {head_dim}: a norm across heads cannot be computed from the kept heads "
+                             "alone, so this family cannot be sparsified per head")
+    _, before = walk([x], inputs, within=path.__contains__, stop=lambda n: False)
+    if any(is_call(n, {aten.neg.default}) for n in before):
+        raise StructureError(f"{where} normalises each head after the rotary embedding; the sparse op normalises "
+                             "before it")
+    scale, nodes = _norm_scale(x, statistics[0], path)
+    if scale is None:
+        raise StructureError(f"{where} normalises each head but then computes "
+                             f"{sorted(str(n.target) for n in nodes)} instead of multiplying by a weight")
+    scale_arg = next(i for i, a in enumerate(scale.args[:2]) if a not in path)
+    weight = _parameter_behind(scale.args[scale_arg], params)
+    if weight is None:
+        raise StructureError(f"{where} multiplies the normalised heads by {scale.args[scale_arg]}, which is not a "
+                             "weight of the model")
+    return HeadNorm(weight=weight, eps=float(scalar_args(eps_add)[0]), node=scale.name, scale_arg=scale_arg), nodes
+
+
+def _norm_scale(x: Node, rsqrt: Node, path: set[Node]) -> tuple[Node | None, set[Node]]:
+    """The multiply by the norm's weight that follows ``x * rsqrt`` on the path, and the norm's nodes after ``x``
+    up to it (and a cast after it); (None, the nodes found) if the norm computes anything else on the way."""
+    following = [u for u in rsqrt.users if u in path]
+    current = following[0] if len(following) == 1 and is_call(following[0], {aten.mul.Tensor}) else None
+    while current is not None and not (is_call(current, {aten.mul.Tensor}) and current is not following[0]
+                                       and sum(a in path for a in current.args[:2]) == 1):
+        after = [u for u in current.users if u in path]
+        current = after[0] if len(after) == 1 and is_call(after[0], _HEAD_LAYOUT_OPS | {aten.mul.Tensor}) else None
+    if current is None:
+        return None, {rsqrt, *following}
+    scale = current
+    while len(current.users) == 1 and is_call(next(iter(current.users)), {aten.type_as.default, aten.to.dtype}):
+        current = next(iter(current.users))
+    nodes = between(x, current, path) | {current}
+    unexpected = {n for n in nodes if n.op == "call_function" and n.target not in _NORM_OPS | _HEAD_LAYOUT_OPS}
+    return (None, unexpected) if unexpected else (scale, nodes)
+
+
+def _parameter_behind(node: Node, params: GraphParameters) -> str | None:
+    """The model weight a norm scale is (through casts and Gemma's ``1 +``), or None."""
+    while isinstance(node, Node) and params.name(node) is None and (
+            is_call(node, LAYOUT_OPS) or (is_call(node, {aten.add.Tensor}) and len(scalar_args(node)) == 1)):
+        node = next(a for a in node.args if isinstance(a, Node))
+    return params.name(node) if isinstance(node, Node) else None

@@ -78,16 +78,18 @@ class NodeType:
                                               param_option=option.Variadic if self.variadic else option.Single)
                      for name in self.outputs],
             type_constraints=[("T", _FLOATS, "activations and weights"), ("I", ["tensor(int64)"], "unit indices"),
-                              ("M", _MASKS, "attention mask, True = attend")],
+                              ("M", _MASKS, "attention mask, True = attend"),
+                              ("N", _FLOATS, "scale of a per-head norm (float32 where the model computes it so)")],
             attributes=[OpSchema.Attribute(name, kind, "") for name, kind in self.attributes.items()],
         )
 
 
 _ATTENTION_INPUTS = _inputs(
     "hidden:T", "q_weight:T", "q_bias:T?", "k_weight:T", "k_bias:T?", "v_weight:T", "v_bias:T?", "o_weight:T",
-    "o_bias:T?", "kv_head_idx:I?", "cos:T?", "sin:T?", "attention_mask:M?", "past_key:T?", "past_value:T?")
+    "o_bias:T?", "kv_head_idx:I?", "cos:T?", "sin:T?", "attention_mask:M?", "past_key:T?", "past_value:T?",
+    "q_norm:N?", "k_norm:N?")
 _ATTENTION_ATTRIBUTES = {"num_heads": _INT, "num_kv_heads": _INT, "head_dim": _INT, "scaling": _FLOAT,
-                         "selection": _STRING}
+                         "norm_eps": _FLOAT, "selection": _STRING}
 _ops = torch.ops.shadowfx
 
 NODE_TYPES: dict[str, NodeType] = {t.name: t for t in (
@@ -145,14 +147,16 @@ def _translate_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, d
 
 def _attention_translation(name: str) -> Callable:
     def translate(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos,
-                  sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, scaling):
+                  sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, scaling,
+                  q_norm=None, k_norm=None, norm_eps=0.0):
         if attention_mask is None or attention_mask.dtype != onnx_ir.DataType.BOOL:
             raise OnnxExportError(f"{name}: only a boolean attention mask is exported (sdpa attention gives one); "
                                   "load the model with attn_implementation='sdpa'")
         return getattr(_OPSET, name)(
             hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos, sin,
-            attention_mask, past_key, past_value, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            head_dim=head_dim, scaling=scaling, selection=_selection_mode(kv_head_idx, k_weight, name))
+            attention_mask, past_key, past_value, q_norm, k_norm, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, scaling=scaling, norm_eps=norm_eps,
+            selection=_selection_mode(kv_head_idx, k_weight, name))
     return translate
 
 
@@ -295,6 +299,14 @@ def _rope(body: _Body, t: str) -> str:
     return body("Concat", rotated, passing, axis=-1)
 
 
+def _head_norm(body: _Body, t: str, scale: str, eps: float) -> str:
+    """RMSNorm of each head over its D features in float32, times ``scale`` [D]: t [B, n, S, D]."""
+    x = body("Cast", t, to=TensorProto.FLOAT)
+    mean = body("ReduceMean", body("Mul", x, x), body.ints(-1), keepdims=1)
+    normalised = body("Mul", x, body("Reciprocal", body("Sqrt", body("Add", mean, body("Constant", value_float=eps)))))
+    return body("CastLike", body("Mul", normalised, body("Cast", scale, to=TensorProto.FLOAT)), t)
+
+
 def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
     def given(name: str) -> str:
         return name if name in present else ""
@@ -315,6 +327,10 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     q = heads(body.linear_rows("hidden", "q_weight", given("q_bias"), q_rows, per_row))
     key = heads(body.linear_rows("hidden", "k_weight", given("k_bias"), kv_rows, per_row))
     value = heads(body.linear_rows("hidden", "v_weight", given("v_bias"), kv_rows, per_row))
+    if "q_norm" in present:
+        q = _head_norm(body, q, "q_norm", attributes["norm_eps"])
+    if "k_norm" in present:
+        key = _head_norm(body, key, "k_norm", attributes["norm_eps"])
     if "cos" in present:
         q, key = _rope(body, q), _rope(body, key)
     if "past_key" in present:

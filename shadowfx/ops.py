@@ -301,6 +301,9 @@ class _AttentionArgs(NamedTuple):
     num_kv_heads: int
     head_dim: int
     scaling: float
+    q_norm: Optional[Tensor] = None
+    k_norm: Optional[Tensor] = None
+    norm_eps: float = 0.0
 
 
 _AttentionResult = tuple[Tensor, Tensor, Tensor]  # (out, key, value)
@@ -362,6 +365,12 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
         for name, t in (("cos", cos), ("sin", sin)):
             _check_tensor(t, name, (cos.shape[0], seq, rot), dtype)
 
+    for name, norm in (("q_norm", a.q_norm), ("k_norm", a.k_norm)):
+        if norm is not None:
+            torch._check_value(norm.dim() == 1 and norm.shape[0] == head_dim and norm.is_floating_point(),
+                               lambda: f"{name} must be a float [head_dim={head_dim}], got {norm.dtype} "
+                                       f"{tuple(norm.shape)}")
+
     past_key, past_value = a.past_key, a.past_value
     torch._check_value((past_key is None) == (past_value is None), lambda: "past_key and past_value go together")
     past = 0
@@ -380,6 +389,14 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
         torch._check_value(mask.shape[0] == 1 or mask.shape[0] == batch, lambda: f"mask batch must be 1 or {batch}")
         _check_tensor(mask, "attention_mask", (mask.shape[0], 1, seq, past + seq), mask.dtype)
     return cache_heads
+
+
+def _head_norm(t: Tensor, scale: Optional[Tensor], eps: float) -> Tensor:
+    """RMSNorm of each head over its D features in float32, times ``scale`` [D]; t [B, H, S, D]."""
+    if scale is None:
+        return t
+    x = t.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale.float()).to(t.dtype)
 
 
 def _rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -445,6 +462,7 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     q = heads(_linear_rows(a.hidden, a.q_weight, a.q_bias, q_rows))
     key = heads(_linear_rows(a.hidden, a.k_weight, a.k_bias, kv_rows))
     value = heads(_linear_rows(a.hidden, a.v_weight, a.v_bias, kv_rows))
+    q, key = _head_norm(q, a.q_norm, a.norm_eps), _head_norm(key, a.k_norm, a.norm_eps)
     if a.cos is not None and a.sin is not None:
         q, key = _rope(q, a.cos, a.sin), _rope(key, a.cos, a.sin)
     if a.past_key is not None and a.past_value is not None:
@@ -490,7 +508,8 @@ gathered_attention = _attention_op("gathered_attention", per_token=False)
 hidden [B, S, E]; q_weight [Hq*D, E]; k/v_weight [Hkv*D, E]; o_weight [E, Hq*D]; biases optional.
 kv_head_idx int64 [g] or [B, g] picks KV heads; the kept query heads are all query heads of those groups (query
 head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. cos/sin [B or 1, S, rot] apply
-RoPE (rotate_half convention) to the first rot dims of each head of q and k. past_key/past_value
+RoPE (rotate_half convention) to the first rot dims of each head of q and k; before it, q_norm/k_norm [D]
+(optional) normalise each head of q/k (RMSNorm with norm_eps, in float32, times the given scale). past_key/past_value
 [B, g, P, D] hold the kept heads' cache and come before the new keys. attention_mask: None (causal),
 bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. A query with no key to attend
 to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of

@@ -72,6 +72,18 @@ class Rotary:
 
 
 @dataclass(frozen=True)
+class HeadNorm:
+    """An RMSNorm of each query (or key) head over its ``head_dim`` features, before the rotary embedding (Qwen3,
+    Gemma 3): ``x * rsqrt(mean(x^2) + eps) * scale`` in float32. ``node`` multiplies by the scale, its argument
+    ``scale_arg`` (the weight, or Gemma's ``1 + weight``)."""
+
+    weight: str
+    eps: float
+    node: str
+    scale_arg: int
+
+
+@dataclass(frozen=True)
 class AttentionStructure:
     module: str
     q: Projection
@@ -87,6 +99,8 @@ class AttentionStructure:
     mask_node: str | None
     context_node: str
     rotary: Rotary | None
+    q_norm: HeadNorm | None = None
+    k_norm: HeadNorm | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -213,6 +227,8 @@ def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
     for role in ("q", "k", "v", "o"):
         attn[role] = _projection_from_dict(attn[role])
     attn["rotary"] = Rotary(**attn["rotary"]) if attn.get("rotary") else None
+    for norm in ("q_norm", "k_norm"):
+        attn[norm] = HeadNorm(**attn[norm]) if attn.get(norm) else None
     mlp = dict(data["mlp"])
     for role in ("up", "down"):
         mlp[role] = _projection_from_dict(mlp[role])
@@ -231,9 +247,14 @@ _CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "context_node"
                         "sin_node", "fingerprint", "weights_digest"}
 
 
+# Fields added after predictors were saved: absent, they leave the architecture hash as it was.
+_OMITTED_WHEN_NONE = {"q_norm", "k_norm"}
+
+
 def _architecture_view(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _architecture_view(v) for k, v in sorted(value.items()) if k not in _CAPTURE_ONLY_FIELDS}
+        return {k: _architecture_view(v) for k, v in sorted(value.items())
+                if k not in _CAPTURE_ONLY_FIELDS and not (k in _OMITTED_WHEN_NONE and v is None)}
     if isinstance(value, (list, tuple)):
         return [_architecture_view(v) for v in value]
     return value

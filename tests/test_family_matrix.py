@@ -19,8 +19,10 @@ from shadowfx.verify import RewriteMismatch
 
 # A spread of the recorded outcomes, cheap enough for every CI run, beside the families test_transform covers: plain,
 # gated and squared-ReLU MLPs, a fused gate/up, fused QKV taken apart by slices and by nested splits (multi-query),
-# and the refusals of query/key norms, interleaved rotary, a bidirectional encoder and an attention with a score bias.
-FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "olmo2", "cohere", "gptj", "bert", "bloom")
+# per-head query/key norms (scaled by the weight, and by 1 + weight), and the refusals of a norm across heads,
+# interleaved rotary, a bidirectional encoder and an attention with a score bias.
+FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "qwen3", "gemma3_text", "olmo2", "cohere", "gptj", "bert",
+        "bloom")
 
 
 @functools.cache
@@ -41,14 +43,20 @@ def test_the_recorded_matrix_has_no_family_that_differs_and_covers_the_mapping()
     assert set(family_matrix.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) <= set(results)
 
 
-def test_query_key_norms_are_refused_by_discovery():
-    with pytest.raises(StructureError, match=r"q path computes .*rsqrt"):
+def test_query_key_norms_across_heads_are_refused_by_discovery():
+    with pytest.raises(StructureError, match=r"normalises over 64 features .* not over each head's 16"):
         shadowfx.discover(family_matrix.build("olmo2"))
 
 
 def test_interleaved_rotary_is_refused_by_discovery():
     with pytest.raises(StructureError, match="rotary embedding other than rotate-half"):
         shadowfx.discover(family_matrix.build("cohere"))
+
+
+def test_routed_experts_beside_a_shared_expert_are_refused_by_discovery():
+    """GLM-4 MoE's shared expert looks like a gated MLP; sparsifying it alone would leave the routed experts dense."""
+    with pytest.raises(StructureError, match=r"layer model.layers.1: .*routed experts \(model.layers.1.mlp.experts\)"):
+        shadowfx.discover(family_matrix.build("glm4_moe"))
 
 
 def test_a_norm_after_the_gated_multiply_is_refused_by_discovery():
@@ -71,6 +79,7 @@ def test_the_self_check_catches_what_discovery_lets_through(monkeypatch):
     """With discovery's proof switched off, olmo2's query/key norms are dropped by the rewrite: transform's own
     check at sparsity 0 names the first layer and the keys, and without the check the model silently differs."""
     monkeypatch.setattr(discovery, "require_carried", lambda *args: None)
+    monkeypatch.setattr(discovery, "head_norm", lambda *args: (None, set()))
     model = family_matrix.build("olmo2")
     predictor = ShadowPredictor.for_structure(shadowfx.discover(model), hidden=16, seed=1)
     with pytest.raises(RewriteMismatch, match="layer 1 computes other attention keys"):

@@ -1203,3 +1203,39 @@ def test_compile_gathered_mlp() -> None:
     for batch, seq in [(2, 3), (3, 1)]:
         x, idx = torch.randn(batch, seq, 8), random_selection(32, 8, batch)
         torch.testing.assert_close(compiled(x, idx), module(x, idx))
+
+
+def _rms_heads(t: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_prompt", "per_token"])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_per_head_query_key_norms_match_a_hand_computation(heads: tuple[int, int, int], per_token: bool) -> None:
+    """Each head of q and k is RMS-normalised over its D features and scaled before the rotary embedding."""
+    c = token_case(heads, 2, 5, HEAD_DIM, bias=True, dtype=torch.float32) if per_token else attention_case(
+        heads, 2, 5, HEAD_DIM, bias=True, per_row=True, dtype=torch.float32)
+    q_scale, k_scale, eps = torch.rand(HEAD_DIM) + 0.5, torch.rand(HEAD_DIM) + 0.5, 1e-5
+    op = ops.token_sparse_attention if per_token else ops.gathered_attention
+    cos, sin = c.rope
+    out, key, _ = op(c.hidden, **c.w, kv_head_idx=c.idx, cos=cos, sin=sin, attention_mask=None, past_key=None,
+                     past_value=None, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=HEAD_DIM,
+                     scaling=HEAD_DIM**-0.5, q_norm=q_scale, k_norm=k_scale, norm_eps=eps)
+
+    w, group, (batch, seq, _) = c.w, c.num_heads // c.num_kv_heads, c.hidden.shape
+
+    def project(name: str) -> Tensor:
+        return F.linear(c.hidden, w[f"{name}_weight"], w[f"{name}_bias"]).unflatten(-1, (-1, HEAD_DIM)).transpose(1, 2)
+
+    def rope(t: Tensor) -> Tensor:
+        half = HEAD_DIM // 2
+        turned = torch.cat((-t[..., half:], t[..., :half]), -1)
+        return t * cos.unsqueeze(1) + turned * sin.unsqueeze(1)
+
+    q, k, v = rope(_rms_heads(project("q"), q_scale, eps)), rope(_rms_heads(project("k"), k_scale, eps)), project("v")
+    context = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                             is_causal=True)
+    keep = token_keep(c.idx, c.num_kv_heads, batch).float().repeat_interleave(group, dim=-1)  # [B, S|1, Hq]
+    context = (context * keep.transpose(1, 2)[..., None]).transpose(1, 2).reshape(batch, seq, -1)
+    torch.testing.assert_close(out, F.linear(context, w["o_weight"], w["o_bias"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(key, k if per_token else kept_heads(k, c.idx), atol=1e-5, rtol=1e-5)

@@ -27,6 +27,7 @@ from torch.fx import Node
 from shadowfx.capture import CapturedDecoder
 from shadowfx.passes.graph import (
     NORM_OPS,
+    SOFTMAX_OPS,
     GraphParameters,
     entry_node,
     inputs,
@@ -62,6 +63,7 @@ from shadowfx.structure import (
 aten = torch.ops.aten
 
 _NUMBERED = re.compile(r"^(?P<container>.+)\.(?P<index>\d+)$")
+_ATTENTION_MODULE = re.compile(r"attn|attention", re.IGNORECASE)
 
 
 def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
@@ -175,8 +177,11 @@ def _layer_container(cores: list[Node]) -> tuple[str, dict[int, Node]]:
         raise StructureError(f"decoder layers {container} are numbered {indices}, expected 0..{len(indices) - 1}")
     for index, found in by_index.items():
         if len(found) != 1:
-            raise StructureError(f"layer {container}.{index}: expected one attention, found {len(found)} "
-                                 f"({', '.join(n.name for n in found)})")
+            routers = [owner(n) for n in found if n.target in SOFTMAX_OPS and not _ATTENTION_MODULE.search(owner(n))]
+            raise StructureError(f"layer {container}.{index}: expected one attention, found {len(found)} ("
+                                 + ", ".join(f"{n.name} in {owner(n)}" for n in found) + ")"
+                                 + (f"; the softmax in {routers[0]} is outside the attention, as a mixture-of-experts "
+                                    "router's is: MoE MLPs are not sparsified yet" if routers else ""))
     return container, {index: found[0] for index, found in by_index.items()}
 
 

@@ -59,6 +59,12 @@ def test_routed_experts_beside_a_shared_expert_are_refused_by_discovery():
         shadowfx.discover(family_matrix.build("glm4_moe"))
 
 
+def test_a_router_softmax_is_named_as_such():
+    with pytest.raises(StructureError, match=r"the softmax in model.layers.0.mlp.gate is outside the attention, as a "
+                                             r"mixture-of-experts router's is"):
+        shadowfx.discover(family_matrix.build("mixtral"))
+
+
 def test_a_norm_after_the_gated_multiply_is_refused_by_discovery():
     with pytest.raises(StructureError, match="between the gated MLP's multiply and its down projection"):
         shadowfx.discover(family_matrix.build("bitnet"))

@@ -119,7 +119,6 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
 
 
 # ---- causality -------------------------------------------------------------------------------------------------------
-# ---- causality -------------------------------------------------------------------------------------------------------
 _CAUSAL_MASK_OPS = {aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.tril.default, aten.triu.default}
 
 
@@ -198,15 +197,15 @@ def _layer_index(node: Node, layers_module: str) -> int | None:
 def _refuse_routed_experts(model: torch.nn.Module, layers: list[LayerStructure]) -> None:
     """A mixture-of-experts layer whose shared expert was read as its MLP: its routed experts (batched weights, not
     linear projections) would run dense, so the sparsity asked for would not be the sparsity applied."""
+    mlp_weights = {p.weight for layer in layers for p in (layer.mlp.up, layer.mlp.gate, layer.mlp.down) if p}
+    experts = sorted(name for name, _ in model.named_parameters() if ".experts." in name and name not in mlp_weights)
     for layer in layers:
-        mlp = layer.mlp
-        mlp_weights = {p.weight for p in (mlp.up, mlp.gate, mlp.down) if p is not None}
-        experts = sorted(name for name, _ in model.named_parameters()
-                         if name.startswith(layer.module + ".") and ".experts." in name and name not in mlp_weights)
-        if experts:
-            raise StructureError(f"layer {layer.module}: besides the MLP read from {mlp.down.module.rsplit('.', 1)[0]} "
-                                 f"the layer has routed experts ({experts[0].rsplit('.', 1)[0]}); mixture-of-experts "
-                                 "MLPs are not sparsified yet, and leaving them dense would skip less than asked")
+        inside = [name for name in experts if name.startswith(layer.module + ".")]
+        if inside:
+            raise StructureError(f"layer {layer.module}: besides the MLP read from "
+                                 f"{layer.mlp.down.module.rsplit('.', 1)[0]} the layer has routed experts "
+                                 f"({inside[0].rsplit('.', 1)[0]}); mixture-of-experts MLPs are not sparsified yet, "
+                                 "and leaving them dense would skip less than asked")
 
 
 # ---- attention -------------------------------------------------------------------------------------------------------
@@ -232,6 +231,9 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: Grap
     if rope != rotary(k_path, layer_nodes):
         raise StructureError(f"layer {layer}: the query and key paths do not apply the same rotary embedding")
     norms = {role: head_norm(layer, roles[role][0], role, roles[role][2], head_dim, params) for role in ("q", "k")}
+    if norms["q"][0] and norms["k"][0] and norms["q"][0].eps != norms["k"][0].eps:
+        raise StructureError(f"layer {layer}: the query and key norms use different eps ({norms['q'][0].eps}, "
+                             f"{norms['k'][0].eps}); the sparse attention takes one")
     for role, (projection, taking, path) in roles.items():
         norm_nodes = norms[role][1] if role in norms else set()
         require_carried(layer, projection, role, path - taking - norm_nodes, path, rope is not None)

@@ -12,7 +12,8 @@ aten = torch.ops.aten
 
 
 _ACTIVATION_OPS = {aten.relu.default, aten.square.default, aten.silu.default, aten.gelu.default, aten.tanh.default,
-                   aten.sigmoid.default, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor, aten.div.Tensor, aten.erf.default}
+                   aten.sigmoid.default, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor, aten.div.Tensor,
+                   aten.erf.default}
 
 
 def activation_of(layer: str, nodes: set[Node]) -> str:
@@ -28,7 +29,8 @@ def activation_of(layer: str, nodes: set[Node]) -> str:
     if targets in ({aten.relu.default, aten.square.default}, {aten.relu.default, aten.pow.Tensor_Scalar}) and all(
             c == 2 for n in computing if n.target == aten.pow.Tensor_Scalar for c in scalar_args(n)):
         return "relu2"
-    if targets == {aten.silu.default} or targets == {aten.sigmoid.default, aten.mul.Tensor} and not _constants(computing):
+    if targets == {aten.silu.default} or (targets == {aten.sigmoid.default, aten.mul.Tensor}
+                                           and not _constants(computing)):
         return "silu"
     if gelus and targets == {aten.gelu.default}:
         return "gelu_tanh" if gelus[0].kwargs.get("approximate", "none") == "tanh" else "gelu"

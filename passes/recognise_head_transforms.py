@@ -29,7 +29,8 @@ _ROTARY_OPS = {aten.neg.default, aten.cat.default, aten.slice.Tensor, aten.mul.T
 def require_carried(layer: str, projection: Projection, role: str, computing: set[Node], path: set[Node],
                      rotary: bool) -> None:
     """Refuse a q/k/v path that computes anything the sparse op would not recompute (a norm, a soft-cap, ...);
-    ``computing`` is the ``path`` without the nodes that take this role's part out of a fused projection."""
+    ``computing`` is the ``path`` without the nodes that take this role's part out of a fused projection and
+    without those of a recognised per-head norm."""
     foreign = set()
     for node in computing:
         if node.op != "call_function" or node.target in _HEAD_LAYOUT_OPS:
@@ -69,7 +70,8 @@ def scalar_factor(node: Node) -> float:
 
 def rotary(q_path: set[Node], layer_nodes: set[Node]) -> Rotary | None:
     """Rotary embedding on the query path: ``q * cos + rotate_half(q) * sin`` with cos/sin from outside the layer."""
-    if not any(is_call(n, {aten.neg.default}) for n in q_path) or not any(is_call(n, {aten.cat.default}) for n in q_path):
+    if not (any(is_call(n, {aten.neg.default}) for n in q_path)
+            and any(is_call(n, {aten.cat.default}) for n in q_path)):
         return None
     for node in q_path:
         muls = [a for a in node.args if is_call(a, {aten.mul.Tensor})] if is_call(node, {aten.add.Tensor}) else []
@@ -96,8 +98,8 @@ def _outside(node: Node, layer_nodes: set[Node]) -> Node:
     return node
 
 
-_NORM_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.rsqrt.default, aten.mul.Tensor,
-             aten.type_as.default, aten._assert_tensor_metadata.default}
+_RMS_NORM_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.rsqrt.default, aten.mul.Tensor,
+                 aten.type_as.default}
 
 
 def head_norm(layer: str, projection: Projection, role: str, path: set[Node], head_dim: int,
@@ -141,19 +143,23 @@ def head_norm(layer: str, projection: Projection, role: str, path: set[Node], he
 def _norm_scale(x: Node, rsqrt: Node, path: set[Node]) -> tuple[Node | None, set[Node]]:
     """The multiply by the norm's weight that follows ``x * rsqrt`` on the path, and the norm's nodes after ``x``
     up to it (and a cast after it); (None, the nodes found) if the norm computes anything else on the way."""
-    following = [u for u in rsqrt.users if u in path]
-    current = following[0] if len(following) == 1 and is_call(following[0], {aten.mul.Tensor}) else None
-    while current is not None and not (is_call(current, {aten.mul.Tensor}) and current is not following[0]
-                                       and sum(a in path for a in current.args[:2]) == 1):
-        after = [u for u in current.users if u in path]
-        current = after[0] if len(after) == 1 and is_call(after[0], _HEAD_LAYOUT_OPS | {aten.mul.Tensor}) else None
-    if current is None:
-        return None, {rsqrt, *following}
-    scale = current
-    while len(current.users) == 1 and is_call(next(iter(current.users)), {aten.type_as.default, aten.to.dtype}):
-        current = next(iter(current.users))
-    nodes = between(x, current, path) | {current}
-    unexpected = {n for n in nodes if n.op == "call_function" and n.target not in _NORM_OPS | _HEAD_LAYOUT_OPS}
+    normalising = [u for u in rsqrt.users if u in path]
+    failed = None, {rsqrt, *normalising}
+    if len(normalising) != 1 or not is_call(normalising[0], {aten.mul.Tensor}):
+        return failed
+    scale = normalising[0]
+    while True:  # through casts (and multiplies of path tensors) to the multiply by one tensor from off the path
+        after = [u for u in scale.users if u in path]
+        if len(after) != 1 or not is_call(after[0], _HEAD_LAYOUT_OPS | {aten.mul.Tensor}):
+            return failed
+        scale = after[0]
+        if is_call(scale, {aten.mul.Tensor}) and sum(a in path for a in scale.args[:2]) == 1:
+            break
+    last = scale
+    while len(last.users) == 1 and is_call(next(iter(last.users)), {aten.type_as.default, aten.to.dtype}):
+        last = next(iter(last.users))
+    nodes = between(x, last, path) | {last}
+    unexpected = {n for n in nodes if n.op == "call_function" and n.target not in _RMS_NORM_OPS | _HEAD_LAYOUT_OPS}
     return (None, unexpected) if unexpected else (scale, nodes)
 
 

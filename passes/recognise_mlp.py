@@ -14,13 +14,16 @@ from shadowfx.structure import AttentionStructure, MLPStructure, Projection, Str
 aten = torch.ops.aten
 
 
-def mlp_structure(layer: str, attention: AttentionStructure, layer_nodes: set[Node], params: GraphParameters) -> MLPStructure:
+def mlp_structure(layer: str, attention: AttentionStructure, layer_nodes: set[Node],
+                  params: GraphParameters) -> MLPStructure:
+    """The MLP of one layer: the projections besides the attention's, which is down, and (gated) which is the gate."""
     projections = projections_in(layer_nodes, params)
     attention_nodes = {attention.q.node, attention.k.node, attention.v.node, attention.o.node}
     mlp = {n: p for n, p in projections.items() if n.name not in attention_nodes}
     if len(mlp) not in (2, 3):
         raise StructureError(f"layer {layer}: expected an MLP of 2 (up, down) or 3 (gate, up, down) projections "
-                             f"besides the attention, found {len(mlp)}: {sorted(p.module for p in mlp.values()) or 'none'}")
+                             f"besides the attention, found {len(mlp)}: "
+                             f"{sorted(p.module for p in mlp.values()) or 'none'}")
     feeds: dict[Node, list[Node]] = {}
     for node in mlp:
         reached, _ = trace_back(projection_input(node), layer_nodes, projections)

@@ -28,7 +28,9 @@ def projections_in(layer_nodes: set[Node], params: GraphParameters) -> dict[Node
     return found
 
 
-def trace_back(start: Node, layer_nodes: set[Node], projections: dict[Node, Projection]) -> tuple[list[Node], set[Node]]:
+def trace_back(start: Node, layer_nodes: set[Node],
+               projections: dict[Node, Projection]) -> tuple[list[Node], set[Node]]:
+    """The projections ``start`` is computed from, walking back inside the layer, and every node on the way."""
     return walk([start], inputs, within=layer_nodes.__contains__, stop=projections.__contains__)
 
 

@@ -1,9 +1,10 @@
 """Pass: replace the attention of every later layer with a head-sparse op on the selected KV groups.
 
 The op takes the layer's hidden input, its q/k/v/o weights (a fused QKV is sliced per role), the rotary cos/sin,
-the attention mask the model built and the scales of per-head query/key norms. Per prompt (``shadowfx::gathered_attention``) it computes only the kept KV
-groups, and the layer's KV cache holds only the kept heads: the graph's present keys/values become the op's, and a
-decode graph's past comes from cache inputs of that size. Per token (``shadowfx::token_sparse_attention``) every
+the attention mask the model built and the scales of per-head query/key norms. Per prompt
+(``shadowfx::gathered_attention``) it computes only the kept KV groups, and the layer's KV cache holds only the kept
+heads: the graph's present keys/values become the op's, and a decode graph's past comes from cache inputs of that
+size. Per token (``shadowfx::token_sparse_attention``) every
 token keeps its own groups' queries and outputs while K/V of all heads are computed, so the cache stays complete.
 """
 
@@ -26,7 +27,7 @@ from shadowfx.passes.graph import (
     set_graph_outputs,
     weight_and_bias,
 )
-from shadowfx.structure import AttentionStructure, DecoderStructure, StructureError
+from shadowfx.structure import DecoderStructure
 
 
 class SparsifyAttention(GraphPass):
@@ -83,7 +84,7 @@ class SparsifyAttention(GraphPass):
                      attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.scaling,
                      *(nodes[norm.node].args[norm.scale_arg] if norm else None
                        for norm in (attention.q_norm, attention.k_norm)),
-                     _norm_eps(attention)),
+                     next((n.eps for n in (attention.q_norm, attention.k_norm) if n is not None), 0.0)),
                 )
                 out, key, value = (graph.call_function(operator.getitem, (op, i)) for i in range(3))
             out.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))
@@ -95,11 +96,3 @@ class SparsifyAttention(GraphPass):
         set_graph_outputs(gm, outputs)
         return PassResult(gm, bool(rewritten), rewritten)
 
-
-def _norm_eps(attention: AttentionStructure) -> float:
-    """The one eps of the op's per-head norms (0.0 without any)."""
-    eps = {norm.eps for norm in (attention.q_norm, attention.k_norm) if norm is not None}
-    if len(eps) > 1:
-        raise StructureError(f"{attention.module}: the query and key norms use different eps {sorted(eps)}, the "
-                             "sparse attention takes one")
-    return eps.pop() if eps else 0.0

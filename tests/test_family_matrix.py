@@ -48,6 +48,11 @@ def test_query_key_norms_across_heads_are_refused_by_discovery():
         shadowfx.discover(family_matrix.build("olmo2"))
 
 
+def test_query_key_norms_after_the_rotary_embedding_are_refused_by_discovery():
+    with pytest.raises(StructureError, match="normalises each head after the rotary embedding"):
+        shadowfx.discover(family_matrix.build("nanochat"))
+
+
 def test_interleaved_rotary_is_refused_by_discovery():
     with pytest.raises(StructureError, match="rotary embedding other than rotate-half"):
         shadowfx.discover(family_matrix.build("cohere"))

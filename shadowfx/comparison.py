@@ -361,15 +361,20 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     directory = writable_directory(out) if out is not None else None
     recorded = {"fingerprint": structure.fingerprint, "protocol": protocol, "criterion": criterion,
                 "windows": windows.describe(), "random_seeds": list(random_seeds),
-                "predictors": {name: {"digest": _digest(module), "hidden": module.config().get("hidden")}
-                               for name, module in sorted(predictors.items())},
                 "baselines": _digest(baselines.static)} | (settings or {})
     runs = _load_runs(directory, recorded)
     context = _Context(model, structure, windows, protocol, batch_size, progress)
+    # each predictor run records the predictor it used, so that one trained later (DejaVu) does not void the others
+    used = {name: {"digest": _digest(module), "hidden": module.config().get("hidden")}
+            for name, module in predictors.items()}
 
-    def record(key: str, compute: Callable[[], dict]) -> dict:
+    def record(key: str, compute: Callable[[], dict], predictor: str | None = None) -> dict:
+        if key in runs and predictor is not None and runs[key].get("predictor") != used[predictor]:
+            raise ComparisonError(f"the finished run {key} of {directory} was made with another {predictor} "
+                                  f"predictor ({runs[key].get('predictor')}, now {used[predictor]}); pass the "
+                                  "predictors it was made with, or another output directory")
         if key not in runs:
-            runs[key] = compute()
+            runs[key] = compute() | ({"predictor": used[predictor]} if predictor is not None else {})
             _save_runs(directory, recorded, runs)
         return runs[key]
 
@@ -412,18 +417,20 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
                 bar.set_postfix_str(f"{prefix} {key}")
                 record(f"{prefix}/{key}", lambda: _run(context, sparse, rows, scores, desc=key))
         for method in (m for m in active if m not in ROW_METHODS):
-            if f"{prefix}/{method}" in runs:
-                continue
-            bar.set_postfix_str(f"{prefix} {method}")
-            predictor = (BudgetOnly(predictors["shadowllm_prompt"], baselines.static, structure)
-                         if method == "budget_only" else predictors[method])
-            granularity = "token" if method.endswith("_token") else "prompt"
-            sparse = sparse_model(predictor, sparsity, scope, granularity)
-            record(f"{prefix}/{method}", lambda: _run(context, sparse, desc=method))
+            key = f"{prefix}/{method}"
+            if key not in runs:
+                bar.set_postfix_str(f"{prefix} {method}")
+                predictor = (BudgetOnly(predictors["shadowllm_prompt"], baselines.static, structure)
+                             if method == "budget_only" else predictors[method])
+                granularity = "token" if method.endswith("_token") else "prompt"
+                sparse = sparse_model(predictor, sparsity, scope, granularity)
+            record(key, lambda: _run(context, sparse, desc=method),
+                   "shadowllm_prompt" if method == "budget_only" else method)
     bar.close()
     report = summarise(runs, windows, recorded, plan=plan, methods=methods, random_seeds=random_seeds,
                        skipped=skipped, bootstrap_samples=bootstrap_samples)
     report["missing_runs"] = missing
+    report["predictors"] = used
     # what each budget skips of the later layers' KV groups and neurons (units are whole, so not always the ask)
     report["planned_sparsity"] = {scope: {f"{sparsity:g}": planned_sparsity(
         structure, SparsityConfig.from_arguments(sparsity, None, None, scope)) for s, sparsity in plan if s == scope}

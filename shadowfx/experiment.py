@@ -152,8 +152,7 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
                                tuple(d for d, w in held_out.items() for _ in range(w.shape[0])), prompt_length)
     settings = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "calibration": {d: {"windows": int(w.shape[0]), "tokens": prompt_length}
-                                for d, w in calibration.items()},
-                "predictors": str(directory)}
+                                for d, w in calibration.items()}}
     return evaluate(model, eval_windows, Baselines.from_traces(traces), criterion=criterion, predictors=trained,
                     sparsities=sparsities, scopes=scopes, methods=methods, protocol=protocol,
                     random_seeds=random_seeds, batch_size=batch_size, out=out, settings=settings,

@@ -208,6 +208,16 @@ def test_a_rerun_resumes_and_other_settings_are_refused(report, llama, baselines
     again = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors,
                      sparsities=(0.25, 0.5), batch_size=4, bootstrap_samples=200, out=out, progress=False)
     assert again["methods"] == result["methods"] and again["missing_runs"] == []
+    # a predictor trained later, or left out, voids nothing of the others' runs; a changed one is refused
+    fewer = {name: predictors[name] for name in ("shadowllm_prompt", "dejavu_prompt")}
+    kept = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=fewer, sparsities=(0.25, 0.5),
+                    batch_size=4, bootstrap_samples=200, out=out, progress=False)
+    assert kept["methods"]["per_layer"]["dejavu_prompt"] == result["methods"]["per_layer"]["dejavu_prompt"]
+    assert "shadowllm_token" in kept["skipped"]["global"]
+    retrained = fewer | {"dejavu_prompt": LayerwisePredictor.for_structure(structure("llama"), hidden=8, seed=7)}
+    with pytest.raises(ComparisonError, match="per_layer/0.25/dejavu_prompt .* another dejavu_prompt predictor"):
+        evaluate(llama, _windows(), baselines, criterion="plainact", predictors=retrained, sparsities=(0.25, 0.5),
+                 batch_size=4, bootstrap_samples=200, out=out, progress=False)
     partial = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors,
                        sparsities=(0.5, 0.75), batch_size=4, bootstrap_samples=200, out=out, run_missing=False,
                        progress=False)

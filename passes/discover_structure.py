@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch.fx import Node
 
-from shadowfx.capture import CapturedDecoder
+from shadowfx.capture import CapturedDecoder, capture
 from shadowfx.passes.graph import (
     NORM_OPS,
     SOFTMAX_OPS,
@@ -40,6 +40,7 @@ from shadowfx.passes.graph import (
     users,
     walk,
 )
+from shadowfx.passes.recognise_alibi import alibi_slopes
 from shadowfx.passes.recognise_core import ATTENTION_CORE_OPS, attention_core
 from shadowfx.passes.recognise_head_transforms import head_norm, require_carried, rotary, scalar_factor
 from shadowfx.passes.recognise_mlp import mlp_structure
@@ -89,15 +90,18 @@ def discover_structure(captured: CapturedDecoder) -> DecoderStructure:
         if index is not None:
             nodes_by_layer[index].append(node)
     layers = []
+    score_biases = {}
     for index in range(len(layer_of_core)):
         layer_nodes = set(nodes_by_layer[index])
         layer_path = f"{layers_module}.{index}"
-        attention = _attention(layer_path, layer_of_core[index], layer_nodes, params)
+        attention, score_biases[index] = _attention(layer_path, layer_of_core[index], layer_nodes, params)
         mlp = mlp_structure(layer_path, attention, layer_nodes, params)
         layers.append(LayerStructure(index=index, module=layer_path, attention=attention, mlp=mlp))
     _refuse_routed_experts(captured.model, layers)
     head = _lm_head(graph, params)
     lm_head = projection_of(head, params)
+    if any(bias is not None for bias in score_biases.values()):
+        layers = _with_alibi(captured, layers, score_biases, lm_head.out_features)
     embedding, position_embedding = _embeddings(graph, params, captured, layers_module)
     model = captured.model
     config = getattr(model, "config", None)
@@ -152,6 +156,21 @@ def _require_causal(captured: CapturedDecoder, core: Node) -> None:
     if not causal:
         raise StructureError(f"{name} is not a causal decoder: its attention lets a token see later tokens; shadowfx "
                              "rewrites decoder-only causal LMs (for BERT-like models set is_decoder=True)")
+
+
+def _with_alibi(captured: CapturedDecoder, layers: list[LayerStructure], biases: dict[int, Node | None],
+                vocab_size: int) -> list[LayerStructure]:
+    """The layers with the ALiBi slopes of their score biases, read from a run of the prefill graph (a decode
+    graph's are the prefill's: one run of a decode step would need a cache to run on)."""
+    if any(bias is None for bias in biases.values()):
+        raise StructureError(f"{type(captured.model).__name__}: some layers add a per-head bias to the attention "
+                             "scores and some do not; shadowfx expects ALiBi in every layer or in none")
+    if captured.step == "decode":
+        prefill = discover_structure(capture(captured.model, step="prefill_cache"))
+        slopes = {layer.index: layer.attention.alibi_slopes for layer in prefill.layers}
+    else:
+        slopes = alibi_slopes(captured, biases, layers[0].attention.num_heads, _input_ids(captured), vocab_size)
+    return [replace(layer, attention=replace(layer.attention, alibi_slopes=slopes[layer.index])) for layer in layers]
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------------
@@ -209,9 +228,11 @@ def _refuse_routed_experts(model: torch.nn.Module, layers: list[LayerStructure])
 
 
 # ---- attention -------------------------------------------------------------------------------------------------------
-def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: GraphParameters) -> AttentionStructure:
+def _attention(layer: str, core_node: Node, layer_nodes: set[Node],
+               params: GraphParameters) -> tuple[AttentionStructure, Node | None]:
     """The attention of one layer: its core, the projection each of q/k/v comes from (or the part of a fused one),
-    what the paths between compute (refused unless the sparse op carries it) and the output projection."""
+    what the paths between compute (refused unless the sparse op carries it) and the output projection; and the
+    per-head bias its scores take, if any (whose slopes need a run of the model)."""
     projections = projections_in(layer_nodes, params)
     core = attention_core(layer, core_node, layer_nodes)
     num_heads, head_dim = int(shape(core.q)[1]), int(shape(core.q)[-1])
@@ -271,7 +292,8 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node], params: Grap
         rotary=rope,
         q_norm=norms["q"][0],
         k_norm=norms["k"][0],
-    )
+        mask_fill=core.mask_fill,
+    ), core.score_bias
 
 
 # ---- around the layers -----------------------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ from shadowfx.passes.graph import SELECTION_META, is_call, placeholders
 from shadowfx.structure import DecoderStructure
 
 _OPS = {
-    torch.ops.shadowfx.gathered_attention.default: ("kv_heads", ATTENTION_ROLES),
-    torch.ops.shadowfx.gathered_mlp.default: ("neurons", MLP_ROLES),
+    torch.ops.shadowfx.gathered_attention.default: ("kv_heads", ATTENTION_ROLES, "kv_head_idx"),
+    torch.ops.shadowfx.gathered_mlp.default: ("neurons", MLP_ROLES, "neuron_idx"),
 }
+
+
+def _position(op: torch._ops.OpOverload, argument: str) -> int:
+    return [a.name for a in op._schema.arguments].index(argument)
 
 
 def _gathered_ops(gm: GraphModule) -> dict[tuple[int, str], torch.fx.Node]:
@@ -26,8 +30,8 @@ def _gathered_ops(gm: GraphModule) -> dict[tuple[int, str], torch.fx.Node]:
     found = {}
     for node in gm.graph.nodes:
         if is_call(node, _OPS):
-            kind, roles = _OPS[node.target]
-            indices = node.args[1 + len(roles)]
+            kind, _, selection = _OPS[node.target]
+            indices = node.args[_position(node.target, selection)]
             if isinstance(indices, torch.fx.Node) and SELECTION_META in indices.meta:
                 found[(indices.meta[SELECTION_META][1], kind)] = node
     return found
@@ -41,7 +45,7 @@ class PregatheredWeights(GraphPass):
 
     def requires(self, gm: GraphModule) -> None:
         found = _gathered_ops(gm)
-        op_of = {kind: op.name() for op, (kind, _) in _OPS.items()}
+        op_of = {kind: op.name() for op, (kind, _, _) in _OPS.items()}
         missing = [f"{op_of[kind]} of layer {layer.index}" for layer in self.structure.layers[1:]
                    for kind in ("kv_heads", "neurons") if (layer.index, kind) not in found]
         if missing:
@@ -57,15 +61,16 @@ class PregatheredWeights(GraphPass):
         for layer in self.structure.layers[1:]:
             for kind in ("kv_heads", "neurons"):
                 node = found[(layer.index, kind)]
-                roles = _OPS[node.target][1]
+                _, roles, selection = _OPS[node.target]
                 args = list(node.args)
-                for position, role in enumerate(roles, start=1):
-                    if args[position] is None:
+                for role in roles:
+                    position = _position(node.target, role)
+                    if position >= len(args) or args[position] is None:
                         continue
                     with graph.inserting_after(anchor):
                         anchor = graph.placeholder(f"compact_{layer.index}_{role}")
                     args[position] = anchor
-                args[1 + len(roles)] = None  # the weights are the kept units already
+                args[_position(node.target, selection)] = None  # the weights are the kept units already
                 node.args = tuple(args)
                 changed[layer.index] = changed.get(layer.index, 0) + 1
         for node in placeholders(gm):

@@ -10,6 +10,7 @@ from torch.fx import Node
 
 from shadowfx.passes.graph import LAYOUT_OPS, MATMUL_OPS, SOFTMAX_OPS, inputs, is_call, shape, users, walk
 from shadowfx.passes.recognise_head_transforms import scalar_factor
+from shadowfx.passes.recognise_projections import between
 from shadowfx.structure import AttentionCore as AttentionCoreKind, StructureError
 
 aten = torch.ops.aten
@@ -22,7 +23,12 @@ _SCORE_OPS = LAYOUT_OPS | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, at
 
 
 class AttentionCore(NamedTuple):
-    """The attention core of one layer: the tensors it takes, its mask and scale, and the node its output leaves."""
+    """The attention core of one layer: the tensors it takes, its mask and scale, and the node its output leaves.
+
+    ``mask_fill`` set: ``mask`` is a boolean mask of the blocked scores (True = blocked), which the core fills with
+    this value; else ``mask`` is added to the scores (a float mask) or, for SDPA, True = attend. ``score_bias``: a
+    tensor of one bias per head added to the scores (ALiBi), computed outside the layer.
+    """
 
     kind: AttentionCoreKind
     node: Node
@@ -32,38 +38,71 @@ class AttentionCore(NamedTuple):
     mask: Node | None
     scale: float
     output: Node
+    mask_fill: float | None = None
+    score_bias: Node | None = None
+
+
+# the fill of a masked_fill that the additive form gives exactly: adding it to any score rounds to it in float32
+_ABSORBING_FILL = -1e37
 
 
 def attention_core(layer: str, core: Node, layer_nodes: set[Node]) -> AttentionCore:
-    """Read an SDPA call, or the matmul -> scale/mask -> softmax -> matmul of an eager attention around ``core``."""
+    """Read an SDPA call, or the matmul -> scale/bias/mask -> softmax -> matmul of an eager attention around
+    ``core``."""
     if core.target in _SDPA:
         q_in, k_in, v_in = core.args[:3]
         mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
         scale = core.kwargs.get("scale")
         return AttentionCore("sdpa", core, q_in, k_in, v_in, mask if isinstance(mask, Node) else None,
                              scale if scale is not None else shape(q_in)[-1] ** -0.5, core)
-    q_in, k_in, v_in, mask, scale, output = _eager_attention(layer, core, layer_nodes)
-    return AttentionCore("eager", core, q_in, k_in, v_in, mask, scale, output)
+    return _eager_attention(layer, core, layer_nodes)
 
 
-def _eager_attention(layer: str, softmax: Node, layer_nodes: set[Node]):
-    """(q, k, v, mask, scale, output) of an eager attention: matmul -> scale/mask -> softmax -> matmul."""
-    scores, seen = walk(inputs(softmax), inputs, within=layer_nodes.__contains__,
-                        stop=lambda n: is_call(n, MATMUL_OPS))
+def _eager_attention(layer: str, softmax: Node, layer_nodes: set[Node]) -> AttentionCore:
+    """An eager attention: the scores matmul, then scalings, additions of a mask and of a per-head bias, a
+    masked_fill, layout ops, the softmax and the values matmul. Anything else on the way refuses."""
+    scores, _ = walk(inputs(softmax), inputs, within=layer_nodes.__contains__, stop=lambda n: is_call(n, MATMUL_OPS))
     values, _ = walk(users(softmax), users, within=layer_nodes.__contains__, stop=lambda n: is_call(n, MATMUL_OPS))
     if len(scores) != 1 or len(values) != 1:
         raise StructureError(f"layer {layer}: softmax {softmax.name} is not between a scores matmul and a values "
                              "matmul, so the eager attention is not recognised")
     score_matmul, value_matmul = scores[0], values[0]
-    between = [n for n in seen if n not in (softmax, score_matmul)]
-    if any(n.op == "call_function" and n.target not in _SCORE_OPS for n in between):
-        raise StructureError(f"layer {layer}: unexpected ops between attention scores and softmax: "
-                             f"{sorted({_op_name(n.target) for n in between if n.target not in _SCORE_OPS})}")
-    masks = [a for n in between if n.target == aten.add.Tensor for a in n.args
-             if isinstance(a, Node) and a not in seen]
-    scale = math.prod(scalar_factor(n) for n in between)
-    k_in = score_matmul.args[1]
-    return score_matmul.args[0], k_in, value_matmul.args[1], masks[0] if masks else None, scale, value_matmul
+    chain = between(score_matmul, softmax, layer_nodes)
+    unexpected = sorted({_op_name(n.target) for n in chain
+                         if n.op == "call_function" and n.target not in _SCORE_OPS | {aten.masked_fill.Scalar}})
+    if unexpected:
+        raise StructureError(f"layer {layer}: unexpected ops between attention scores and softmax: {unexpected}")
+    heads = shape(score_matmul)[1]
+    additive, blocked, biases = [], [], []
+    for node in chain:
+        side = [a for a in node.all_input_nodes if a not in chain and a is not score_matmul]
+        if not side:
+            continue
+        if is_call(node, {aten.add.Tensor}) and len(side) == 1:
+            # a mask is one for all heads ([B, 1, S, T]); a tensor of one value per head is a score bias
+            sizes = shape(side[0])
+            (additive if len(sizes) == 4 and sizes[1] == 1 else biases).append(side[0])
+        elif is_call(node, {aten.masked_fill.Scalar}) and side == [node.args[1]]:
+            fill = float(node.args[2])
+            if not math.isfinite(fill) or fill > _ABSORBING_FILL:
+                raise StructureError(f"layer {layer}: the scores are masked_fill-ed with {fill}, which the sparse "
+                                     f"attention cannot add as a mask; supported: a finite fill below "
+                                     f"{_ABSORBING_FILL:g} (the float32 minimum HF uses)")
+            blocked.append((node.args[1], fill))
+        else:
+            raise StructureError(f"layer {layer}: {node.name} ({_op_name(node.target)}) combines the attention scores "
+                                 f"with {[a.name for a in side]}; the sparse attention adds one mask and one bias per "
+                                 "head, and scales by constants")
+    if len(additive) + len(blocked) > 1 or len(biases) > 1:
+        raise StructureError(f"layer {layer}: the scores take {len(additive) + len(blocked)} masks and "
+                             f"{len(biases)} per-head biases, expected at most one of each")
+    if biases and len(shape(biases[0])) < 3 or biases and shape(biases[0])[-3] not in (1, heads):
+        raise StructureError(f"layer {layer}: the bias added to the scores has shape {shape(biases[0])}, not one "
+                             f"[.., heads, queries, keys] bias for the {heads} heads")
+    mask, fill = blocked[0] if blocked else (additive[0] if additive else None, None)
+    scale = math.prod(scalar_factor(n) for n in chain)
+    return AttentionCore("eager", softmax, score_matmul.args[0], score_matmul.args[1], value_matmul.args[1], mask,
+                         scale, value_matmul, fill, biases[0] if biases else None)
 
 
 def _op_name(target: object) -> str:

@@ -1,7 +1,8 @@
 """Pass: replace the attention of every later layer with a head-sparse op on the selected KV groups.
 
 The op takes the layer's hidden input, its q/k/v/o weights (a fused QKV is sliced per role), the rotary cos/sin,
-the attention mask the model built and the scales of per-head query/key norms. Per prompt
+the attention mask the model built (a masked_fill's boolean mask becomes the additive mask it amounts to), the scales
+of per-head query/key norms and the ALiBi slopes. Per prompt
 (``shadowfx::gathered_attention``) it computes only the kept KV groups, and the layer's KV cache holds only the kept
 heads: the graph's present keys/values become the op's, and a decode graph's past comes from cache inputs of that
 size. Per token (``shadowfx::token_sparse_attention``) every
@@ -14,6 +15,8 @@ import operator
 
 import torch
 from torch.fx import GraphModule
+
+aten = torch.ops.aten
 
 from shadowfx.passes.base import GraphPass, PassResult, require_nodes, require_selection
 from shadowfx.passes.graph import (
@@ -75,16 +78,27 @@ class SparsifyAttention(GraphPass):
                 weights = []
                 for projection, node in ((attention.q, q), (attention.k, k), (attention.v, v), (attention.o, o)):
                     weights.extend(weight_and_bias(gm, node, projection.rows))
+                mask = nodes[attention.mask_node] if attention.mask_node else None
+                if attention.mask_fill is not None:
+                    # a fill this low gives the blocked scores zero weight, as a boolean mask does (one that ONNX
+                    # export takes); the two differ only on queries that attend to nothing, which are padding
+                    mask = graph.call_function(aten.logical_not.default, (mask,))
+                slopes = None
+                if attention.alibi_slopes is not None:
+                    name = f"shadowfx_alibi_slopes_{layer.index}"
+                    device = hidden.meta["val"].device
+                    gm.register_buffer(name, torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=device))
+                    slopes = graph.get_attr(name)
                 op = graph.call_function(
                     self.op,
                     (hidden, *weights, indices[("kv_heads", layer.index)],
                      nodes[rotary.cos_node] if rotary else None, nodes[rotary.sin_node] if rotary else None,
-                     nodes[attention.mask_node] if attention.mask_node else None,
+                     mask,
                      past.get(f"past_keys_{layer.index}"), past.get(f"past_values_{layer.index}"),
                      attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.scaling,
                      *(nodes[norm.node].args[norm.scale_arg] if norm else None
                        for norm in (attention.q_norm, attention.k_norm)),
-                     next((n.eps for n in (attention.q_norm, attention.k_norm) if n is not None), 0.0)),
+                     next((n.eps for n in (attention.q_norm, attention.k_norm) if n is not None), 0.0), slopes),
                 )
                 out, key, value = (graph.call_function(operator.getitem, (op, i)) for i in range(3))
             out.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))

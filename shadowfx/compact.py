@@ -1,9 +1,10 @@
 """Gather a prompt's kept rows and columns of every later layer's weights once, for the decode steps to reuse.
 
 The tensors come out in the order the ``pregathered_weights`` pass gives the decode graph's inputs: per later layer,
-the attention's q/k/v/o weights and biases, then the MLP's up/gate/down weights and biases, skipping the ones the
-model does not have. Output-projection weights (attention o, MLP down) are gathered as contiguous rows of their
-transpose, so the kept units are contiguous in memory and the op reads them with one dense matmul.
+the attention's q/k/v/o weights and biases and its ALiBi slopes, then the MLP's up/gate/down weights and biases,
+skipping the ones the model does not have. Output-projection weights (attention o, MLP down) are gathered as
+contiguous rows of their transpose, so the kept units are contiguous in memory and the op reads them with one dense
+matmul.
 :attr:`CompactWeights.layout` says of each tensor which selection it follows, where its kept rows lie and how many
 rows a kept unit owns (what an exporter needs to give the tensors dynamic shapes).
 """
@@ -19,7 +20,8 @@ from shadowfx.ops import unit_rows
 from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure, LayerStructure, Projection
 
-ATTENTION_ROLES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias")
+ATTENTION_ROLES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias",
+                   "alibi_slopes")
 MLP_ROLES = ("up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias")
 
 
@@ -123,6 +125,9 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
         add(f"{name}_bias", _bias(params, projection), "kv_heads", unit)
     add("o_weight", _weight(params, attention.o).t(), "kv_heads", query_rows, output=True)
     add("o_bias", _bias(params, attention.o))
+    if attention.alibi_slopes is not None:  # one per query head: a kept KV group's r heads
+        slopes = torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=params[attention.q.weight].device)
+        add("alibi_slopes", slopes, "kv_heads", attention.kv_group_size)
     for name, projection in (("up", mlp.up), ("gate", mlp.gate)):
         if projection is not None:
             add(f"{name}_weight", _weight(params, projection), "neurons")

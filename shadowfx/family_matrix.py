@@ -75,7 +75,8 @@ def small_config(model_type: str) -> PretrainedConfig:
     """The family's default config, shrunk to three layers of width 64 where its attributes allow."""
     config = AutoConfig.for_model(model_type)
     for name, value in _SMALL.items():
-        if getattr(config, name, None) is not None:
+        derived = getattr(type(config), name, None)  # a read-only property follows the sizes set here (Falcon)
+        if getattr(config, name, None) is not None and not (isinstance(derived, property) and derived.fset is None):
             setattr(config, name, value)
     for name in _TOKEN_IDS:
         token = getattr(config, name, None)

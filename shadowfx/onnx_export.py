@@ -116,7 +116,7 @@ class _Dense:
     def graphs(self, progress: tqdm) -> Iterator[tuple[str, onnx.ModelProto]]:
         """The dense graphs by name, one at a time (a large model's graphs are not held in memory together)."""
         layers = self.structure.num_layers
-        batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
+        batch, seq, past = _length_dims(self.model)
         input_ids, attention_mask = _example(self.model)
         prefill = editable_module(self.prefill.program)
         with torch.inference_mode(False), torch.no_grad():
@@ -129,6 +129,15 @@ class _Dense:
             yield "decode", _to_onnx(progress, decode, step, tuple(step_shapes),
                                      ["input_ids", "attention_mask", *_cache_names("past", layers)],
                                      ["logits", *_cache_names("present", layers)])
+
+
+def _length_dims(model: nn.Module) -> tuple[Dim, Dim, Dim]:
+    """The batch, sequence and past-length dims of the graphs, the lengths bounded by the model's positions (a model
+    that slices a table of them, as MPT's ALiBi does, makes the export prove the bound)."""
+    limit = max_positions(model)
+    if limit is None:
+        return Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
+    return Dim("batch", min=1), Dim("seq", min=1, max=limit), Dim("past", min=1, max=limit - 1)
 
 
 def _placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
@@ -254,7 +263,7 @@ def _to_onnx(progress: tqdm, module: nn.Module, args: tuple, dynamic_shapes: tup
 def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.ModelProto]]:
     """The ONNX graphs of ``sparse`` by name (see the module docstring), one at a time."""
     layers = sparse.structure.num_layers
-    batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
+    batch, seq, past = _length_dims(sparse.model)
     input_ids, attention_mask = _example(sparse.model)
     state = sparse.start(input_ids, attention_mask, decode=False)
     selection = _example_selection(sparse, sparse.last_selection)

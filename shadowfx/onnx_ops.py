@@ -87,7 +87,7 @@ class NodeType:
 _ATTENTION_INPUTS = _inputs(
     "hidden:T", "q_weight:T", "q_bias:T?", "k_weight:T", "k_bias:T?", "v_weight:T", "v_bias:T?", "o_weight:T",
     "o_bias:T?", "kv_head_idx:I?", "cos:T?", "sin:T?", "attention_mask:M?", "past_key:T?", "past_value:T?",
-    "q_norm:N?", "k_norm:N?")
+    "q_norm:N?", "k_norm:N?", "alibi_slopes:N?")
 _ATTENTION_ATTRIBUTES = {"num_heads": _INT, "num_kv_heads": _INT, "head_dim": _INT, "scaling": _FLOAT,
                          "norm_eps": _FLOAT, "selection": _STRING}
 _ops = torch.ops.shadowfx
@@ -148,14 +148,14 @@ def _translate_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, d
 def _attention_translation(name: str) -> Callable:
     def translate(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos,
                   sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, scaling,
-                  q_norm=None, k_norm=None, norm_eps=0.0):
+                  q_norm=None, k_norm=None, norm_eps=0.0, alibi_slopes=None):
         if attention_mask is None or attention_mask.dtype != onnx_ir.DataType.BOOL:
             raise OnnxExportError(f"{name}: only a boolean attention mask is exported (sdpa attention gives one); "
                                   "load the model with attn_implementation='sdpa'")
         return getattr(_OPSET, name)(
             hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos, sin,
-            attention_mask, past_key, past_value, q_norm, k_norm, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            head_dim=head_dim, scaling=scaling, norm_eps=norm_eps,
+            attention_mask, past_key, past_value, q_norm, k_norm, alibi_slopes, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, scaling=scaling, norm_eps=norm_eps,
             selection=_selection_mode(kv_head_idx, k_weight, name))
     return translate
 
@@ -307,6 +307,22 @@ def _head_norm(body: _Body, t: str, scale: str, eps: float) -> str:
     return body("CastLike", body("Mul", normalised, body("Cast", scale, to=TensorProto.FLOAT)), t)
 
 
+def _alibi_bias(body: _Body, key: str, kept: str | None, group: int, per_row: bool) -> str:
+    """slope * key position, float32, to add to scores [B, g, r, S, T]: the slopes of every head [Hq] (by ``kept``
+    [B, g] when given), or pre-gathered per row [B, g*r]."""
+    slopes = body("Cast", "alibi_slopes", to=TensorProto.FLOAT)
+    if per_row:
+        slopes = body("Reshape", slopes, body.ints(0, -1, group))  # [B, g, r]
+    else:
+        slopes = body("Reshape", slopes, body.ints(-1, group))  # [Hkv, r]
+        if kept is not None:
+            slopes = body("Gather", slopes, kept, axis=0)  # [B, g, r]
+    total = body("Squeeze", body.dims(key, 2, 3), body.ints(0))
+    positions = body("Cast", body("Range", body("Constant", value_int=0), total, body("Constant", value_int=1)),
+                     to=TensorProto.FLOAT)
+    return body("Mul", body("Unsqueeze", slopes, body.ints(-1, -2)), positions)
+
+
 def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
     def given(name: str) -> str:
         return name if name in present else ""
@@ -341,6 +357,8 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     k5, v5 = (body("Unsqueeze", t, body.ints(2)) for t in (key, value))
     scores = body("Cast", body("MatMul", grouped, body("Transpose", k5, perm=[0, 1, 2, 4, 3])), to=TensorProto.FLOAT)
     scores = body("Mul", scores, body("Constant", value_float=attributes["scaling"]))
+    if "alibi_slopes" in present:
+        scores = body("Add", scores, _alibi_bias(body, key, kept if mode == "rows" else None, group, per_row))
     blocked = body("Constant", value_float=float("-inf"))
     additive = body("Where", "attention_mask", body("Constant", value_float=0.0), blocked)
     scores = body("Add", scores, body("Unsqueeze", additive, body.ints(2)))  # over g and r

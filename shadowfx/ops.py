@@ -304,6 +304,7 @@ class _AttentionArgs(NamedTuple):
     q_norm: Optional[Tensor] = None
     k_norm: Optional[Tensor] = None
     norm_eps: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
 
 
 _AttentionResult = tuple[Tensor, Tensor, Tensor]  # (out, key, value)
@@ -365,6 +366,13 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
         for name, t in (("cos", cos), ("sin", sin)):
             _check_tensor(t, name, (cos.shape[0], seq, rot), dtype)
 
+    if a.alibi_slopes is not None:
+        # one slope per query head: of every head with an index, of the kept groups' heads when pre-gathered
+        heads = q_out // head_dim
+        _check_tensor(a.alibi_slopes, "alibi_slopes", (*lead, heads), a.alibi_slopes.dtype)
+        torch._check_value(a.alibi_slopes.is_floating_point(),
+                           lambda: f"alibi_slopes must be floating point, got {a.alibi_slopes.dtype}")
+
     for name, norm in (("q_norm", a.q_norm), ("k_norm", a.k_norm)):
         if norm is not None:
             torch._check_value(norm.dim() == 1 and norm.shape[0] == head_dim and norm.is_floating_point(),
@@ -421,9 +429,10 @@ def _additive_mask(attention_mask: Optional[Tensor], seq: int, total: int, devic
     return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], scaling: float, group: int) -> Tensor:
-    """softmax(q k^T * scaling + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D], r = group; returns
-    [B, S, g*r*D]."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], scaling: float, group: int,
+            slopes: Optional[Tensor] = None) -> Tensor:
+    """softmax(q k^T * scaling + slope * key position + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D],
+    r = group, slopes (optional) [g, r] or [B, g, r]; returns [B, S, g*r*D]."""
     kv_heads, seq, total = k.shape[1], q.shape[2], k.shape[2]
     # query head i uses kv head i // r (HF repeat_kv); grouping q as [B, g, r, S, D] lets k/v broadcast, not copy
     # (r given, not inferred, so that g = 0 works)
@@ -434,6 +443,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], s
         mask = mask.unsqueeze(2)  # [B, 1, S, T] -> [B, 1, 1, S, T], broadcast over g and r
     # scores and softmax in float32, as HF eager attention does for half-precision inputs
     scores = (q @ k.transpose(-1, -2)).float() * scaling + mask
+    if slopes is not None:
+        # ALiBi: a bias linear in the key's position. Softmax ignores what a query adds to all of its keys, so any
+        # origin of the positions gives the same probabilities (HF's differ by model: key index, distance, ...)
+        scores = scores + slopes.float()[..., None, None] * torch.arange(total, device=q.device, dtype=torch.float32)
     probs = torch.softmax(scores, dim=-1)
     # a query that may attend to nothing (a left-padding row under a bool mask) gets zero context, as torch SDPA
     # gives, instead of the NaN of 0/0
@@ -467,7 +480,12 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
         q, key = _rope(q, a.cos, a.sin), _rope(key, a.cos, a.sin)
     if a.past_key is not None and a.past_value is not None:
         key, value = torch.cat((a.past_key, key), dim=2), torch.cat((a.past_value, value), dim=2)
-    context = _attend(q, key, value, a.attention_mask, a.scaling, group)
+    slopes = a.alibi_slopes
+    if slopes is not None:
+        slopes = slopes.unflatten(-1, (-1, group))  # [.., g, r]: the query heads of each KV group
+        if kv_head_idx is not None and not per_token:
+            slopes = slopes[kept]
+    context = _attend(q, key, value, a.attention_mask, a.scaling, group, slopes)
     if kv_head_idx is not None and per_token:
         # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
         # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
@@ -509,7 +527,9 @@ hidden [B, S, E]; q_weight [Hq*D, E]; k/v_weight [Hkv*D, E]; o_weight [E, Hq*D];
 kv_head_idx int64 [g] or [B, g] picks KV heads; the kept query heads are all query heads of those groups (query
 head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. cos/sin [B or 1, S, rot] apply
 RoPE (rotate_half convention) to the first rot dims of each head of q and k; before it, q_norm/k_norm [D]
-(optional) normalise each head of q/k (RMSNorm with norm_eps, in float32, times the given scale). past_key/past_value
+(optional) normalise each head of q/k (RMSNorm with norm_eps, in float32, times the given scale).
+alibi_slopes [Hq] (optional) adds slope * key position to each head's scores (ALiBi; any origin of the positions
+gives the same softmax, so position = index in the cache). past_key/past_value
 [B, g, P, D] hold the kept heads' cache and come before the new keys. attention_mask: None (causal),
 bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. A query with no key to attend
 to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of
@@ -519,9 +539,10 @@ present cache of the kept KV heads (key after RoPE).
 kv_head_idx None (pre-gathered): the weights hold the kept KV groups only, g = k_weight.shape[-2] // D of them
 (num_heads / num_kv_heads stay the full model's; only their ratio r matters): q_weight [g*r*D, E] or per batch
 row [B, g*r*D, E], k/v_weight [g*D, E] or [B, g*D, E], o_weight [E, g*r*D] or [B, E, g*r*D], q/k/v biases
-[n] or [B, n], o_bias [E]; past_key/past_value [B, g, P, D]. Under torch.export with g dynamic, give the weights'
-row counts as dims derived from g's (k/v: D * g, q/o: r * D * g) and pass the cache: without a cache, the
-output's g is k_weight.shape[-2] // D, and torch guards that != 1 when traced with g > 1.
+[n] or [B, n], o_bias [E], alibi_slopes [g*r] or [B, g*r]; past_key/past_value [B, g, P, D]. Under torch.export
+with g dynamic, give the weights' row counts as dims derived from g's (k/v: D * g, q/o: r * D * g) and pass the
+cache: without a cache, the output's g is k_weight.shape[-2] // D, and torch guards that != 1 when traced with
+g > 1.
 """
 
 token_sparse_attention = _attention_op("token_sparse_attention", per_token=True)

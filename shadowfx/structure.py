@@ -101,6 +101,10 @@ class AttentionStructure:
     rotary: Rotary | None
     q_norm: HeadNorm | None = None
     k_norm: HeadNorm | None = None
+    # mask_node is a boolean mask of the blocked scores, filled with this value (else it is added, or True = attend)
+    mask_fill: float | None = None
+    # ALiBi: each query head's scores get slope * key position (read from a run of the model, see recognise_alibi)
+    alibi_slopes: tuple[float, ...] | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -229,6 +233,7 @@ def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
     attn["rotary"] = Rotary(**attn["rotary"]) if attn.get("rotary") else None
     for norm in ("q_norm", "k_norm"):
         attn[norm] = HeadNorm(**attn[norm]) if attn.get(norm) else None
+    attn["alibi_slopes"] = tuple(attn["alibi_slopes"]) if attn.get("alibi_slopes") else None
     mlp = dict(data["mlp"])
     for role in ("up", "down"):
         mlp[role] = _projection_from_dict(mlp[role])
@@ -243,12 +248,12 @@ def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
 
 # Graph-specific fields (node names, the attention kernel chosen) do not change what a predictor means for a model;
 # the weight digest has its own parts in the fingerprint.
-_CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "context_node", "intermediate_node", "cos_node",
-                        "sin_node", "fingerprint", "weights_digest"}
+_CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "mask_fill", "context_node", "intermediate_node",
+                        "cos_node", "sin_node", "fingerprint", "weights_digest"}
 
 
 # Fields added after predictors were saved: absent, they leave the architecture hash as it was.
-_OMITTED_WHEN_NONE = {"q_norm", "k_norm"}
+_OMITTED_WHEN_NONE = {"q_norm", "k_norm", "alibi_slopes"}
 
 
 def _architecture_view(value: Any) -> Any:

@@ -46,7 +46,8 @@ def excess(ours: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
 
 def verify_rewrite(prefill_capture: CapturedDecoder, structure: DecoderStructure, dense_rewrite: GraphModule) -> None:
     """Raise :class:`RewriteMismatch` unless ``dense_rewrite`` (the prefill passes run with sparsity 0) gives the
-    captured graph's logits on real tokens and its keys and values in every layer."""
+    captured graph's logits, keys and values in every layer on real tokens (those of padding are never attended to,
+    and a model may fill a padding query's attention to nothing in a way of its own)."""
     program_inputs = [n for n in prefill_capture.graph.nodes if n.op == "placeholder"]
     device = next((n.meta["val"].device for n in program_inputs if "val" in n.meta), torch.device("cpu"))
     input_ids, attention_mask = probe_batch(structure.vocab_size, device)
@@ -59,7 +60,8 @@ def verify_rewrite(prefill_capture: CapturedDecoder, structure: DecoderStructure
     for index in range(layers):
         for side, dense_cache, our_cache in (("keys", dense_keys, ours[1:1 + layers]),
                                              ("values", dense_values, ours[1 + layers:1 + 2 * layers])):
-            diff, allowed = excess(our_cache[index], dense_cache[index])
+            # [B, heads, T, D] -> [real tokens, heads, D]
+            diff, allowed = excess(our_cache[index].transpose(1, 2)[real], dense_cache[index].transpose(1, 2)[real])
             if diff > allowed:
                 attention = structure.layers[index].attention
                 projection = attention.k if side == "keys" else attention.v

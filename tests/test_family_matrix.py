@@ -19,10 +19,10 @@ from shadowfx.verify import RewriteMismatch
 
 # A spread of the recorded outcomes, cheap enough for every CI run, beside the families test_transform covers: plain,
 # gated and squared-ReLU MLPs, a fused gate/up, fused QKV taken apart by slices and by nested splits (multi-query),
-# per-head query/key norms (scaled by the weight, and by 1 + weight), and the refusals of a norm across heads,
-# interleaved rotary, a bidirectional encoder and an attention with a score bias.
-FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "qwen3", "gemma3_text", "olmo2", "cohere", "gptj", "bert",
-        "bloom")
+# per-head query/key norms (scaled by the weight, and by 1 + weight), ALiBi with a masked_fill (MPT), and the
+# refusals of a norm across heads, interleaved rotary, a bidirectional encoder and a scores matmul fused with its bias.
+FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "qwen3", "gemma3_text", "mpt", "olmo2", "cohere", "gptj",
+        "bert", "bloom")
 
 
 @functools.cache

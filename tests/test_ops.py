@@ -1239,3 +1239,55 @@ def test_per_head_query_key_norms_match_a_hand_computation(heads: tuple[int, int
     context = (context * keep.transpose(1, 2)[..., None]).transpose(1, 2).reshape(batch, seq, -1)
     torch.testing.assert_close(out, F.linear(context, w["o_weight"], w["o_bias"]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(key, k if per_token else kept_heads(k, c.idx), atol=1e-5, rtol=1e-5)
+
+
+def _alibi_slopes(num_heads: int) -> Tensor:
+    return 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_row", "pregathered", "per_token"])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_alibi_slopes_match_a_hand_computation(heads: tuple[int, int, int], mode: str) -> None:
+    """slope * key position is added to each kept head's scores, from positions counted after the left padding as
+    BLOOM does (any per-query origin gives the same softmax), with a cache before the new tokens."""
+    batch, seq, past = 2, 4, 3
+    c = (token_case(heads, batch, seq, 0, bias=True, dtype=torch.float32) if mode == "per_token" else
+         attention_case(heads, batch, seq, 0, bias=True, per_row=mode != "shared", dtype=torch.float32))
+    slopes, pads, group = _alibi_slopes(c.num_heads), [0, 2], c.num_heads // c.num_kv_heads
+    mask = padding_mask(pads, seq, past)
+    dense_past = random_cache(batch, c.num_kv_heads, past, torch.float32)
+    w = {name: None if t is None else t.double() for name, t in c.w.items()}
+
+    def project(name: str) -> Tensor:
+        return F.linear(c.hidden.double(), w[f"{name}_weight"], w[f"{name}_bias"]).unflatten(-1, (-1, HEAD_DIM))
+
+    q = project("q").transpose(1, 2)
+    k = torch.cat((dense_past[0].double(), project("k").transpose(1, 2)), 2).repeat_interleave(group, 1)
+    v = torch.cat((dense_past[1].double(), project("v").transpose(1, 2)), 2).repeat_interleave(group, 1)
+    positions = (torch.arange(past + seq)[None] - torch.tensor(pads)[:, None]).clamp(min=0).double()  # [B, T]
+    scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 + slopes.double()[None, :, None, None] * positions[:, None, None]
+    context = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) @ v
+    keep = token_keep(c.idx, c.num_kv_heads, batch).double().repeat_interleave(group, dim=-1)  # [B, S|1, Hq]
+    context = (context * keep.transpose(1, 2)[..., None]).transpose(1, 2).reshape(batch, seq, -1)
+    want = F.linear(context, w["o_weight"], w["o_bias"])
+
+    cache, idx, weights, given = dense_past, c.idx, c.w, slopes
+    if mode != "per_token":
+        cache = (kept_heads(dense_past[0], c.idx), kept_heads(dense_past[1], c.idx))
+    if mode == "pregathered":
+        weights, idx = pregather_attention(c.w, c.idx, c.num_kv_heads), None
+        given = slopes.unflatten(0, (c.num_kv_heads, group))[c.idx].flatten(-2)  # the kept groups' heads
+    op = ops.token_sparse_attention if mode == "per_token" else ops.gathered_attention
+    out, _, _ = op(c.hidden, **weights, kv_head_idx=idx, cos=None, sin=None, attention_mask=mask,
+                   past_key=cache[0], past_value=cache[1], num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                   head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5, alibi_slopes=given)
+    valid = torch.arange(seq)[None] + past >= torch.tensor(pads)[:, None]  # queries that are not padding
+    torch.testing.assert_close(out[valid], want[valid].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_slopes_of_the_wrong_shape_are_refused() -> None:
+    c = attention_case((4, 4, 2), 1, 3, 0, bias=False, per_row=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        ops.gathered_attention(c.hidden, **c.w, kv_head_idx=c.idx, cos=None, sin=None, attention_mask=None,
+                               past_key=None, past_value=None, num_heads=4, num_kv_heads=4, head_dim=HEAD_DIM,
+                               scaling=HEAD_DIM**-0.5, alibi_slopes=torch.ones(2))

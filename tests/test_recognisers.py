@@ -79,3 +79,34 @@ def test_attention_core_reads_sdpa_and_eager_alike(attn):
     head_dim = core.q.meta["val"].shape[-1]
     assert core.scale == pytest.approx(head_dim ** -0.5)
     assert core.mask is not None and core.q.meta["val"].shape[1] == 4
+
+
+def _mpt_slopes(num_heads: int) -> list[float]:
+    """MPT's ALiBi slopes by hand: 2^(-8 i / n) for head i = 1..n (n a power of two)."""
+    return [2.0 ** (-8 * i / num_heads) for i in range(1, num_heads + 1)]
+
+
+def test_alibi_slopes_are_read_from_a_run_of_the_model():
+    from shadowfx import discover
+
+    model = build("mpt")
+    structure = discover(model)
+    num_heads = model.config.n_heads
+    assert [layer.attention.alibi_slopes for layer in structure.layers] == [
+        pytest.approx(_mpt_slopes(num_heads), rel=1e-6)] * model.config.n_layers
+    assert structure.layers[0].attention.mask_fill is not None  # MPT fills the blocked scores instead of adding
+
+
+def test_a_score_bias_not_linear_in_the_key_position_is_refused(monkeypatch):
+    from transformers.models.mpt import modeling_mpt
+
+    from shadowfx import discover
+
+    def squared_positions(num_heads, sequence_length, alibi_bias_max=8, device=None):
+        positions = torch.arange(1 - sequence_length, 1, dtype=torch.float32, device=device)
+        return (torch.tensor(_mpt_slopes(num_heads), device=device)[:, None, None] * positions ** 2)
+
+    monkeypatch.setattr(modeling_mpt, "build_mpt_alibi_tensor", squared_positions)
+    with pytest.raises(StructureError, match=r"layer 0: the per-head bias added to the attention scores .* is not "
+                                             r"linear in the key's position"):
+        discover(build("mpt"))

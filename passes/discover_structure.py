@@ -293,6 +293,7 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node],
         q_norm=norms["q"][0],
         k_norm=norms["k"][0],
         mask_fill=core.mask_fill,
+        softcap=core.softcap,
     ), core.score_bias
 
 

@@ -98,7 +98,8 @@ class SparsifyAttention(GraphPass):
                      attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.scaling,
                      *(nodes[norm.node].args[norm.scale_arg] if norm else None
                        for norm in (attention.q_norm, attention.k_norm)),
-                     next((n.eps for n in (attention.q_norm, attention.k_norm) if n is not None), 0.0), slopes),
+                     next((n.eps for n in (attention.q_norm, attention.k_norm) if n is not None), 0.0), slopes,
+                     attention.softcap or 0.0),
                 )
                 out, key, value = (graph.call_function(operator.getitem, (op, i)) for i in range(3))
             out.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))

@@ -29,7 +29,7 @@ DOMAIN_VERSION = 1
 OPSET = 20  # the standard opset of exported graphs and of the bodies (Gelu with `approximate` needs 20)
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-_MASKS = ["tensor(bool)"]
+_MASKS = ["tensor(bool)", *_FLOATS]
 
 
 class OnnxExportError(ValueError):
@@ -78,7 +78,7 @@ class NodeType:
                                               param_option=option.Variadic if self.variadic else option.Single)
                      for name in self.outputs],
             type_constraints=[("T", _FLOATS, "activations and weights"), ("I", ["tensor(int64)"], "unit indices"),
-                              ("M", _MASKS, "attention mask, True = attend"),
+                              ("M", _MASKS, "attention mask: bool, True = attend, or float, added to the scores"),
                               ("N", _FLOATS, "scale of a per-head norm (float32 where the model computes it so)")],
             attributes=[OpSchema.Attribute(name, kind, "") for name, kind in self.attributes.items()],
         )
@@ -89,7 +89,7 @@ _ATTENTION_INPUTS = _inputs(
     "o_bias:T?", "kv_head_idx:I?", "cos:T?", "sin:T?", "attention_mask:M?", "past_key:T?", "past_value:T?",
     "q_norm:N?", "k_norm:N?", "alibi_slopes:N?")
 _ATTENTION_ATTRIBUTES = {"num_heads": _INT, "num_kv_heads": _INT, "head_dim": _INT, "scaling": _FLOAT,
-                         "norm_eps": _FLOAT, "selection": _STRING}
+                         "norm_eps": _FLOAT, "softcap": _FLOAT, "mask_kind": _STRING, "selection": _STRING}
 _ops = torch.ops.shadowfx
 
 NODE_TYPES: dict[str, NodeType] = {t.name: t for t in (
@@ -148,14 +148,15 @@ def _translate_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, d
 def _attention_translation(name: str) -> Callable:
     def translate(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos,
                   sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, scaling,
-                  q_norm=None, k_norm=None, norm_eps=0.0, alibi_slopes=None):
-        if attention_mask is None or attention_mask.dtype != onnx_ir.DataType.BOOL:
-            raise OnnxExportError(f"{name}: only a boolean attention mask is exported (sdpa attention gives one); "
-                                  "load the model with attn_implementation='sdpa'")
+                  q_norm=None, k_norm=None, norm_eps=0.0, alibi_slopes=None, softcap=0.0):
+        if attention_mask is None:
+            raise OnnxExportError(f"{name}: the attention has no mask (the op's causal default), which the export "
+                                  "does not write; the transformed graphs of Hugging Face models always pass one")
         return getattr(_OPSET, name)(
             hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos, sin,
             attention_mask, past_key, past_value, q_norm, k_norm, alibi_slopes, num_heads=num_heads,
-            num_kv_heads=num_kv_heads, head_dim=head_dim, scaling=scaling, norm_eps=norm_eps,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, scaling=scaling, norm_eps=norm_eps, softcap=softcap,
+            mask_kind="bool" if attention_mask.dtype == onnx_ir.DataType.BOOL else "additive",
             selection=_selection_mode(kv_head_idx, k_weight, name))
     return translate
 
@@ -357,15 +358,22 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     k5, v5 = (body("Unsqueeze", t, body.ints(2)) for t in (key, value))
     scores = body("Cast", body("MatMul", grouped, body("Transpose", k5, perm=[0, 1, 2, 4, 3])), to=TensorProto.FLOAT)
     scores = body("Mul", scores, body("Constant", value_float=attributes["scaling"]))
+    if attributes["softcap"]:
+        cap = body("Constant", value_float=attributes["softcap"])
+        scores = body("Mul", body("Tanh", body("Div", scores, cap)), cap)
     if "alibi_slopes" in present:
         scores = body("Add", scores, _alibi_bias(body, key, kept if mode == "rows" else None, group, per_row))
     blocked = body("Constant", value_float=float("-inf"))
-    additive = body("Where", "attention_mask", body("Constant", value_float=0.0), blocked)
+    if attributes["mask_kind"] == "bool":
+        additive = body("Where", "attention_mask", body("Constant", value_float=0.0), blocked)
+    else:  # HF eager attention's float mask, whose blocked scores are finite
+        additive = body("Cast", "attention_mask", to=TensorProto.FLOAT)
     scores = body("Add", scores, body("Unsqueeze", additive, body.ints(2)))  # over g and r
     probs = body("Softmax", scores, axis=-1)
-    # a query with nothing to attend to (left padding) gets zero context, not the NaN of 0/0
-    nothing = body("Equal", body("ReduceMax", scores, body.ints(-1), keepdims=1), blocked)
-    probs = body("Where", nothing, body("Constant", value_float=0.0), probs)
+    if attributes["mask_kind"] == "bool":
+        # a query with nothing to attend to (left padding) gets zero context, not the NaN of 0/0
+        nothing = body("Equal", body("ReduceMax", scores, body.ints(-1), keepdims=1), blocked)
+        probs = body("Where", nothing, body("Constant", value_float=0.0), probs)
     context = body("MatMul", body("CastLike", probs, v5), v5)  # [B, g, r, S, D]
     context = body("Reshape", context, body("Concat", body.dims(context, 0, 1), body.ints(-1),
                                             body.dims(context, 3, 5), axis=0))

@@ -37,6 +37,7 @@ Conventions (the contract):
 """
 
 import inspect
+import math
 from functools import partial
 from typing import Callable, NamedTuple, Optional, TypeVar
 
@@ -305,6 +306,7 @@ class _AttentionArgs(NamedTuple):
     k_norm: Optional[Tensor] = None
     norm_eps: float = 0.0
     alibi_slopes: Optional[Tensor] = None
+    softcap: float = 0.0
 
 
 _AttentionResult = tuple[Tensor, Tensor, Tensor]  # (out, key, value)
@@ -318,6 +320,8 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
             f"need num_heads, num_kv_heads, head_dim >= 1 and num_heads divisible by num_kv_heads, got "
             f"{num_heads}, {num_kv_heads}, {head_dim}"
         )
+    if not (math.isfinite(a.softcap) and a.softcap >= 0):
+        raise ValueError(f"softcap must be 0 (none) or a positive finite cap of the scores, got {a.softcap}")
     hidden = a.hidden
     torch._check_value(hidden.dim() == 3, lambda: f"hidden must be [B, S, E], got shape {tuple(hidden.shape)}")
     torch._check_value(hidden.is_floating_point(), lambda: f"hidden must be floating point, got {hidden.dtype}")
@@ -430,9 +434,10 @@ def _additive_mask(attention_mask: Optional[Tensor], seq: int, total: int, devic
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], scaling: float, group: int,
-            slopes: Optional[Tensor] = None) -> Tensor:
-    """softmax(q k^T * scaling + slope * key position + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D],
-    r = group, slopes (optional) [g, r] or [B, g, r]; returns [B, S, g*r*D]."""
+            slopes: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
+    """softmax(cap(q k^T * scaling) + slope * key position + mask) v with q [B, g*r, S, D] and k/v [B, g, T, D],
+    r = group, slopes (optional) [g, r] or [B, g, r], cap(x) = softcap * tanh(x / softcap) if softcap else x;
+    returns [B, S, g*r*D]."""
     kv_heads, seq, total = k.shape[1], q.shape[2], k.shape[2]
     # query head i uses kv head i // r (HF repeat_kv); grouping q as [B, g, r, S, D] lets k/v broadcast, not copy
     # (r given, not inferred, so that g = 0 works)
@@ -442,7 +447,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], s
     if mask.dim() == 4:
         mask = mask.unsqueeze(2)  # [B, 1, S, T] -> [B, 1, 1, S, T], broadcast over g and r
     # scores and softmax in float32, as HF eager attention does for half-precision inputs
-    scores = (q @ k.transpose(-1, -2)).float() * scaling + mask
+    scores = (q @ k.transpose(-1, -2)).float() * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask
     if slopes is not None:
         # ALiBi: a bias linear in the key's position. Softmax ignores what a query adds to all of its keys, so any
         # origin of the positions gives the same probabilities (HF's differ by model: key index, distance, ...)
@@ -485,7 +493,7 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
         slopes = slopes.unflatten(-1, (-1, group))  # [.., g, r]: the query heads of each KV group
         if kv_head_idx is not None and not per_token:
             slopes = slopes[kept]
-    context = _attend(q, key, value, a.attention_mask, a.scaling, group, slopes)
+    context = _attend(q, key, value, a.attention_mask, a.scaling, group, slopes, a.softcap)
     if kv_head_idx is not None and per_token:
         # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
         # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
@@ -529,7 +537,8 @@ head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. co
 RoPE (rotate_half convention) to the first rot dims of each head of q and k; before it, q_norm/k_norm [D]
 (optional) normalise each head of q/k (RMSNorm with norm_eps, in float32, times the given scale).
 alibi_slopes [Hq] (optional) adds slope * key position to each head's scores (ALiBi; any origin of the positions
-gives the same softmax, so position = index in the cache). past_key/past_value
+gives the same softmax, so position = index in the cache). softcap > 0 caps the scaled scores before the mask
+and bias as softcap * tanh(scores / softcap) (Gemma 2); 0 leaves them as they are. past_key/past_value
 [B, g, P, D] hold the kept heads' cache and come before the new keys. attention_mask: None (causal),
 bool [B or 1, 1, S, P+S] (True = attend) or float additive of the same shape. A query with no key to attend
 to (left padding) gets zero context under a bool or -inf mask, as torch SDPA gives, and the uniform average of

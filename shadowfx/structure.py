@@ -105,6 +105,8 @@ class AttentionStructure:
     mask_fill: float | None = None
     # ALiBi: each query head's scores get slope * key position (read from a run of the model, see recognise_alibi)
     alibi_slopes: tuple[float, ...] | None = None
+    # the scaled scores are capped as softcap * tanh(scores / softcap) before the mask (Gemma 2)
+    softcap: float | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -253,7 +255,7 @@ _CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "mask_fill", "
 
 
 # Fields added after predictors were saved: absent, they leave the architecture hash as it was.
-_OMITTED_WHEN_NONE = {"q_norm", "k_norm", "alibi_slopes"}
+_OMITTED_WHEN_NONE = {"q_norm", "k_norm", "alibi_slopes", "softcap"}
 
 
 def _architecture_view(value: Any) -> Any:

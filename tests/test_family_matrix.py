@@ -19,10 +19,11 @@ from shadowfx.verify import RewriteMismatch
 
 # A spread of the recorded outcomes, cheap enough for every CI run, beside the families test_transform covers: plain,
 # gated and squared-ReLU MLPs, a fused gate/up, fused QKV taken apart by slices and by nested splits (multi-query),
-# per-head query/key norms (scaled by the weight, and by 1 + weight), ALiBi with a masked_fill (MPT), and the
-# refusals of a norm across heads, interleaved rotary, a bidirectional encoder and a scores matmul fused with its bias.
-FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "qwen3", "gemma3_text", "mpt", "olmo2", "cohere", "gptj",
-        "bert", "bloom")
+# per-head query/key norms (scaled by the weight, and by 1 + weight), ALiBi with a masked_fill (MPT), soft-capped
+# scores (Gemma 2), and the refusals of a norm across heads, interleaved rotary, a bidirectional encoder and a scores
+# matmul fused with its bias.
+FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "qwen3", "gemma3_text", "mpt", "gemma2", "olmo2", "cohere",
+        "gptj", "bert", "bloom")
 
 
 @functools.cache
@@ -100,6 +101,25 @@ def test_the_self_check_catches_what_discovery_lets_through(monkeypatch):
     mask = torch.ones_like(input_ids)
     with torch.no_grad():
         assert not torch.allclose(unchecked(input_ids, mask), PrefillStep(model)(input_ids, mask), atol=1e-3)
+
+
+def test_a_soft_cap_of_the_scores_is_read_and_dropping_it_is_caught(monkeypatch):
+    """Gemma 2 caps its scaled scores as c * tanh(x / c): discovery reads c and the scale; with the cap's recogniser
+    made to miss the tanh, the self-check refuses the rewrite."""
+    from shadowfx.passes import recognise_core
+
+    model = family_matrix.build("gemma2")
+    attention = shadowfx.discover(model).layers[1].attention
+    assert attention.softcap == pytest.approx(model.config.attn_logit_softcapping) == 0.01
+    assert attention.scaling == pytest.approx(model.config.query_pre_attn_scalar ** -0.5)
+    monkeypatch.setattr(recognise_core, "_CAP_OPS", set())
+    monkeypatch.setattr(recognise_core, "_SCORE_OPS", recognise_core._SCORE_OPS | {torch.ops.aten.tanh.default})
+    model = family_matrix.build("gemma2")  # discovery's result is kept with the model it read
+    uncapped = shadowfx.discover(model)
+    assert uncapped.layers[1].attention.softcap is None
+    predictor = ShadowPredictor.for_structure(uncapped, hidden=16, seed=1)
+    with pytest.raises(RewriteMismatch, match="the rewritten layer 2 computes other attention keys"):
+        shadowfx.transform(model, predictor, sparsity=0.0)
 
 
 def test_small_config_shrinks_and_keeps_token_ids_in_the_vocabulary():

@@ -1245,11 +1245,18 @@ def _alibi_slopes(num_heads: int) -> Tensor:
     return 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)
 
 
+# a cap this low is far from linear on these scores, so a cap left out or applied after the bias would show
+SOFTCAP = 0.5
+
+
+@pytest.mark.parametrize("score_transform", ["alibi", "softcap"])
 @pytest.mark.parametrize("mode", ["shared", "per_row", "pregathered", "per_token"])
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
-def test_alibi_slopes_match_a_hand_computation(heads: tuple[int, int, int], mode: str) -> None:
-    """slope * key position is added to each kept head's scores, from positions counted after the left padding as
-    BLOOM does (any per-query origin gives the same softmax), with a cache before the new tokens."""
+def test_score_transforms_match_a_hand_computation(heads: tuple[int, int, int], mode: str,
+                                                   score_transform: str) -> None:
+    """ALiBi: slope * key position is added to each kept head's scores, from positions counted after the left padding
+    as BLOOM does (any per-query origin gives the same softmax). Soft-capping: the scaled scores are capped by tanh
+    before the mask. Both with a cache before the new tokens."""
     batch, seq, past = 2, 4, 3
     c = (token_case(heads, batch, seq, 0, bias=True, dtype=torch.float32) if mode == "per_token" else
          attention_case(heads, batch, seq, 0, bias=True, per_row=mode != "shared", dtype=torch.float32))
@@ -1265,7 +1272,11 @@ def test_alibi_slopes_match_a_hand_computation(heads: tuple[int, int, int], mode
     k = torch.cat((dense_past[0].double(), project("k").transpose(1, 2)), 2).repeat_interleave(group, 1)
     v = torch.cat((dense_past[1].double(), project("v").transpose(1, 2)), 2).repeat_interleave(group, 1)
     positions = (torch.arange(past + seq)[None] - torch.tensor(pads)[:, None]).clamp(min=0).double()  # [B, T]
-    scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 + slopes.double()[None, :, None, None] * positions[:, None, None]
+    scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5
+    if score_transform == "alibi":
+        scores = scores + slopes.double()[None, :, None, None] * positions[:, None, None]
+    else:
+        scores = SOFTCAP * torch.tanh(scores / SOFTCAP)
     context = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) @ v
     keep = token_keep(c.idx, c.num_kv_heads, batch).double().repeat_interleave(group, dim=-1)  # [B, S|1, Hq]
     context = (context * keep.transpose(1, 2)[..., None]).transpose(1, 2).reshape(batch, seq, -1)
@@ -1280,14 +1291,18 @@ def test_alibi_slopes_match_a_hand_computation(heads: tuple[int, int, int], mode
     op = ops.token_sparse_attention if mode == "per_token" else ops.gathered_attention
     out, _, _ = op(c.hidden, **weights, kv_head_idx=idx, cos=None, sin=None, attention_mask=mask,
                    past_key=cache[0], past_value=cache[1], num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                   head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5, alibi_slopes=given)
+                   head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5,
+                   **({"alibi_slopes": given} if score_transform == "alibi" else {"softcap": SOFTCAP}))
     valid = torch.arange(seq)[None] + past >= torch.tensor(pads)[:, None]  # queries that are not padding
     torch.testing.assert_close(out[valid], want[valid].float(), atol=1e-5, rtol=1e-5)
 
 
-def test_alibi_slopes_of_the_wrong_shape_are_refused() -> None:
+@pytest.mark.parametrize("wrong,message", [({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
+                                           ({"softcap": -1.0}, "softcap must be 0"),
+                                           ({"softcap": float("inf")}, "softcap must be 0")])
+def test_score_transforms_out_of_their_domain_are_refused(wrong: dict, message: str) -> None:
     c = attention_case((4, 4, 2), 1, 3, 0, bias=False, per_row=False, dtype=torch.float32)
-    with pytest.raises(ValueError, match="alibi_slopes"):
+    with pytest.raises(ValueError, match=message):
         ops.gathered_attention(c.hidden, **c.w, kv_head_idx=c.idx, cos=None, sin=None, attention_mask=None,
                                past_key=None, past_value=None, num_heads=4, num_kv_heads=4, head_dim=HEAD_DIM,
-                               scaling=HEAD_DIM**-0.5, alibi_slopes=torch.ones(2))
+                               scaling=HEAD_DIM**-0.5, **wrong)

@@ -42,7 +42,7 @@ from shadowfx.passes.graph import (
 )
 from shadowfx.passes.recognise_alibi import alibi_slopes
 from shadowfx.passes.recognise_core import ATTENTION_CORE_OPS, attention_core
-from shadowfx.passes.recognise_head_transforms import head_norm, require_carried, rotary, scalar_factor
+from shadowfx.passes.recognise_head_transforms import head_norm, require_carried, rotary, same_rotary, scalar_factor
 from shadowfx.passes.recognise_mlp import mlp_structure
 from shadowfx.passes.recognise_projections import (
     between,
@@ -248,8 +248,8 @@ def _attention(layer: str, core_node: Node, layer_nodes: set[Node],
     q, _, q_path = roles["q"]
     k, _, k_path = roles["k"]
     v, _, v_path = roles["v"]
-    rope = rotary(q_path, layer_nodes)
-    if rope != rotary(k_path, layer_nodes):
+    rope = rotary(layer, q_path, layer_nodes)
+    if not same_rotary(rope, rotary(layer, k_path, layer_nodes), core.node.graph):
         raise StructureError(f"layer {layer}: the query and key paths do not apply the same rotary embedding")
     norms = {role: head_norm(layer, roles[role][0], role, roles[role][2], head_dim, params) for role in ("q", "k")}
     if norms["q"][0] and norms["k"][0] and norms["q"][0].eps != norms["k"][0].eps:

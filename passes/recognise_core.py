@@ -81,7 +81,9 @@ def _eager_attention(layer: str, softmax: Node, layer_nodes: set[Node]) -> Atten
     heads = shape(score_matmul)[1]
     additive, blocked, biases = [], [], []
     for node in chain:
-        side = [a for a in node.all_input_nodes if a not in chain and a is not score_matmul]
+        # tensors from outside the chain (a view's symbolic sizes are not)
+        side = [a for a in node.all_input_nodes if a not in chain and a is not score_matmul
+                and isinstance(a.meta.get("val"), torch.Tensor)]
         if not side:
             continue
         if is_call(node, {aten.add.Tensor}) and len(side) == 1:

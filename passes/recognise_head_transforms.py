@@ -1,13 +1,15 @@
 """Recogniser: what the q/k/v paths compute between a projection and the attention core, per head.
 
 The sparse attention op recomputes the path from the kept heads' projection rows, so everything on it must be
-something the op carries (head layout, a constant query scale, an RMSNorm of each query/key head, a rotate-half
-rotary embedding, the KV-cache append); anything else is refused with the layer, the projection and the ops found.
+something the op carries (head layout, a constant query scale, an RMSNorm of each query/key head, a rotary
+embedding on halves or on interleaved pairs, the KV-cache append); anything else is refused with the layer, the
+projection and the ops found.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 from torch.fx import Node
@@ -20,10 +22,11 @@ aten = torch.ops.aten
 
 
 # What the sparse attention op recomputes between a projection and the attention core: moving and splitting the
-# heads, a constant scale of the queries (folded into the scaling), and a rotate-half rotary embedding.
+# heads, a constant scale of the queries (folded into the scaling), and a rotary embedding (on halves or pairs).
 _HEAD_LAYOUT_OPS = LAYOUT_OPS | {operator.getitem, aten.split.Tensor, aten.split_with_sizes.default,
                                  aten._assert_tensor_metadata.default}
-_ROTARY_OPS = {aten.neg.default, aten.cat.default, aten.slice.Tensor, aten.mul.Tensor, aten.add.Tensor}
+_ROTARY_OPS = {aten.neg.default, aten.cat.default, aten.slice.Tensor, aten.mul.Tensor, aten.add.Tensor,
+               aten.stack.default, aten.flatten.using_ints}
 
 
 def require_carried(layer: str, projection: Projection, role: str, computing: set[Node], path: set[Node],
@@ -45,11 +48,11 @@ def require_carried(layer: str, projection: Projection, role: str, computing: se
         foreign.add(str(node.target))
     if foreign:
         if not rotary and aten.neg.default in {n.target for n in path}:
-            foreign.add("a rotary embedding other than rotate-half (e.g. on interleaved pairs)")
+            foreign.add("a rotary embedding other than on halves or interleaved pairs")
         raise StructureError(
             f"layer {layer}: between {projection.module} and the attention core the {role} path computes "
             f"{sorted(foreign)}, which the sparse attention does not recompute (it carries head reshapes, a constant "
-            "query scale, an RMSNorm of each query/key head and a rotate-half rotary embedding)")
+            "query scale, an RMSNorm of each query/key head and a rotary embedding on halves or interleaved pairs)")
 
 
 def _appends_to_cache(node: Node, path: set[Node]) -> bool:
@@ -68,27 +71,83 @@ def scalar_factor(node: Node) -> float:
     return 1.0
 
 
-def rotary(q_path: set[Node], layer_nodes: set[Node]) -> Rotary | None:
-    """Rotary embedding on the query path: ``q * cos + rotate_half(q) * sin`` with cos/sin from outside the layer."""
+def rotary(layer: str, q_path: set[Node], layer_nodes: set[Node]) -> Rotary | None:
+    """Rotary embedding on the query path: ``q * cos + rotate(q) * sin`` with cos/sin computed from positions, where
+    rotate(q) is ``cat(-q2, q1)`` of the halves, or ``stack(-q_odd, q_even).flatten()`` of interleaved pairs."""
     if not (any(is_call(n, {aten.neg.default}) for n in q_path)
-            and any(is_call(n, {aten.cat.default}) for n in q_path)):
+            and any(is_call(n, {aten.cat.default, aten.stack.default}) for n in q_path)):
         return None
     for node in q_path:
         muls = [a for a in node.args if is_call(a, {aten.mul.Tensor})] if is_call(node, {aten.add.Tensor}) else []
         if len(muls) != 2:
             continue
-        factors = {}
+        factors, interleaved, heads_axis = {}, False, None
         for mul in muls:
             query_side = [a for a in mul.args if a in q_path]
             factor = [a for a in mul.args if isinstance(a, Node) and a not in q_path]
             if len(query_side) != 1 or len(factor) != 1:
                 break
-            rotated = is_call(query_side[0], {aten.cat.default})
+            pairs = _pairs_turned(query_side[0])
+            rotated = pairs or is_call(query_side[0], {aten.cat.default})
+            interleaved |= pairs
             factors["sin" if rotated else "cos"] = _outside(factor[0], layer_nodes)
+            heads_axis = _heads_axis(layer, factors["sin" if rotated else "cos"], query_side[0])
         if len(factors) == 2:
             return Rotary(cos_node=factors["cos"].name, sin_node=factors["sin"].name,
-                          rotary_dim=int(shape(factors["cos"])[-1]))
+                          rotary_dim=int(shape(factors["cos"])[-1]), interleaved=interleaved, heads_axis=heads_axis)
     return None
+
+
+def _heads_axis(layer: str, factor: Node, query: Node) -> int | None:
+    """None for cos/sin of shape [B, S, rot]; for one built [B, 1, S, rot] or [B, S, 1, rot] beside the heads in
+    the layer (GPT-J, GLM), the axis of the heads it broadcasts over, which the sparse op squeezes out."""
+    sizes, query_sizes = shape(factor), shape(query)
+    if len(sizes) == 3:
+        return None
+    # the heads' axis is static; in a decode step the sequence axis is 1 on both sides
+    axes = [axis for axis in (1, 2) if len(sizes) == 4 and sizes[axis] == 1 and query_sizes[axis] != 1]
+    if len(axes) != 1:
+        raise StructureError(f"layer {layer}: the rotary embedding's {factor.name} has shape {tuple(sizes)} beside "
+                             f"heads of shape {tuple(query_sizes)}; the sparse attention takes cos/sin as [B, S, rot] "
+                             "or broadcast over the heads' axis")
+    return axes[0]
+
+
+def same_rotary(a: Rotary | None, b: Rotary | None, graph: torch.fx.Graph) -> bool:
+    """Whether two paths' rotary embeddings are the same: equal but for their cos/sin nodes, and those computed
+    alike (GPT-J builds them once per path, from the same positions)."""
+    if a is None or b is None:
+        return a is b
+    nodes = {n.name: n for n in graph.nodes}
+    return (replace(a, cos_node=b.cos_node, sin_node=b.sin_node) == b
+            and all(_computed_alike(nodes[x], nodes[y]) for x, y in ((a.cos_node, b.cos_node),
+                                                                      (a.sin_node, b.sin_node))))
+
+
+def _computed_alike(a: object, b: object) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_computed_alike(x, y) for x, y in zip(a, b))
+    if not (isinstance(a, Node) and isinstance(b, Node)) or a is b:
+        return a is b or a == b
+    return (a.op == b.op == "call_function" and a.target == b.target and a.kwargs == b.kwargs
+            and _computed_alike(a.args, b.args))
+
+
+def _pairs_turned(node: Node) -> bool:
+    """``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``: each interleaved pair turned a quarter."""
+    if not (is_call(node, {aten.flatten.using_ints}) and is_call(node.args[0], {aten.stack.default})):
+        return False
+    parts = node.args[0].args[0]
+    if not (len(parts) == 2 and is_call(parts[0], {aten.neg.default}) and is_call(parts[1], {aten.slice.Tensor})
+            and is_call(parts[0].args[0], {aten.slice.Tensor})):
+        return False
+    odd, even = parts[0].args[0], parts[1]
+    return (odd.args[0] is even.args[0] and tuple(odd.args[2:]) in _EVERY_SECOND_FROM[1]
+            and tuple(even.args[2:]) in _EVERY_SECOND_FROM[0])
+
+
+# slice(x, dim, start, end, step) arguments after dim that take every second feature from 0 or 1 to the end
+_EVERY_SECOND_FROM = {start: ((start, None, 2), (start, 2**63 - 1, 2)) for start in (0, 1)}
 
 
 def _outside(node: Node, layer_nodes: set[Node]) -> Node:

@@ -1,12 +1,12 @@
 """Pass: replace the attention of every later layer with a head-sparse op on the selected KV groups.
 
-The op takes the layer's hidden input, its q/k/v/o weights (a fused QKV is sliced per role), the rotary cos/sin,
-the attention mask the model built (a masked_fill's boolean mask becomes the additive mask it amounts to), the scales
-of per-head query/key norms and the ALiBi slopes. Per prompt
-(``shadowfx::gathered_attention``) it computes only the kept KV groups, and the layer's KV cache holds only the kept
-heads: the graph's present keys/values become the op's, and a decode graph's past comes from cache inputs of that
-size. Per token (``shadowfx::token_sparse_attention``) every
-token keeps its own groups' queries and outputs while K/V of all heads are computed, so the cache stays complete.
+The op takes the layer's hidden input, its q/k/v/o weights (a fused QKV is sliced per role), the rotary cos/sin
+and their pairing, the attention mask the model built (a masked_fill's mask of the blocked scores becomes the boolean
+mask of the attended ones), the scales of per-head query/key norms, the ALiBi slopes and the scores' soft cap. Per
+prompt (``shadowfx::gathered_attention``) it computes only the kept KV groups, and the layer's KV cache holds only
+the kept heads: the graph's present keys/values become the op's, and a decode graph's past comes from cache inputs
+of that size. Per token (``shadowfx::token_sparse_attention``) every token keeps its own groups' queries and outputs
+while K/V of all heads are computed, so the cache stays complete.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 aten = torch.ops.aten
 
@@ -31,6 +31,16 @@ from shadowfx.passes.graph import (
     weight_and_bias,
 )
 from shadowfx.structure import DecoderStructure
+
+
+def _per_token(graph: torch.fx.Graph, node: Node, heads_axis: int | None) -> Node:
+    """cos/sin as the op takes them, [B, S, rot]: one built broadcast over the heads (GPT-J's [B, S, 1, rot]) has
+    that axis squeezed out."""
+    if heads_axis is None:
+        return node
+    squeezed = graph.call_function(aten.squeeze.dim, (node, heads_axis))
+    squeezed.meta["val"] = node.meta["val"].squeeze(heads_axis)
+    return squeezed
 
 
 class SparsifyAttention(GraphPass):
@@ -89,17 +99,18 @@ class SparsifyAttention(GraphPass):
                     device = hidden.meta["val"].device
                     gm.register_buffer(name, torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=device))
                     slopes = graph.get_attr(name)
+                cos, sin = ((_per_token(graph, nodes[rotary.cos_node], rotary.heads_axis),
+                             _per_token(graph, nodes[rotary.sin_node], rotary.heads_axis)) if rotary else (None, None))
                 op = graph.call_function(
                     self.op,
-                    (hidden, *weights, indices[("kv_heads", layer.index)],
-                     nodes[rotary.cos_node] if rotary else None, nodes[rotary.sin_node] if rotary else None,
+                    (hidden, *weights, indices[("kv_heads", layer.index)], cos, sin,
                      mask,
                      past.get(f"past_keys_{layer.index}"), past.get(f"past_values_{layer.index}"),
                      attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.scaling,
                      *(nodes[norm.node].args[norm.scale_arg] if norm else None
                        for norm in (attention.q_norm, attention.k_norm)),
                      next((n.eps for n in (attention.q_norm, attention.k_norm) if n is not None), 0.0), slopes,
-                     attention.softcap or 0.0),
+                     attention.softcap or 0.0, bool(rotary and rotary.interleaved)),
                 )
                 out, key, value = (graph.call_function(operator.getitem, (op, i)) for i in range(3))
             out.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))

@@ -89,7 +89,8 @@ _ATTENTION_INPUTS = _inputs(
     "o_bias:T?", "kv_head_idx:I?", "cos:T?", "sin:T?", "attention_mask:M?", "past_key:T?", "past_value:T?",
     "q_norm:N?", "k_norm:N?", "alibi_slopes:N?")
 _ATTENTION_ATTRIBUTES = {"num_heads": _INT, "num_kv_heads": _INT, "head_dim": _INT, "scaling": _FLOAT,
-                         "norm_eps": _FLOAT, "softcap": _FLOAT, "mask_kind": _STRING, "selection": _STRING}
+                         "norm_eps": _FLOAT, "softcap": _FLOAT, "mask_kind": _STRING,
+                         "rotary_interleaved": _INT, "selection": _STRING}
 _ops = torch.ops.shadowfx
 
 NODE_TYPES: dict[str, NodeType] = {t.name: t for t in (
@@ -148,7 +149,8 @@ def _translate_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, d
 def _attention_translation(name: str) -> Callable:
     def translate(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, kv_head_idx, cos,
                   sin, attention_mask, past_key, past_value, num_heads, num_kv_heads, head_dim, scaling,
-                  q_norm=None, k_norm=None, norm_eps=0.0, alibi_slopes=None, softcap=0.0):
+                  q_norm=None, k_norm=None, norm_eps=0.0, alibi_slopes=None, softcap=0.0,
+                  rotary_interleaved=False):
         if attention_mask is None:
             raise OnnxExportError(f"{name}: the attention has no mask (the op's causal default), which the export "
                                   "does not write; the transformed graphs of Hugging Face models always pass one")
@@ -157,6 +159,7 @@ def _attention_translation(name: str) -> Callable:
             attention_mask, past_key, past_value, q_norm, k_norm, alibi_slopes, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, scaling=scaling, norm_eps=norm_eps, softcap=softcap,
             mask_kind="bool" if attention_mask.dtype == onnx_ir.DataType.BOOL else "additive",
+            rotary_interleaved=int(rotary_interleaved),
             selection=_selection_mode(kv_head_idx, k_weight, name))
     return translate
 
@@ -287,15 +290,21 @@ def _mlp_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
     return [body.linear_cols(h, "down_weight", given("down_bias"), rows, per_row)]
 
 
-def _rope(body: _Body, t: str) -> str:
-    """rotate_half RoPE on the first rot dims of each head: t [B, n, S, D], cos/sin [B or 1, S, rot]."""
+def _rope(body: _Body, t: str, interleaved: bool) -> str:
+    """RoPE on the first rot dims of each head, pairing the halves (rotate_half) or neighbouring dims
+    (``interleaved``): t [B, n, S, D], cos/sin [B or 1, S, rot]."""
     rot = body.dims("cos", 2, 3)
-    half = body("Div", rot, body.ints(2))
     end, last = body.ints(2 ** 62), body.ints(3)
     rotating, passing = body("Slice", t, body.ints(0), rot, last), body("Slice", t, rot, end, last)
-    x1, x2 = body("Slice", rotating, body.ints(0), half, last), body("Slice", rotating, half, end, last)
     cos, sin = (body("Unsqueeze", name, body.ints(1)) for name in ("cos", "sin"))
-    turned = body("Concat", body("Neg", x2), x1, axis=-1)
+    if interleaved:
+        even, odd = (body("Unsqueeze", body("Slice", rotating, body.ints(start), end, last, body.ints(2)),
+                          body.ints(-1)) for start in (0, 1))
+        turned = body("Reshape", body("Concat", body("Neg", odd), even, axis=-1), body.ints(0, 0, 0, -1))
+    else:
+        half = body("Div", rot, body.ints(2))
+        x1, x2 = body("Slice", rotating, body.ints(0), half, last), body("Slice", rotating, half, end, last)
+        turned = body("Concat", body("Neg", x2), x1, axis=-1)
     rotated = body("Add", body("Mul", rotating, cos), body("Mul", turned, sin))
     return body("Concat", rotated, passing, axis=-1)
 
@@ -349,7 +358,8 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     if "k_norm" in present:
         key = _head_norm(body, key, "k_norm", attributes["norm_eps"])
     if "cos" in present:
-        q, key = _rope(body, q), _rope(body, key)
+        interleaved = bool(attributes["rotary_interleaved"])
+        q, key = _rope(body, q, interleaved), _rope(body, key, interleaved)
     if "past_key" in present:
         key, value = body("Concat", "past_key", key, axis=2), body("Concat", "past_value", value, axis=2)
     # query head i uses KV head i // r: q as [B, g, r, S, D] against k/v as [B, g, 1, T, D]

@@ -307,6 +307,7 @@ class _AttentionArgs(NamedTuple):
     norm_eps: float = 0.0
     alibi_slopes: Optional[Tensor] = None
     softcap: float = 0.0
+    rotary_interleaved: bool = False
 
 
 _AttentionResult = tuple[Tensor, Tensor, Tensor]  # (out, key, value)
@@ -411,14 +412,17 @@ def _head_norm(t: Tensor, scale: Optional[Tensor], eps: float) -> Tensor:
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale.float()).to(t.dtype)
 
 
-def _rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF "rotate_half" RoPE on the first cos.shape[-1] dims of each head; t [B, H, S, D], cos/sin [B, S, rot]."""
+def _rope(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """RoPE on the first cos.shape[-1] dims of each head, t [B, H, S, D], cos/sin [B, S, rot]: pairs of the two
+    halves (HF "rotate_half"), or of neighbouring dims when ``interleaved`` (GPT-J's "rotate_every_two")."""
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     t_rot, t_pass = t[..., :rot], t[..., rot:]
-    x1, x2 = t_rot[..., : rot // 2], t_rot[..., rot // 2 :]
-    rotated = t_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, t_pass), dim=-1)
+    if interleaved:
+        turned = torch.stack((-t_rot[..., 1::2], t_rot[..., ::2]), dim=-1).flatten(-2)
+    else:
+        turned = torch.cat((-t_rot[..., rot // 2 :], t_rot[..., : rot // 2]), dim=-1)
+    return torch.cat((t_rot * cos + turned * sin, t_pass), dim=-1)
 
 
 def _additive_mask(attention_mask: Optional[Tensor], seq: int, total: int, device: torch.device) -> Tensor:
@@ -485,7 +489,7 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     value = heads(_linear_rows(a.hidden, a.v_weight, a.v_bias, kv_rows))
     q, key = _head_norm(q, a.q_norm, a.norm_eps), _head_norm(key, a.k_norm, a.norm_eps)
     if a.cos is not None and a.sin is not None:
-        q, key = _rope(q, a.cos, a.sin), _rope(key, a.cos, a.sin)
+        q, key = _rope(q, a.cos, a.sin, a.rotary_interleaved), _rope(key, a.cos, a.sin, a.rotary_interleaved)
     if a.past_key is not None and a.past_value is not None:
         key, value = torch.cat((a.past_key, key), dim=2), torch.cat((a.past_value, value), dim=2)
     slopes = a.alibi_slopes
@@ -534,7 +538,8 @@ gathered_attention = _attention_op("gathered_attention", per_token=False)
 hidden [B, S, E]; q_weight [Hq*D, E]; k/v_weight [Hkv*D, E]; o_weight [E, Hq*D]; biases optional.
 kv_head_idx int64 [g] or [B, g] picks KV heads; the kept query heads are all query heads of those groups (query
 head h uses KV head h // (Hq // Hkv)), so for MHA it is plain head selection. cos/sin [B or 1, S, rot] apply
-RoPE (rotate_half convention) to the first rot dims of each head of q and k; before it, q_norm/k_norm [D]
+RoPE to the first rot dims of each head of q and k, pairing the two halves (rotate_half) or, with
+rotary_interleaved, neighbouring dims (rotate_every_two); before it, q_norm/k_norm [D]
 (optional) normalise each head of q/k (RMSNorm with norm_eps, in float32, times the given scale).
 alibi_slopes [Hq] (optional) adds slope * key position to each head's scores (ALiBi; any origin of the positions
 gives the same softmax, so position = index in the cache). softcap > 0 caps the scaled scores before the mask

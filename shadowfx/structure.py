@@ -64,11 +64,15 @@ class Projection:
 
 @dataclass(frozen=True)
 class Rotary:
-    """Rotary position embedding as the graph applies it (``rotate_half`` convention)."""
+    """Rotary position embedding as the graph applies it: ``rotate_half`` (the halves of the rotated dims as the
+    pairs), or on interleaved pairs of neighbouring dims (GPT-J, Cohere)."""
 
     cos_node: str
     sin_node: str
     rotary_dim: int
+    interleaved: bool = False
+    # cos/sin built [B, 1, S, rot] or [B, S, 1, rot] in the layer: the axis of the heads they broadcast over
+    heads_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -251,17 +255,18 @@ def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
 # Graph-specific fields (node names, the attention kernel chosen) do not change what a predictor means for a model;
 # the weight digest has its own parts in the fingerprint.
 _CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "mask_fill", "context_node", "intermediate_node",
-                        "cos_node", "sin_node", "fingerprint", "weights_digest"}
+                        "cos_node", "sin_node", "heads_axis", "fingerprint", "weights_digest"}
 
 
-# Fields added after predictors were saved: absent, they leave the architecture hash as it was.
-_OMITTED_WHEN_NONE = {"q_norm", "k_norm", "alibi_slopes", "softcap"}
+# Fields added after predictors were saved, with their defaults: absent there, they leave the architecture hash as
+# it was.
+_OMITTED_AT_DEFAULT = {"q_norm": None, "k_norm": None, "alibi_slopes": None, "softcap": None, "interleaved": False}
 
 
 def _architecture_view(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _architecture_view(v) for k, v in sorted(value.items())
-                if k not in _CAPTURE_ONLY_FIELDS and not (k in _OMITTED_WHEN_NONE and v is None)}
+                if k not in _CAPTURE_ONLY_FIELDS and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
     if isinstance(value, (list, tuple)):
         return [_architecture_view(v) for v in value]
     return value

@@ -20,7 +20,8 @@ from shadowfx.verify import RewriteMismatch
 # A spread of the recorded outcomes, cheap enough for every CI run, beside the families test_transform covers: plain,
 # gated and squared-ReLU MLPs, a fused gate/up, fused QKV taken apart by slices and by nested splits (multi-query),
 # per-head query/key norms (scaled by the weight, and by 1 + weight), ALiBi with a masked_fill (MPT), soft-capped
-# scores (Gemma 2), and the refusals of a norm across heads, interleaved rotary, a bidirectional encoder and a scores
+# scores (Gemma 2), interleaved rotary (Cohere's cos/sin from outside the layers, GPT-J's built in each layer
+# broadcast over [B, S, H, D] heads), and the refusals of a norm across heads, a bidirectional encoder and a scores
 # matmul fused with its bias.
 FAST = ("biogpt", "gemma", "arcee", "phi3", "gpt_bigcode", "qwen3", "gemma3_text", "mpt", "gemma2", "olmo2", "cohere",
         "gptj", "bert", "bloom")
@@ -54,9 +55,16 @@ def test_query_key_norms_after_the_rotary_embedding_are_refused_by_discovery():
         shadowfx.discover(family_matrix.build("nanochat"))
 
 
-def test_interleaved_rotary_is_refused_by_discovery():
-    with pytest.raises(StructureError, match="rotary embedding other than rotate-half"):
-        shadowfx.discover(family_matrix.build("cohere"))
+@pytest.mark.parametrize("model_type,interleaved,heads_axis", [("llama", False, None), ("cohere", True, None),
+                                                               ("gptj", True, 2)])
+def test_the_rotary_pairing_and_layout_are_read(model_type, interleaved, heads_axis):
+    rotary = shadowfx.discover(family_matrix.build(model_type)).layers[1].attention.rotary
+    assert (rotary.interleaved, rotary.heads_axis) == (interleaved, heads_axis)
+
+
+def test_a_rotary_embedding_of_another_pattern_is_refused_by_discovery():
+    with pytest.raises(StructureError, match="rotary embedding other than on halves or interleaved pairs"):
+        shadowfx.discover(family_matrix.build("ernie4_5"))
 
 
 def test_routed_experts_beside_a_shared_expert_are_refused_by_discovery():

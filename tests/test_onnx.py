@@ -253,19 +253,20 @@ def test_dense_export_equals_the_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model_type,granularity", [("qwen3", "prompt"), ("gemma3_text", "token"), ("mpt", "prompt"),
-                                                    ("mpt", "token"), ("gemma2", "prompt")])
+                                                    ("gemma2", "prompt"), ("gptj", "prompt")])
 def test_carried_head_transforms_run_in_onnxruntime(model_type, granularity, tmp_path):
     """Per-head query/key norms (Qwen3 scales its normalised heads by the weight, Gemma 3 by 1 + weight computed in
-    float32), ALiBi (MPT: its slopes gathered with the kept heads per prompt, all of them per token) and soft-capped
-    scores (Gemma 2)."""
+    float32), ALiBi (MPT: its slopes gathered with the kept heads per prompt), soft-capped
+    scores (Gemma 2) and rotary embedding on interleaved pairs (GPT-J)."""
     from shadowfx.family_matrix import build
 
     model = build(model_type)
     predictor = ShadowPredictor.for_structure(shadowfx.discover(model), hidden=32, seed=1)
     sparse = shadowfx.transform(model, predictor, sparsity=0.5, scope="per_layer", granularity=granularity)
     attention = sparse.structure.layers[1].attention
-    carried = {"mpt": attention.alibi_slopes, "gemma2": attention.softcap}.get(model_type, attention.q_norm)
-    assert carried is not None
+    carried = {"mpt": attention.alibi_slopes, "gemma2": attention.softcap,
+               "gptj": attention.rotary and attention.rotary.interleaved}.get(model_type, attention.q_norm)
+    assert carried
     onnx_model = runtime(export_onnx(sparse, tmp_path / model_type), structure=sparse.structure)
     input_ids, attention_mask = padded_batch(2, 7, 512, seed=2)
     real = attention_mask.bool()

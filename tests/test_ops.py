@@ -1306,3 +1306,31 @@ def test_score_transforms_out_of_their_domain_are_refused(wrong: dict, message: 
         ops.gathered_attention(c.hidden, **c.w, kv_head_idx=c.idx, cos=None, sin=None, attention_mask=None,
                                past_key=None, past_value=None, num_heads=4, num_kv_heads=4, head_dim=HEAD_DIM,
                                scaling=HEAD_DIM**-0.5, **wrong)
+
+
+@pytest.mark.parametrize("rot", [HEAD_DIM, HEAD_DIM // 2])
+def test_interleaved_rotary_turns_neighbouring_pairs(rot: int) -> None:
+    """With rotary_interleaved, dims (2i, 2i+1) of each head's first rot dims turn as one complex number by its
+    position's angle (GPT-J's rotate_every_two; cos/sin repeat each frequency twice), the rest pass through."""
+    batch, seq, heads = 2, 5, 2
+    w = random_attention(EMBED, heads, heads, HEAD_DIM, False, torch.float64)
+    hidden = torch.randn(batch, seq, EMBED, dtype=torch.float64)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    angles = torch.arange(seq, dtype=torch.float64)[:, None] * inv_freq  # [S, rot / 2]
+    cos, sin = (f(angles).repeat_interleave(2, -1).expand(batch, seq, rot) for f in (torch.cos, torch.sin))
+
+    def turned(name: str) -> Tensor:  # [B, H, S, D]
+        t = F.linear(hidden, w[f"{name}_weight"]).unflatten(-1, (heads, HEAD_DIM)).transpose(1, 2)
+        pairs = torch.view_as_complex(t[..., :rot].unflatten(-1, (-1, 2)).contiguous()) * torch.polar(
+            torch.ones_like(angles), angles)
+        return torch.cat((torch.view_as_real(pairs).flatten(-2), t[..., rot:]), -1)
+
+    v = F.linear(hidden, w["v_weight"]).unflatten(-1, (heads, HEAD_DIM)).transpose(1, 2)
+    context = F.scaled_dot_product_attention(turned("q"), turned("k"), v, is_causal=True)
+    want = F.linear(context.transpose(1, 2).flatten(2), w["o_weight"])
+    out, key, _ = ops.gathered_attention(hidden, **w, kv_head_idx=torch.arange(heads), cos=cos, sin=sin,
+                                         attention_mask=None, past_key=None, past_value=None, num_heads=heads,
+                                         num_kv_heads=heads, head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5,
+                                         rotary_interleaved=True)
+    torch.testing.assert_close(key, turned("k"))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)  # scores and softmax in float32

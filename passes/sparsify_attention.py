@@ -33,7 +33,7 @@ from shadowfx.passes.graph import (
 from shadowfx.structure import DecoderStructure
 
 
-def _per_token(graph: torch.fx.Graph, node: Node, heads_axis: int | None) -> Node:
+def _heads_squeezed(graph: torch.fx.Graph, node: Node, heads_axis: int | None) -> Node:
     """cos/sin as the op takes them, [B, S, rot]: one built broadcast over the heads (GPT-J's [B, S, 1, rot]) has
     that axis squeezed out."""
     if heads_axis is None:
@@ -99,8 +99,9 @@ class SparsifyAttention(GraphPass):
                     device = hidden.meta["val"].device
                     gm.register_buffer(name, torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=device))
                     slopes = graph.get_attr(name)
-                cos, sin = ((_per_token(graph, nodes[rotary.cos_node], rotary.heads_axis),
-                             _per_token(graph, nodes[rotary.sin_node], rotary.heads_axis)) if rotary else (None, None))
+                cos, sin = ((_heads_squeezed(graph, nodes[rotary.cos_node], rotary.heads_axis),
+                             _heads_squeezed(graph, nodes[rotary.sin_node], rotary.heads_axis))
+                            if rotary else (None, None))
                 op = graph.call_function(
                     self.op,
                     (hidden, *weights, indices[("kv_heads", layer.index)], cos, sin,

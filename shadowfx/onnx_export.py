@@ -390,9 +390,9 @@ def export_onnx(model: SparseDecoder | nn.Module, directory: str | Path, *, over
     """Write the ONNX graphs of ``model`` into ``directory``; returns it.
 
     ``model`` transformed by :func:`shadowfx.transform`: its sparse graphs (both granularities, both scopes, every
-    predictor kind, sdpa or eager attention). A Hugging Face model as it is: its dense prefill and decode, the baseline that
-    the sparse export is measured against, run by the same runtime. The directory is written beside the target and
-    moved into place, so a failed export leaves nothing half written.
+    predictor kind, sdpa or eager attention). A Hugging Face model as it is: its dense prefill and decode, the
+    baseline that the sparse export is measured against, run by the same runtime. The directory is written beside
+    the target and moved into place, so a failed export leaves nothing half written.
     """
     if isinstance(model, SparseDecoder) and model.granularity == "prompt" and model.graphs.decode_pregathered is None:
         raise OnnxExportError("the transformed model has no pre-gathered decode graph to export")

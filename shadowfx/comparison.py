@@ -307,14 +307,42 @@ def _run(context: _Context, sparse: nn.Module | SparseDecoder, rows: RowScores |
     return result
 
 
-def _load_runs(out: Path | None, settings: dict) -> dict:
-    if out is None or not (out / RUNS_FILE).is_file():
-        return {}
+def _check_plan(methods: Sequence[str], protocol: str, scopes: Sequence[str], sparsities: Sequence[float]) -> None:
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ComparisonError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
+    if protocol not in PROTOCOLS:
+        raise ComparisonError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    bad = sorted(set(scopes) - set(SCOPES))
+    if bad:
+        raise ComparisonError(f"unknown scopes {bad}; expected some of {', '.join(SCOPES)}")
+    if not sparsities or not all(0.0 < s < 1.0 for s in sparsities):
+        raise ComparisonError(f"sparsities must be fractions in (0, 1), got {list(sparsities)}")
+
+
+def _plan(scopes: Sequence[str], sparsities: Sequence[float]) -> list[tuple[str, float]]:
+    return [(scope, sparsity) for scope in scopes for sparsity in sorted(sparsities)]
+
+
+def _checked_settings(structure: DecoderStructure, windows: EvalWindows, protocol: str, criterion: str,
+                      random_seeds: Sequence[int]) -> dict:
+    """The settings a saved run must share to be reused (the caller adds its baselines and model)."""
+    return {"fingerprint": structure.fingerprint, "protocol": protocol, "criterion": criterion,
+            "windows": windows.describe(), "random_seeds": list(random_seeds)}
+
+
+def _read_runs(out: Path) -> dict:
     try:
-        saved = json.loads((out / RUNS_FILE).read_text())
+        return json.loads((out / RUNS_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ArtifactError(f"cannot read {out / RUNS_FILE}: {error}; remove it to start the comparison afresh") \
             from error
+
+
+def _load_runs(out: Path | None, settings: dict) -> dict:
+    if out is None or not (out / RUNS_FILE).is_file():
+        return {}
+    saved = _read_runs(out)
     if saved.get("settings") != settings:
         raise ComparisonError(f"{out} holds runs of other settings (model, windows, protocol, criterion or "
                               "predictors); pass another output directory, or remove it to start afresh")
@@ -330,8 +358,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
              predictors: dict[str, nn.Module] | None = None, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
              scopes: Sequence[Scope] = SCOPES, methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free",
              random_seeds: Sequence[int] = (0, 1, 2), batch_size: int = 8, bootstrap_samples: int = 2000,
-             out: str | Path | None = None, settings: dict | None = None, run_missing: bool = True,
-             progress: bool = True) -> dict:
+             out: str | Path | None = None, settings: dict | None = None, progress: bool = True) -> dict:
     """Perplexity of ``model`` dense and under every method, sparsity and scope, on the same held-out windows.
 
     ``predictors`` maps ``shadowllm_prompt``, ``shadowllm_token``, ``dejavu_prompt``, ``dejavu_token`` to trained
@@ -339,19 +366,10 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     measures: the predictors' training criterion. With ``out``, each finished run is saved there and a rerun with the
     same settings resumes; the report (``comparison.json``) and its plot (``comparison.png``) are written there too.
     ``settings`` adds what the caller wants recorded (and checked on resume) to the report's settings.
-    ``run_missing=False`` runs nothing: the report covers the runs ``out`` holds so far and lists the missing ones.
+    :func:`report_runs` writes the report of the runs made so far without running any.
     """
     predictors = dict(predictors or {})
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ComparisonError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
-    if protocol not in PROTOCOLS:
-        raise ComparisonError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    bad = sorted(set(scopes) - set(SCOPES))
-    if bad:
-        raise ComparisonError(f"unknown scopes {bad}; expected some of {', '.join(SCOPES)}")
-    if not sparsities or not all(0.0 < s < 1.0 for s in sparsities):
-        raise ComparisonError(f"sparsities must be fractions in (0, 1), got {list(sparsities)}")
+    _check_plan(methods, protocol, scopes, sparsities)
     if batch_size < 1:
         raise ComparisonError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
@@ -359,9 +377,8 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     for name, module in [*predictors.items(), ("the static baseline", baselines.static)]:
         check_fingerprint(module.fingerprint, structure, what=name)
     directory = writable_directory(out) if out is not None else None
-    recorded = {"fingerprint": structure.fingerprint, "protocol": protocol, "criterion": criterion,
-                "windows": windows.describe(), "random_seeds": list(random_seeds),
-                "baselines": _digest(baselines.static)} | (settings or {})
+    recorded = _checked_settings(structure, windows, protocol, criterion, random_seeds) | {
+        "baselines": _digest(baselines.static)} | (settings or {})
     runs = _load_runs(directory, recorded)
     context = _Context(model, structure, windows, protocol, batch_size, progress)
     # each predictor run records the predictor it used, so that one trained later (DejaVu) does not void the others
@@ -378,14 +395,11 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
             _save_runs(directory, recorded, runs)
         return runs[key]
 
-    if not run_missing and "dense" not in runs:
-        raise ComparisonError(f"{out} holds no finished runs of these settings yet; run the comparison first")
     record("dense", lambda: _run(context, model, desc="dense"))
     oracle_tokens = windows.tokens if protocol == "paper" else windows.tokens[:, :windows.prompt_length]
     oracle: tuple[torch.Tensor, torch.Tensor] | None = None
     skipped: dict[str, dict[str, str]] = {}
-    missing: list[str] = []
-    plan = [(scope, sparsity) for scope in scopes for sparsity in sorted(sparsities)]
+    plan = _plan(scopes, sparsities)
     verified: set[str] = set()
 
     def sparse_model(predictor: nn.Module, sparsity: float, scope: str, granularity: str) -> nn.Module:
@@ -399,10 +413,6 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     for scope, sparsity in bar:
         active, skipped[scope] = _methods_at(scope, methods, predictors)
         prefix = f"{scope}/{sparsity:g}"
-        if not run_missing:
-            missing += [f"{prefix}/{key}" for method in active for key in _run_keys(method, random_seeds)
-                        if f"{prefix}/{key}" not in runs]
-            continue
         row_methods = [m for m in active if m in ROW_METHODS]
         if any(m.endswith("oracle") for m in row_methods) and oracle is None:
             oracle = oracle_scores(model, structure, oracle_tokens, criterion, batch_size=batch_size,
@@ -427,14 +437,56 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
             record(key, lambda: _run(context, sparse, desc=method),
                    "shadowllm_prompt" if method == "budget_only" else method)
     bar.close()
-    report = summarise(runs, windows, recorded, plan=plan, methods=methods, random_seeds=random_seeds,
+    return _write_report(directory, runs, windows, recorded, structure, plan=plan, methods=methods,
+                         random_seeds=random_seeds, skipped=skipped, missing=[], predictors=used,
+                         bootstrap_samples=bootstrap_samples)
+
+
+def report_runs(model: nn.Module, windows: EvalWindows, out: str | Path, *, criterion: Criterion,
+                sparsities: Sequence[float] = DEFAULT_SPARSITIES, scopes: Sequence[Scope] = SCOPES,
+                methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free",
+                random_seeds: Sequence[int] = (0, 1, 2), bootstrap_samples: int = 2000,
+                settings: dict | None = None) -> dict:
+    """The report of the runs :func:`evaluate` saved in ``out`` so far, running nothing: no calibration traces or
+    predictors are needed. The runs must be of this model, these windows, protocol and criterion (and ``settings``);
+    the report lists the runs still missing (every method that runs at its scope, predictors assumed given)."""
+    _check_plan(methods, protocol, scopes, sparsities)
+    structure = discover(model)
+    directory = writable_directory(out)
+    if not (directory / RUNS_FILE).is_file():
+        raise ComparisonError(f"{directory} holds no finished runs yet; run the comparison first")
+    saved = _read_runs(directory)
+    expected = _checked_settings(structure, windows, protocol, criterion, random_seeds) | (settings or {})
+    if any(saved["settings"].get(key) != value for key, value in expected.items()):
+        raise ComparisonError(f"{directory} holds runs of other settings (model, windows, protocol or criterion); "
+                              "pass the settings they were made with")
+    runs, plan = saved["runs"], _plan(scopes, sparsities)
+    every_predictor = dict.fromkeys(PREDICTOR_METHODS)
+    skipped, missing = {}, []
+    for scope, sparsity in plan:
+        active, skipped[scope] = _methods_at(scope, methods, every_predictor)
+        missing += [f"{scope}/{sparsity:g}/{key}" for method in active for key in _run_keys(method, random_seeds)
+                    if f"{scope}/{sparsity:g}/{key}" not in runs]
+    # the predictors the runs were made with, as each predictor run recorded it
+    used = {("shadowllm_prompt" if key.endswith("/budget_only") else key.rsplit("/", 1)[-1]): run["predictor"]
+            for key, run in runs.items() if "predictor" in run}
+    return _write_report(directory, runs, windows, saved["settings"], structure, plan=plan, methods=methods,
+                         random_seeds=random_seeds, skipped=skipped, missing=missing, predictors=used,
+                         bootstrap_samples=bootstrap_samples)
+
+
+def _write_report(directory: Path | None, runs: dict, windows: EvalWindows, settings: dict,
+                  structure: DecoderStructure, *, plan: list[tuple[str, float]], methods: Sequence[str],
+                  random_seeds: Sequence[int], skipped: dict, missing: list[str], predictors: dict,
+                  bootstrap_samples: int) -> dict:
+    report = summarise(runs, windows, settings, plan=plan, methods=methods, random_seeds=random_seeds,
                        skipped=skipped, bootstrap_samples=bootstrap_samples)
     report["missing_runs"] = missing
-    report["predictors"] = used
+    report["predictors"] = predictors
     # what each budget skips of the later layers' KV groups and neurons (units are whole, so not always the ask)
     report["planned_sparsity"] = {scope: {f"{sparsity:g}": planned_sparsity(
         structure, SparsityConfig.from_arguments(sparsity, None, None, scope)) for s, sparsity in plan if s == scope}
-        for scope in scopes}
+        for scope in dict.fromkeys(scope for scope, _ in plan)}
     if directory is not None:
         atomic_write_text(directory / "comparison.json", json.dumps(report, indent=2))
         plot(report, directory / "comparison.png")

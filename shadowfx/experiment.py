@@ -28,6 +28,7 @@ from shadowfx.comparison import (
     EvalWindows,
     Protocol,
     evaluate,
+    report_runs,
 )
 from shadowfx.criteria import Criterion
 from shadowfx.data import DataError, build_corpus, read_text, token_windows
@@ -134,13 +135,20 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
     The predictors are loaded from ``predictors`` (default ``out/predictors``) where they were saved before; the
     missing ones are trained on the calibration traces and saved there. Calibration windows are as long as the
     prompts, so the predictors learn from contexts like the ones they select from. Returns the report
-    (``out/comparison.json``).
+    (``out/comparison.json``). ``run_missing=False`` runs nothing (no calibration or training either): the report
+    covers the runs ``out`` holds so far and lists the missing ones.
     """
     out = writable_directory(out)  # before anything slow
     structure = discover(model)
     texts = domain_texts(wikitext=wikitext, text_files=text_files, builtin=builtin)
     held_out = {domain: spread_windows(tokenizer, text.held_out, prompt_length + continuation, windows,
                                        f"held-out {domain}") for domain, text in texts.items()}
+    eval_windows = EvalWindows(torch.cat(list(held_out.values())),
+                               tuple(d for d, w in held_out.items() for _ in range(w.shape[0])), prompt_length)
+    model_settings = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if not run_missing:
+        return report_runs(model, eval_windows, out, criterion=criterion, sparsities=sparsities, scopes=scopes,
+                           methods=methods, protocol=protocol, random_seeds=random_seeds, settings=model_settings)
     calibration = {domain: spread_windows(tokenizer, text.calibration, prompt_length, calibration_samples,
                                           f"calibration {domain}") for domain, text in texts.items()}
     traces = calibrate_domains(model, structure, calibration, out / "traces", criterion=criterion,
@@ -148,12 +156,9 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
     directory = Path(predictors) if predictors is not None else out / "predictors"
     trained = train_missing(traces, structure, directory, methods, hidden=hidden, stored_dtype=predictor_dtype,
                             progress=progress)
-    eval_windows = EvalWindows(torch.cat(list(held_out.values())),
-                               tuple(d for d, w in held_out.items() for _ in range(w.shape[0])), prompt_length)
-    settings = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "calibration": {d: {"windows": int(w.shape[0]), "tokens": prompt_length}
-                                for d, w in calibration.items()}}
+    settings = model_settings | {"calibration": {d: {"windows": int(w.shape[0]), "tokens": prompt_length}
+                                                 for d, w in calibration.items()}}
     return evaluate(model, eval_windows, Baselines.from_traces(traces), criterion=criterion, predictors=trained,
                     sparsities=sparsities, scopes=scopes, methods=methods, protocol=protocol,
                     random_seeds=random_seeds, batch_size=batch_size, out=out, settings=settings,
-                    run_missing=run_missing, progress=progress)
+                    progress=progress)

@@ -21,6 +21,7 @@ from shadowfx.comparison import (
     continuation_nll,
     evaluate,
     paired_bootstrap,
+    report_runs,
     within_layer_order,
 )
 from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores
@@ -218,14 +219,15 @@ def test_a_rerun_resumes_and_other_settings_are_refused(report, llama, baselines
     with pytest.raises(ComparisonError, match="per_layer/0.25/dejavu_prompt .* another dejavu_prompt predictor"):
         evaluate(llama, _windows(), baselines, criterion="plainact", predictors=retrained, sparsities=(0.25, 0.5),
                  batch_size=4, bootstrap_samples=200, out=out, progress=False)
-    partial = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors,
-                       sparsities=(0.5, 0.75), batch_size=4, bootstrap_samples=200, out=out, run_missing=False,
-                       progress=False)
+    partial = report_runs(llama, _windows(), out, criterion="plainact", sparsities=(0.5, 0.75),
+                          bootstrap_samples=200)
     assert partial["methods"]["global"]["static"].keys() == {"0.5"}  # reports what ran, runs nothing
     assert "global/0.75/static" in partial["missing_runs"] and "per_layer/0.75/random/seed2" in partial["missing_runs"]
+    assert "global/0.75/dejavu_token" not in partial["missing_runs"]  # per-layer scope only
     with pytest.raises(ComparisonError, match="no finished runs"):
-        evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors, out=out / "empty",
-                 run_missing=False, progress=False)
+        report_runs(llama, _windows(), out / "empty", criterion="plainact")
+    with pytest.raises(ComparisonError, match="other settings"):
+        report_runs(llama, _windows(seed=1), out, criterion="plainact")
     with pytest.raises(ComparisonError, match="other settings"):
         evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors, sparsities=(0.5,),
                  protocol="paper", out=out, progress=False)
@@ -245,7 +247,7 @@ def test_a_predictor_of_another_model_is_refused(llama, baselines):
                  methods=("static",), progress=False)
 
 
-def test_eval_command_calibrates_trains_and_prints_the_table(tmp_path, capsys, one_thread):
+def test_eval_command_calibrates_trains_and_prints_the_table(tmp_path, capsys, monkeypatch, one_thread):
     model = small_model("llama")
     text = " ".join(f"word{i % 97} value{i % 13}" for i in range(6000))
     checkpoint = save_with_tokenizer(model, tmp_path / "model", [text], vocab_size=300)
@@ -263,6 +265,24 @@ def test_eval_command_calibrates_trains_and_prints_the_table(tmp_path, capsys, o
     assert result["settings"]["windows"]["per_domain"] == {"notes": 3}
     assert (out / "predictors").is_dir() and (out / "traces" / "notes").is_dir()
     assert main(["eval", *argv]) == 0  # resumes: traces, predictor and runs are all reused
+    # --report-only reads the runs alone: a copy of the folder without traces or predictors, and nothing calibrates
+    copy = tmp_path / "runs-only"
+    copy.mkdir()
+    (copy / comparison.RUNS_FILE).write_text((out / comparison.RUNS_FILE).read_text())
+
+    def nothing_slow(*args, **kwargs):
+        raise AssertionError("--report-only calibrated or trained")
+
+    monkeypatch.setattr("shadowfx.experiment.calibrate_domains", nothing_slow)
+    monkeypatch.setattr("shadowfx.experiment.train_missing", nothing_slow)
+    capsys.readouterr()
+    only = [*argv[:argv.index("--sparsity") + 1], "0.25", *argv[argv.index("--sparsity") + 1:]]
+    assert main(["eval", *only[:1], "--out", str(copy), *only[3:], "--report-only"]) == 0
+    reported = json.loads((copy / "comparison.json").read_text())
+    assert reported["methods"] == result["methods"] and reported["predictors"] == result["predictors"]
+    assert set(reported["missing_runs"]) == {"global/0.25/static", "global/0.25/shadowllm_prompt",
+                                             *(f"global/0.25/random/seed{seed}" for seed in range(3))}
+    assert "5 runs are not finished yet" in capsys.readouterr().out
 
 
 def test_demo_runs_the_method_end_to_end(tmp_path, capsys, one_thread):

@@ -6,6 +6,7 @@ capture wrapper's attribute is stripped).
 
 from __future__ import annotations
 
+import operator
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -236,10 +237,12 @@ def exit_node(projection: Node) -> Node:
     return current
 
 
-def weight_and_bias(gm: torch.fx.GraphModule, projection: Node, rows: tuple[int, int] | None) -> tuple[Node, Node | None]:
-    """Nodes giving the projection's weight in [out, in] layout and its bias, narrowed to ``rows`` if fused.
+def weight_and_bias(gm: torch.fx.GraphModule, projection: Node, role: Projection) -> tuple[Node, Node | None]:
+    """Nodes giving the projection's weight in [out, in] layout and its bias, narrowed to ``role``'s rows if fused.
 
-    New nodes are inserted at the current insertion point.
+    New nodes are inserted at the current insertion point. Rows that repeat every block (interleaved heads) are no
+    slice of the weight: they are gathered once, here, into a buffer of the graph module (``shadowfx_<node>_rows``),
+    so that no call copies them again.
     """
     graph = gm.graph
     if projection.target == aten.linear.default:
@@ -248,11 +251,23 @@ def weight_and_bias(gm: torch.fx.GraphModule, projection: Node, rows: tuple[int,
         weight, bias = graph.call_function(aten.t.default, (projection.args[2],)), projection.args[0]
     else:
         weight, bias = graph.call_function(aten.t.default, (projection.args[1],)), None
-    if rows is not None:
-        weight = graph.call_function(aten.slice.Tensor, (weight, 0, rows[0], rows[1]))
+    if role.blocks is not None:
+        rows = role.feature_rows(torch.arange(role.width))
+        weight, bias = (_gathered_buffer(gm, tensor, rows, f"shadowfx_{projection.name}_{what}_{role.rows[0]}")
+                        if tensor is not None else None for tensor, what in ((weight, "weight"), (bias, "bias")))
+    elif role.rows is not None:
+        weight = graph.call_function(aten.slice.Tensor, (weight, 0, role.rows[0], role.rows[1]))
         if bias is not None:
-            bias = graph.call_function(aten.slice.Tensor, (bias, 0, rows[0], rows[1]))
+            bias = graph.call_function(aten.slice.Tensor, (bias, 0, role.rows[0], role.rows[1]))
     return weight, bias
+
+
+def _gathered_buffer(gm: torch.fx.GraphModule, tensor: Node, rows: torch.Tensor, name: str) -> Node:
+    """A get_attr of a new buffer holding ``rows`` of the parameter ``tensor`` (a get_attr, or its transpose)."""
+    transposed = tensor.target == aten.t.default
+    source = operator.attrgetter((tensor.args[0] if transposed else tensor).target)(gm)
+    gm.register_buffer(name, (source.t() if transposed else source).index_select(0, rows.to(source.device)))
+    return gm.graph.get_attr(name)
 
 
 def inserting_after(node: Node):

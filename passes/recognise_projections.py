@@ -47,33 +47,78 @@ def reaches(node: Node, target: Node, layer_nodes: set[Node]) -> bool:
 
 
 def fused_parts(node: Node, projection: Projection) -> dict[Node, Projection]:
-    """The contiguous slices of a fused projection's output features that the graph takes apart (a split, a chunk or
-    slices of its last dim, of the projection's output or of a view of it that keeps that dim), each as the
-    Projection narrowed to those rows; empty for a projection used whole."""
+    """The parts of a fused projection's output features that the graph takes apart, each as the Projection narrowed
+    to its rows; empty for a projection used whole.
+
+    A part is a split, a chunk or a slice of the last dim of the projection's output (or of a view of it that keeps
+    that dim): contiguous rows. When a view first splits the features into ``[..., n, F / n]`` blocks (heads) and a
+    split or chunk takes each block apart, a part's rows repeat every block (``Projection.blocks``); slices of a
+    block are not parts (they are what a rotary embedding takes of each head).
+    """
     width = projection.out_features
-    _, forms = walk([node], lambda n: [u for u in users(n) if is_call(u, _FEATURE_KEEPING_OPS)
-                                       and shape(u) and shape(u)[-1] == width],
-                    within=lambda n: True, stop=lambda n: False)
     parts = {}
-    for source in forms | {node}:
+    for source in _forms(node, width):
+        parts |= _taken_apart(source, width, projection)
         for user in source.users:
-            if is_call(user, {aten.slice.Tensor}):
-                dim, begin, end, step = (list(user.args[1:]) + [0, None, None, 1][len(user.args) - 1:])[:4]
-                if _is_last_dim(dim, source) and step == 1:
-                    begin, end = _clamp(begin, width, 0), _clamp(end, width, width)
-                    parts[user] = replace(projection, rows=(begin, end))
-            elif is_call(user, _SPLIT_OPS) and _is_last_dim(_split_dim(user), source):
-                widths = _split_widths(user, width)
-                for item in user.users:
-                    if item.target is operator.getitem:
-                        begin = sum(widths[: item.args[1]])
-                        parts[item] = replace(projection, rows=(begin, begin + widths[item.args[1]]))
+            blocks = _block_view(user, source, width)
+            if blocks is not None:
+                for form in _forms(user, blocks[1]):
+                    parts |= _taken_apart(form, blocks[1], projection, blocks)
+    return parts
+
+
+def _forms(node: Node, width: int) -> set[Node]:
+    """``node`` and the views of it that keep its ``width`` features, in order, on the last dim."""
+    _, forms = walk([node], lambda n: [u for u in users(n) if _keeps_last_dim(u) and shape(u)
+                                       and shape(u)[-1] == width],
+                    within=lambda n: True, stop=lambda n: False)
+    return forms | {node}
+
+
+def _keeps_last_dim(node: Node) -> bool:
+    if is_call(node, _FEATURE_KEEPING_OPS):
+        return True
+    if is_call(node, {aten.transpose.int}):
+        rank = len(shape(node))
+        return all(d % rank != rank - 1 for d in node.args[1:3])
+    return is_call(node, {aten.permute.default}) and node.args[1][-1] % len(shape(node)) == len(shape(node)) - 1
+
+
+def _block_view(view: Node, source: Node, width: int) -> tuple[int, int] | None:
+    """``(count, stride)`` when ``view`` reshapes ``source``'s ``width`` features into ``count`` blocks."""
+    if not is_call(view, {aten.view.default, aten.reshape.default, aten._unsafe_view.default}):
+        return None
+    before, after = shape(source), shape(view)
+    if not before or not after or len(after) != len(before) + 1 or list(after[:-2]) != list(before[:-1]):
+        return None
+    count, size = after[-2], after[-1]
+    if not (isinstance(count, int) and isinstance(size, int)) or count < 2 or count * size != width:
+        return None
+    return count, size
+
+
+def _taken_apart(source: Node, width: int, projection: Projection,
+                 blocks: tuple[int, int] | None = None) -> dict[Node, Projection]:
+    """The slices and splits of ``source``'s last dim (``width`` features), each as ``projection`` narrowed."""
+    parts = {}
+    for user in source.users:
+        if is_call(user, {aten.slice.Tensor}) and blocks is None:
+            dim, begin, end, step = (list(user.args[1:]) + [0, None, None, 1][len(user.args) - 1:])[:4]
+            if _is_last_dim(dim, source) and step == 1:
+                begin, end = _clamp(begin, width, 0), _clamp(end, width, width)
+                parts[user] = replace(projection, rows=(begin, end), blocks=blocks)
+        elif is_call(user, _SPLIT_OPS) and _is_last_dim(_split_dim(user), source):
+            widths = _split_widths(user, width)
+            for item in user.users:
+                if item.target is operator.getitem:
+                    begin = sum(widths[: item.args[1]])
+                    parts[item] = replace(projection, rows=(begin, begin + widths[item.args[1]]), blocks=blocks)
     return parts
 
 
 _SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 # Layout ops that leave a projection's output features, in order, on the last dim (a reshape may only regroup the
-# dims in front of it).
+# dims in front of it; a transpose or permute may move the others).
 _FEATURE_KEEPING_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
                         aten.squeeze.dim, aten.contiguous.default, aten.clone.default, aten.alias.default,
                         aten.to.dtype, aten._to_copy.default, aten.dropout.default}

@@ -87,7 +87,7 @@ class SparsifyAttention(GraphPass):
             with inserting_after(last):
                 weights = []
                 for projection, node in ((attention.q, q), (attention.k, k), (attention.v, v), (attention.o, o)):
-                    weights.extend(weight_and_bias(gm, node, projection.rows))
+                    weights.extend(weight_and_bias(gm, node, projection))
                 mask = nodes[attention.mask_node] if attention.mask_node else None
                 if attention.mask_fill is not None:
                     # a fill this low gives the blocked scores zero weight, as a boolean mask does (one that ONNX

@@ -50,10 +50,10 @@ class SparsifyMLP(GraphPass):
                 if flat:
                     size = [graph.call_function(aten.sym_size.int, (tokens, d)) for d in (0, 1)]
                     x = graph.call_function(aten.view.default, (x, [*size, hidden]))
-                up_weight, up_bias = weight_and_bias(gm, up, mlp.up.rows)
-                gate_weight, gate_bias = (weight_and_bias(gm, nodes[mlp.gate.node], mlp.gate.rows)
+                up_weight, up_bias = weight_and_bias(gm, up, mlp.up)
+                gate_weight, gate_bias = (weight_and_bias(gm, nodes[mlp.gate.node], mlp.gate)
                                           if mlp.gate else (None, None))
-                down_weight, down_bias = weight_and_bias(gm, down, mlp.down.rows)
+                down_weight, down_bias = weight_and_bias(gm, down, mlp.down)
                 out = graph.call_function(
                     torch.ops.shadowfx.gathered_mlp.default,
                     (x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias,

@@ -83,17 +83,13 @@ class _Gather:
 
 
 def _weight(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tensor:
-    """The projection's weight in [out, in] layout, narrowed to its rows when fused (a view, no copy)."""
+    """The projection's weight in [out, in] layout, of every role when fused (a view, no copy)."""
     weight = params[projection.weight]
-    weight = weight if projection.weight_layout == "out_in" else weight.t()
-    return weight[projection.rows[0]:projection.rows[1]] if projection.rows else weight
+    return weight if projection.weight_layout == "out_in" else weight.t()
 
 
 def _bias(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tensor | None:
-    if projection.bias is None:
-        return None
-    bias = params[projection.bias]
-    return bias[projection.rows[0]:projection.rows[1]] if projection.rows else bias
+    return None if projection.bias is None else params[projection.bias]
 
 
 def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
@@ -104,10 +100,10 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
     rows: dict[tuple[str, int], torch.Tensor] = {}  # per (selection, rows per unit): the rows to gather
 
     def add(role: str, tensor: torch.Tensor | None, kind: str | None = None, unit: int = 1, *,
-            output: bool = False) -> None:
+            output: bool = False, projection: Projection | None = None) -> None:
         """``tensor`` (if the model has it) gathered by the layer's ``kind`` of selection, ``unit`` rows per kept
-        unit, or kept whole (``kind`` None); an output projection's kept rows are its last axis, once transposed
-        back to the op's layout."""
+        unit, at the rows ``projection`` holds them in when it is fused; or kept whole (``kind`` None). An output
+        projection's kept rows are its last axis, once transposed back to the op's layout."""
         if tensor is None:
             return
         if kind is None:
@@ -115,14 +111,15 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
             return
         if (kind, unit) not in rows:
             rows[kind, unit] = units[kind] if unit == 1 else unit_rows(units[kind], unit)
+        taken = rows[kind, unit] if projection is None else projection.feature_rows(rows[kind, unit])
         layout = CompactTensor(layer.index, role, kind, 1 if output else 0, unit)
-        plan.append(_Gather(tensor, layout, rows[kind, unit], output))
+        plan.append(_Gather(tensor, layout, taken, output))
 
     query_rows = attention.kv_group_size * attention.head_dim
     for name, projection, unit in (("q", attention.q, query_rows), ("k", attention.k, attention.head_dim),
                                    ("v", attention.v, attention.head_dim)):
-        add(f"{name}_weight", _weight(params, projection), "kv_heads", unit)
-        add(f"{name}_bias", _bias(params, projection), "kv_heads", unit)
+        add(f"{name}_weight", _weight(params, projection), "kv_heads", unit, projection=projection)
+        add(f"{name}_bias", _bias(params, projection), "kv_heads", unit, projection=projection)
     add("o_weight", _weight(params, attention.o).t(), "kv_heads", query_rows, output=True)
     add("o_bias", _bias(params, attention.o))
     if attention.alibi_slopes is not None:  # one per query head: a kept KV group's r heads
@@ -130,8 +127,8 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
         add("alibi_slopes", slopes, "kv_heads", attention.kv_group_size)
     for name, projection in (("up", mlp.up), ("gate", mlp.gate)):
         if projection is not None:
-            add(f"{name}_weight", _weight(params, projection), "neurons")
-            add(f"{name}_bias", _bias(params, projection), "neurons")
+            add(f"{name}_weight", _weight(params, projection), "neurons", projection=projection)
+            add(f"{name}_bias", _bias(params, projection), "neurons", projection=projection)
     add("down_weight", _weight(params, mlp.down).t(), "neurons", output=True)
     add("down_bias", _bias(params, mlp.down))
     return plan

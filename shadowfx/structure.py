@@ -44,7 +44,9 @@ class Projection:
     """A linear map ``y = x W^T + b`` held by one module.
 
     ``weight_layout`` is ``"out_in"`` for ``nn.Linear`` and ``"in_out"`` for GPT-2's ``Conv1D``; ``rows`` selects
-    the slice of output features that belongs to this role when one module computes several (a fused QKV).
+    the slice of output features that belongs to this role when one module computes several (a fused QKV). With
+    ``blocks`` ``(count, stride)`` the role's features are that slice repeated every ``stride`` features, ``count``
+    times: a fused QKV whose heads are interleaved (GPT-NeoX lays out ``[q, k, v]`` of each head in turn).
     """
 
     module: str
@@ -55,11 +57,23 @@ class Projection:
     weight_layout: Literal["out_in", "in_out"]
     node: str
     rows: tuple[int, int] | None = None
+    blocks: tuple[int, int] | None = None
 
     @property
     def width(self) -> int:
-        """Output features of this role (the slice width for a fused projection)."""
-        return self.rows[1] - self.rows[0] if self.rows else self.out_features
+        """Output features of this role (the slice width, times the blocks, for a fused projection)."""
+        if self.rows is None:
+            return self.out_features
+        return (self.rows[1] - self.rows[0]) * (self.blocks[0] if self.blocks else 1)
+
+    def feature_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """The rows of the module's weight that hold the role's output ``features`` (any shape of indices)."""
+        if self.rows is None:
+            return features
+        if self.blocks is None:
+            return features + self.rows[0]
+        block = self.rows[1] - self.rows[0]
+        return self.rows[0] + torch.div(features, block, rounding_mode="floor") * self.blocks[1] + features % block
 
 
 @dataclass(frozen=True)
@@ -228,8 +242,8 @@ class DecoderStructure:
 
 
 def _projection_from_dict(data: dict[str, Any]) -> Projection:
-    rows = data.get("rows")
-    return Projection(**{**data, "rows": tuple(rows) if rows is not None else None})
+    pairs = {key: tuple(data[key]) for key in ("rows", "blocks") if data.get(key) is not None}
+    return Projection(**{**data, **pairs})
 
 
 def _layer_from_dict(data: dict[str, Any]) -> LayerStructure:
@@ -260,7 +274,8 @@ _CAPTURE_ONLY_FIELDS = {"node", "core", "core_node", "mask_node", "mask_fill", "
 
 # Fields added after predictors were saved, with their defaults: absent there, they leave the architecture hash as
 # it was.
-_OMITTED_AT_DEFAULT = {"q_norm": None, "k_norm": None, "alibi_slopes": None, "softcap": None, "interleaved": False}
+_OMITTED_AT_DEFAULT = {"q_norm": None, "k_norm": None, "alibi_slopes": None, "softcap": None, "interleaved": False,
+                       "blocks": None}
 
 
 def _architecture_view(value: Any) -> Any:

@@ -63,7 +63,10 @@ def _parts(model_type: str, module: str) -> list[tuple[int, int]]:
     ("phi3", "model.layers.1.self_attn.qkv_proj", [(0, 64), (64, 96), (96, 128)]),  # slices, GQA widths
     ("phi3", "model.layers.1.mlp.gate_up_proj", [(0, 128), (128, 256)]),  # chunk in two
     ("gpt_bigcode", "transformer.h.1.attn.c_attn", [(0, 64), (64, 80), (80, 96)]),  # split of an unsqueezed output
-    ("llama", "model.layers.1.self_attn.q_proj", []),  # used whole
+    ("llama", "model.layers.1.self_attn.q_proj", []),  # used whole (the rotary's slices of each head are no parts)
+    # a chunk of each head's [q, k, v]: rows repeating every head (the blocks: test_family_matrix)
+    ("gpt_neox", "gpt_neox.layers.1.attention.query_key_value", [(0, 16), (16, 32), (32, 48)]),
+    ("codegen", "transformer.h.1.attn.qkv_proj", [(0, 16), (16, 32), (32, 48)]),  # a split of each block
 ])
 def test_fused_projection_parts(model_type, module, rows):
     assert _parts(model_type, module) == rows

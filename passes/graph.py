@@ -241,8 +241,8 @@ def weight_and_bias(gm: torch.fx.GraphModule, projection: Node, role: Projection
     """Nodes giving the projection's weight in [out, in] layout and its bias, narrowed to ``role``'s rows if fused.
 
     New nodes are inserted at the current insertion point. Rows that repeat every block (interleaved heads) are no
-    slice of the weight: they are gathered once, here, into a buffer of the graph module (``shadowfx_<node>_rows``),
-    so that no call copies them again.
+    slice of the weight: they are gathered once, here, into buffers of the graph module
+    (``shadowfx_<node>_weight_<first row>``, and ``_bias_``), so that no call copies them again.
     """
     graph = gm.graph
     if projection.target == aten.linear.default:

@@ -56,10 +56,9 @@ class CompactWeights:
 class _Gather:
     """One tensor of the compact set (``layout`` says which): ``source`` as it is (never gathered), or its ``rows``.
 
-    An empty slot's row index is past the end of ``source``; it gathers the last row instead. An output projection
-    (``output``: ``source`` is its ``[out, in]`` weight) has its kept inputs gathered as columns, straight into the
-    op's ``[.., out, kept]`` layout (a gather of a transposed view's rows reads memory with a stride, about four times
-    slower), and an empty slot's column is zeroed, so that it adds nothing to the layer's output.
+    An empty slot's row index is past the end of ``source``; it gathers the last row instead. For an output
+    projection (``output``: ``source`` is its transpose) those rows are zeroed, so an empty slot adds nothing to
+    the layer's output, and the result is transposed back to the op's ``[.., out, kept]`` layout.
     """
 
     source: torch.Tensor
@@ -71,22 +70,16 @@ class _Gather:
     def bytes(self) -> int:
         if self.rows is None:
             return 0
-        per_row = self.source.shape[0] if self.output else self.source[0].numel()
-        return self.rows.numel() * per_row * self.source.element_size()
+        return self.rows.numel() * self.source[0].numel() * self.source.element_size()
 
     def take(self) -> torch.Tensor:
         if self.rows is None:
             return self.source
-        axis = 1 if self.output else 0
-        size = self.source.shape[axis]
-        rows = self.rows.clamp(max=size - 1)
-        if rows.dim() == 1:
-            taken = self.source.index_select(axis, rows)
-        else:  # per batch row: [B, kept, in], or [B, out, kept] for an output projection
-            taken = torch.stack([self.source.index_select(axis, row) for row in rows])
+        rows = self.rows.clamp(max=self.source.shape[0] - 1)
+        taken = self.source.index_select(0, rows) if rows.dim() == 1 else self.source[rows]
         if not self.output:
             return taken
-        return taken.masked_fill((self.rows >= size).unsqueeze(-2), 0)
+        return taken.masked_fill((self.rows >= self.source.shape[0]).unsqueeze(-1), 0).transpose(-1, -2)
 
 
 def _weight(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tensor:
@@ -110,7 +103,7 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
             output: bool = False, projection: Projection | None = None) -> None:
         """``tensor`` (if the model has it) gathered by the layer's ``kind`` of selection, ``unit`` rows per kept
         unit, at the rows ``projection`` holds them in when it is fused; or kept whole (``kind`` None). An output
-        projection's kept units are its weight's columns (its inputs)."""
+        projection's kept rows are its last axis, once transposed back to the op's layout."""
         if tensor is None:
             return
         if kind is None:
@@ -127,7 +120,7 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
                                    ("v", attention.v, attention.head_dim)):
         add(f"{name}_weight", _weight(params, projection), "kv_heads", unit, projection=projection)
         add(f"{name}_bias", _bias(params, projection), "kv_heads", unit, projection=projection)
-    add("o_weight", _weight(params, attention.o), "kv_heads", query_rows, output=True)
+    add("o_weight", _weight(params, attention.o).t(), "kv_heads", query_rows, output=True)
     add("o_bias", _bias(params, attention.o))
     if attention.alibi_slopes is not None:  # one per query head: a kept KV group's r heads
         slopes = torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=params[attention.q.weight].device)
@@ -136,7 +129,7 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
         if projection is not None:
             add(f"{name}_weight", _weight(params, projection), "neurons", projection=projection)
             add(f"{name}_bias", _bias(params, projection), "neurons", projection=projection)
-    add("down_weight", _weight(params, mlp.down), "neurons", output=True)
+    add("down_weight", _weight(params, mlp.down).t(), "neurons", output=True)
     add("down_bias", _bias(params, mlp.down))
     return plan
 

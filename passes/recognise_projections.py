@@ -78,10 +78,12 @@ def _forms(node: Node, width: int) -> set[Node]:
 def _keeps_last_dim(node: Node) -> bool:
     if is_call(node, _FEATURE_KEEPING_OPS):
         return True
-    if is_call(node, {aten.transpose.int}):
-        rank = len(shape(node))
+    if not is_call(node, {aten.transpose.int, aten.permute.default}):
+        return False
+    rank = len(shape(node))
+    if node.target == aten.transpose.int:
         return all(d % rank != rank - 1 for d in node.args[1:3])
-    return is_call(node, {aten.permute.default}) and node.args[1][-1] % len(shape(node)) == len(shape(node)) - 1
+    return node.args[1][-1] % rank == rank - 1
 
 
 def _block_view(view: Node, source: Node, width: int) -> tuple[int, int] | None:
@@ -106,7 +108,7 @@ def _taken_apart(source: Node, width: int, projection: Projection,
             dim, begin, end, step = (list(user.args[1:]) + [0, None, None, 1][len(user.args) - 1:])[:4]
             if _is_last_dim(dim, source) and step == 1:
                 begin, end = _clamp(begin, width, 0), _clamp(end, width, width)
-                parts[user] = replace(projection, rows=(begin, end), blocks=blocks)
+                parts[user] = replace(projection, rows=(begin, end))
         elif is_call(user, _SPLIT_OPS) and _is_last_dim(_split_dim(user), source):
             widths = _split_widths(user, width)
             for item in user.users:

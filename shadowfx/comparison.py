@@ -255,6 +255,11 @@ def _methods_at(scope: Scope, methods: Sequence[str], predictors: dict[str, nn.M
     return runs, skipped
 
 
+def _predictor_of(method: str) -> str:
+    """The predictor a predictor method's runs are made with (budget-only takes ShadowLLM's per-prompt counts)."""
+    return "shadowllm_prompt" if method == "budget_only" else method
+
+
 def _run_keys(method: str, seeds: Sequence[int]) -> list[str]:
     """The runs a method takes at one scope and sparsity (one per seed for random)."""
     return [f"random/seed{seed}" for seed in seeds] if method == "random" else [method]
@@ -430,12 +435,11 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
             key = f"{prefix}/{method}"
             if key not in runs:
                 bar.set_postfix_str(f"{prefix} {method}")
-                predictor = (BudgetOnly(predictors["shadowllm_prompt"], baselines.static, structure)
+                predictor = (BudgetOnly(predictors[_predictor_of(method)], baselines.static, structure)
                              if method == "budget_only" else predictors[method])
                 granularity = "token" if method.endswith("_token") else "prompt"
                 sparse = sparse_model(predictor, sparsity, scope, granularity)
-            record(key, lambda: _run(context, sparse, desc=method),
-                   "shadowllm_prompt" if method == "budget_only" else method)
+            record(key, lambda: _run(context, sparse, desc=method), _predictor_of(method))
     bar.close()
     return _write_report(directory, runs, windows, recorded, structure, plan=plan, methods=methods,
                          random_seeds=random_seeds, skipped=skipped, missing=[], predictors=used,
@@ -468,8 +472,7 @@ def report_runs(model: nn.Module, windows: EvalWindows, out: str | Path, *, crit
         missing += [f"{scope}/{sparsity:g}/{key}" for method in active for key in _run_keys(method, random_seeds)
                     if f"{scope}/{sparsity:g}/{key}" not in runs]
     # the predictors the runs were made with, as each predictor run recorded it
-    used = {("shadowllm_prompt" if key.endswith("/budget_only") else key.rsplit("/", 1)[-1]): run["predictor"]
-            for key, run in runs.items() if "predictor" in run}
+    used = {_predictor_of(key.rsplit("/", 1)[-1]): run["predictor"] for key, run in runs.items() if "predictor" in run}
     return _write_report(directory, runs, windows, saved["settings"], structure, plan=plan, methods=methods,
                          random_seeds=random_seeds, skipped=skipped, missing=missing, predictors=used,
                          bootstrap_samples=bootstrap_samples)

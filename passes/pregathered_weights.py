@@ -15,26 +15,38 @@ from shadowfx.passes.base import GraphPass, PassError, PassResult
 from shadowfx.passes.graph import SELECTION_META, is_call, placeholders
 from shadowfx.structure import DecoderStructure
 
-_OPS = {
+GATHERED_OPS = {
     torch.ops.shadowfx.gathered_attention.default: ("kv_heads", ATTENTION_ROLES, "kv_head_idx"),
     torch.ops.shadowfx.gathered_mlp.default: ("neurons", MLP_ROLES, "neuron_idx"),
 }
 
 
-def _position(op: torch._ops.OpOverload, argument: str) -> int:
+def argument_position(op: torch._ops.OpOverload, argument: str) -> int:
     return [a.name for a in op._schema.arguments].index(argument)
 
 
-def _gathered_ops(gm: GraphModule) -> dict[tuple[int, str], torch.fx.Node]:
+def gathered_ops(gm: GraphModule) -> dict[tuple[int, str], torch.fx.Node]:
     """The per-prompt sparse ops that gather by a selection, keyed by (layer, "kv_heads" | "neurons")."""
     found = {}
     for node in gm.graph.nodes:
-        if is_call(node, _OPS):
-            kind, _, selection = _OPS[node.target]
-            indices = node.args[_position(node.target, selection)]
+        if is_call(node, GATHERED_OPS):
+            kind, _, selection = GATHERED_OPS[node.target]
+            indices = node.args[argument_position(node.target, selection)]
             if isinstance(indices, torch.fx.Node) and SELECTION_META in indices.meta:
                 found[(indices.meta[SELECTION_META][1], kind)] = node
     return found
+
+
+def require_gathered_ops(graph_pass: GraphPass, gm: GraphModule, structure: DecoderStructure) -> None:
+    """Every later layer of ``structure`` must have both per-prompt sparse ops, gathering by a selection."""
+    found = gathered_ops(gm)
+    op_of = {kind: op.name() for op, (kind, _, _) in GATHERED_OPS.items()}
+    missing = [f"{op_of[kind]} of layer {layer.index}" for layer in structure.layers[1:]
+               for kind in ("kv_heads", "neurons") if (layer.index, kind) not in found]
+    if missing:
+        raise PassError(f"{graph_pass.name} needs the per-prompt sparse ops that gather by a selection, which the "
+                        f"graph does not have: {', '.join(missing)}; run sparsify_mlp and sparsify_attention (per "
+                        "prompt) first")
 
 
 class PregatheredWeights(GraphPass):
@@ -44,33 +56,26 @@ class PregatheredWeights(GraphPass):
         self.structure = structure
 
     def requires(self, gm: GraphModule) -> None:
-        found = _gathered_ops(gm)
-        op_of = {kind: op.name() for op, (kind, _, _) in _OPS.items()}
-        missing = [f"{op_of[kind]} of layer {layer.index}" for layer in self.structure.layers[1:]
-                   for kind in ("kv_heads", "neurons") if (layer.index, kind) not in found]
-        if missing:
-            raise PassError(f"{self.name} needs the per-prompt sparse ops that gather by a selection, which the graph "
-                            f"does not have: {', '.join(missing)}; run sparsify_mlp and sparsify_attention "
-                            "(per prompt) first")
+        require_gathered_ops(self, gm, self.structure)
 
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph
-        found = _gathered_ops(gm)
+        found = gathered_ops(gm)
         anchor = placeholders(gm)[-1]
         changed: dict[int, int] = {}
         for layer in self.structure.layers[1:]:
             for kind in ("kv_heads", "neurons"):
                 node = found[(layer.index, kind)]
-                _, roles, selection = _OPS[node.target]
+                _, roles, selection = GATHERED_OPS[node.target]
                 args = list(node.args)
                 for role in roles:
-                    position = _position(node.target, role)
+                    position = argument_position(node.target, role)
                     if position >= len(args) or args[position] is None:
                         continue
                     with graph.inserting_after(anchor):
                         anchor = graph.placeholder(f"compact_{layer.index}_{role}")
                     args[position] = anchor
-                args[_position(node.target, selection)] = None  # the weights are the kept units already
+                args[argument_position(node.target, selection)] = None  # the weights are the kept units already
                 node.args = tuple(args)
                 changed[layer.index] = changed.get(layer.index, 0) + 1
         for node in placeholders(gm):

@@ -4,9 +4,12 @@ The module returned by :func:`shadowfx.transform` holds rewritten graphs. The pr
 predictor and the selection, then the sparse layers, and returns the logits, the KV cache and the selection.
 
 * Per prompt, the decode step reuses the prompt's selection, and the KV cache of layers >= 1 holds only the kept
-  heads. The kept weights are gathered once after the prefill and every step runs dense matmuls on them; when that
-  copy would exceed ``max_gathered_bytes`` (large batches whose rows chose differently), the step gathers from the
-  full weights on every call instead, which needs no extra memory.
+  heads. The kept weights are gathered once and every step runs dense matmuls on them. When every row's copy is
+  sure to fit ``max_gathered_bytes`` (with the default, a batch of one), the prefill itself gathers them, computes
+  on them and returns them, so the first token waits for one gather, not two; otherwise they are gathered after the
+  prefill, shared by the rows when the rows chose alike, and when that copy would exceed ``max_gathered_bytes``
+  (large batches whose rows chose differently) the step gathers from the full weights on every call instead, which
+  needs no extra memory.
 * Per token, the decode step runs the predictor on the new token and selects again; the KV cache stays complete.
 """
 
@@ -59,6 +62,8 @@ class DecodeState:
 @dataclass(frozen=True)
 class SparseGraphs:
     prefill: torch.fx.GraphModule
+    # per prompt only: the prefill that gathers the kept weights once, computes on them and returns them per row
+    prefill_gathering: torch.fx.GraphModule | None
     decode: torch.fx.GraphModule  # per prompt: gathers from the full weights every step; per token: selects too
     decode_pregathered: torch.fx.GraphModule | None  # per prompt only: reads the prompt's compact weights
 
@@ -204,12 +209,15 @@ class SparseDecoder(GenerationLoop, nn.Module):
         self.structure = rewritten.structure
         self.graphs = rewritten.graphs
         self.rewrites = rewritten.rewrites
+        self._layer_weight_bytes = layer_weight_bytes(self.structure, self.model)
         self.max_gathered_bytes = (self._max_gathered_bytes if self._max_gathered_bytes is not None
-                                   else layer_weight_bytes(self.structure, self.model))
+                                   else self._layer_weight_bytes)
         parameter = next(self.model.parameters())
         self._dtype, self._device = parameter.dtype, parameter.device
         run = (lambda gm: torch.compile(gm, dynamic=True)) if self.runtime == "compile" else (lambda gm: gm)
         self._prefill: Callable = run(self.graphs.prefill)
+        self._prefill_gathering: Callable | None = (run(self.graphs.prefill_gathering)
+                                                    if self.graphs.prefill_gathering is not None else None)
         self._decode: Callable = run(self.graphs.decode)
         self._decode_pregathered: Callable | None = (run(self.graphs.decode_pregathered)
                                                      if self.graphs.decode_pregathered is not None else None)
@@ -225,11 +233,12 @@ class SparseDecoder(GenerationLoop, nn.Module):
         return self
 
     def _unpack(self, outputs: tuple) -> tuple[torch.Tensor, list, list, Selection | None]:
-        """(logits, keys, values, selection or None when the graph does not select)."""
+        """(logits, keys, values, selection or None when the graph does not select); what follows the selection
+        (the gathering prefill's kept weights) is left out."""
         layers = self.structure.num_layers
         later = layers - 1
         logits, cache = outputs[0], outputs[1:1 + 2 * layers]
-        chosen = outputs[1 + 2 * layers:]
+        chosen = outputs[1 + 2 * layers:1 + 2 * layers + 2 * later]
         selection = Selection(kv_heads=tuple(chosen[:later]), neurons=tuple(chosen[later:])) if chosen else None
         return logits, list(cache[:layers]), list(cache[layers:]), selection
 
@@ -249,10 +258,25 @@ class SparseDecoder(GenerationLoop, nn.Module):
         ``new_tokens``: how many tokens will follow, refused up front if they would not fit the model's positions.
         """
         attention_mask = self._check(input_ids, attention_mask, new_tokens)
-        logits, keys, values, selection = self._unpack(self._prefill(input_ids, attention_mask))
+        if decode and self._gathers_in_prefill(input_ids.shape[0]):
+            outputs = self._prefill_gathering(input_ids, attention_mask)
+            logits, keys, values, selection = self._unpack(outputs)
+            kept = list(outputs[1 + 2 * self.structure.num_layers + 2 * (self.structure.num_layers - 1):])
+            # every gathered tensor leads with the batch axis; the output biases, kept whole, are the 1-D ones
+            self.last_decode_path = "pregathered"
+            self.last_gathered_bytes = sum(t.numel() * t.element_size() for t in kept if t.dim() > 1)
+            run, inputs = self._decode_pregathered, kept
+        else:
+            logits, keys, values, selection = self._unpack(self._prefill(input_ids, attention_mask))
+            run, inputs = self._decode_step(selection) if decode else (self._decode, [])
         self.last_selection = selection
-        run, inputs = self._decode_step(selection) if decode else (self._decode, [])
         return DecodeState(logits[:, -1], keys, values, attention_mask, run, inputs)
+
+    def _gathers_in_prefill(self, batch: int) -> bool:
+        """Whether the prefill gathers the kept weights itself: per row, so only where ``batch`` copies of every
+        later layer's weights would fit ``max_gathered_bytes`` (the kept ones are known only after the prefill)."""
+        return (self._prefill_gathering is not None and self._decode_pregathered is not None
+                and batch * self._layer_weight_bytes <= self.max_gathered_bytes)
 
     @torch.inference_mode()
     def step(self, state: DecodeState, next_token: torch.Tensor) -> torch.Tensor:

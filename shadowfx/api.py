@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import replace
 from functools import partial
@@ -15,6 +16,7 @@ from shadowfx.capture import CapturedDecoder, capture, max_positions
 from shadowfx.passes.base import run_passes
 from shadowfx.passes.cleanup import Cleanup
 from shadowfx.passes.discover_structure import discover_structure
+from shadowfx.passes.gathered_weight_outputs import GatheredWeightOutputs
 from shadowfx.passes.graph import editable_module
 from shadowfx.passes.insert_layerwise import InsertLayerwisePredictor
 from shadowfx.passes.insert_shadow import InsertShadowPredictor
@@ -195,7 +197,7 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         SparsifyAttention(decode_structure, cache=True, per_token=per_token),
         Cleanup(decode_structure),
     ])
-    decode_pregathered = None
+    decode_pregathered = prefill_gathering = None
     if not per_token:
         decode_pregathered = editable_module(decode_capture.program)
         reports["decode_pregathered"] = run_passes(decode_pregathered, [
@@ -207,4 +209,9 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         ])
     for graph, report in reports.items():
         _require_all(report, structure, graph)
-    return RewrittenGraphs(structure, SparseGraphs(prefill, decode, decode_pregathered), RewriteReport(reports))
+    if not per_token:
+        # the rewritten prefill's graph again, on the same parameters, made to return the weights it gathers
+        prefill_gathering = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
+        reports["prefill_gathering"] = run_passes(prefill_gathering, [GatheredWeightOutputs(structure),
+                                                                      Cleanup(structure)])
+    return RewrittenGraphs(structure, SparseGraphs(prefill, prefill_gathering, decode, decode_pregathered), RewriteReport(reports))

@@ -2,9 +2,8 @@
 
 The tensors come out in the order the ``pregathered_weights`` pass gives the decode graph's inputs: per later layer,
 the attention's q/k/v/o weights and biases and its ALiBi slopes, then the MLP's up/gate/down weights and biases,
-skipping the ones the model does not have. Output-projection weights (attention o, MLP down) are gathered as
-contiguous rows of their transpose, so the kept units are contiguous in memory and the op reads them with one dense
-matmul.
+skipping the ones the model does not have. Output-projection weights (attention o, MLP down) have their kept
+columns gathered, read in the weight's own order, into the ``[out, kept]`` layout the op multiplies by.
 :attr:`CompactWeights.layout` says of each tensor which selection it follows, where its kept rows lie and how many
 rows a kept unit owns (what an exporter needs to give the tensors dynamic shapes).
 """
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shadowfx.ops import unit_rows
+from shadowfx.ops import take_cols, take_rows, unit_rows
 from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure, LayerStructure, Projection
 
@@ -56,9 +55,8 @@ class CompactWeights:
 class _Gather:
     """One tensor of the compact set (``layout`` says which): ``source`` as it is (never gathered), or its ``rows``.
 
-    An empty slot's row index is past the end of ``source``; it gathers the last row instead. For an output
-    projection (``output``: ``source`` is its transpose) those rows are zeroed, so an empty slot adds nothing to
-    the layer's output, and the result is transposed back to the op's ``[.., out, kept]`` layout.
+    ``output``: ``source`` is an output projection's ``[out, in]`` weight, whose kept inputs are its columns (see
+    :func:`gather_kept`).
     """
 
     source: torch.Tensor
@@ -70,16 +68,31 @@ class _Gather:
     def bytes(self) -> int:
         if self.rows is None:
             return 0
-        return self.rows.numel() * self.source[0].numel() * self.source.element_size()
+        per_unit = self.source.shape[0] if self.output else self.source[0].numel()
+        return self.rows.numel() * per_unit * self.source.element_size()
 
     def take(self) -> torch.Tensor:
-        if self.rows is None:
-            return self.source
-        rows = self.rows.clamp(max=self.source.shape[0] - 1)
-        taken = self.source.index_select(0, rows) if rows.dim() == 1 else self.source[rows]
-        if not self.output:
-            return taken
-        return taken.masked_fill((self.rows >= self.source.shape[0]).unsqueeze(-1), 0).transpose(-1, -2)
+        return self.source if self.rows is None else gather_kept(self.source, self.rows, self.output)
+
+
+def gather_kept(source: torch.Tensor, rows: torch.Tensor, output: bool) -> torch.Tensor:
+    """The kept ``rows`` ([n], or per batch row [B, n]) of ``source``, or its kept columns for an output projection
+    (``output``: ``source`` is its ``[out, in]`` weight, gathered into the op's ``[.., out, kept]`` layout).
+
+    A row index past the end of ``source`` is an empty slot's: it gathers the last row instead, and an output
+    projection's column for it is zeroed, so that it adds nothing to the layer's output.
+    """
+    size = source.shape[1 if output else 0]
+    clamped = rows.clamp(max=size - 1)
+    if not output:
+        return take_rows(source, clamped)
+    return take_cols(source, clamped).masked_fill((rows >= size).unsqueeze(-2), 0)
+
+
+def gather_units(source: torch.Tensor, units: torch.Tensor, unit_width: int, output: bool) -> torch.Tensor:
+    """:func:`gather_kept` of the rows that the kept ``units`` own, ``unit_width`` consecutive rows each (a KV
+    group's q rows, a head's k rows, a neuron's one row)."""
+    return gather_kept(source, units if unit_width == 1 else unit_rows(units, unit_width), output)
 
 
 def _weight(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tensor:
@@ -92,45 +105,61 @@ def _bias(params: dict[str, torch.Tensor], projection: Projection) -> torch.Tens
     return None if projection.bias is None else params[projection.bias]
 
 
+@dataclass(frozen=True)
+class RoleGather:
+    """How a role's tensor is gathered: by the layer's ``selection`` (``"kv_heads"`` or ``"neurons"``; None: kept
+    whole), each kept unit owning ``unit_rows`` consecutive rows, as columns when it is an ``output`` projection's
+    ``[out, in]`` weight."""
+
+    selection: str | None
+    unit_rows: int = 1
+    output: bool = False
+
+
+def role_gathers(layer: LayerStructure) -> dict[str, RoleGather]:
+    """Every role of :data:`ATTENTION_ROLES` and :data:`MLP_ROLES`, in that order, with how ``layer``'s is gathered
+    (whether the layer has it or not)."""
+    attention = layer.attention
+    query, head = attention.kv_group_size * attention.head_dim, attention.head_dim
+    gathers = {}
+    for name, unit in (("q", query), ("k", head), ("v", head)):
+        gathers[f"{name}_weight"] = gathers[f"{name}_bias"] = RoleGather("kv_heads", unit)
+    gathers["o_weight"], gathers["o_bias"] = RoleGather("kv_heads", query, output=True), RoleGather(None)
+    gathers["alibi_slopes"] = RoleGather("kv_heads", attention.kv_group_size)  # one per query head
+    for name in ("up", "gate"):
+        gathers[f"{name}_weight"] = gathers[f"{name}_bias"] = RoleGather("neurons")
+    gathers["down_weight"], gathers["down_bias"] = RoleGather("neurons", output=True), RoleGather(None)
+    assert tuple(gathers) == ATTENTION_ROLES + MLP_ROLES
+    return gathers
+
+
 def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
                 units: dict[str, torch.Tensor]) -> list[_Gather]:
     """One later layer's part of :func:`_plan`; ``units``: its kept units by selection (kv heads, neurons)."""
     attention, mlp = layer.attention, layer.mlp
-    plan: list[_Gather] = []
-    rows: dict[tuple[str, int], torch.Tensor] = {}  # per (selection, rows per unit): the rows to gather
-
-    def add(role: str, tensor: torch.Tensor | None, kind: str | None = None, unit: int = 1, *,
-            output: bool = False, projection: Projection | None = None) -> None:
-        """``tensor`` (if the model has it) gathered by the layer's ``kind`` of selection, ``unit`` rows per kept
-        unit, at the rows ``projection`` holds them in when it is fused; or kept whole (``kind`` None). An output
-        projection's kept rows are its last axis, once transposed back to the op's layout."""
-        if tensor is None:
-            return
-        if kind is None:
-            plan.append(_Gather(tensor, CompactTensor(layer.index, role, None, None)))
-            return
-        if (kind, unit) not in rows:
-            rows[kind, unit] = units[kind] if unit == 1 else unit_rows(units[kind], unit)
-        taken = rows[kind, unit] if projection is None else projection.feature_rows(rows[kind, unit])
-        layout = CompactTensor(layer.index, role, kind, 1 if output else 0, unit)
-        plan.append(_Gather(tensor, layout, taken, output))
-
-    query_rows = attention.kv_group_size * attention.head_dim
-    for name, projection, unit in (("q", attention.q, query_rows), ("k", attention.k, attention.head_dim),
-                                   ("v", attention.v, attention.head_dim)):
-        add(f"{name}_weight", _weight(params, projection), "kv_heads", unit, projection=projection)
-        add(f"{name}_bias", _bias(params, projection), "kv_heads", unit, projection=projection)
-    add("o_weight", _weight(params, attention.o).t(), "kv_heads", query_rows, output=True)
-    add("o_bias", _bias(params, attention.o))
-    if attention.alibi_slopes is not None:  # one per query head: a kept KV group's r heads
-        slopes = torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=params[attention.q.weight].device)
-        add("alibi_slopes", slopes, "kv_heads", attention.kv_group_size)
-    for name, projection in (("up", mlp.up), ("gate", mlp.gate)):
+    # role -> (tensor, the projection whose rows it holds, fused or not); an output projection's are never fused
+    tensors: dict[str, tuple[torch.Tensor | None, Projection | None]] = {}
+    for name, projection in (("q", attention.q), ("k", attention.k), ("v", attention.v), ("o", attention.o),
+                             ("up", mlp.up), ("gate", mlp.gate), ("down", mlp.down)):
         if projection is not None:
-            add(f"{name}_weight", _weight(params, projection), "neurons", projection=projection)
-            add(f"{name}_bias", _bias(params, projection), "neurons", projection=projection)
-    add("down_weight", _weight(params, mlp.down).t(), "neurons", output=True)
-    add("down_bias", _bias(params, mlp.down))
+            tensors[f"{name}_weight"] = (_weight(params, projection), projection)
+            tensors[f"{name}_bias"] = (_bias(params, projection), projection)
+    if attention.alibi_slopes is not None:
+        slopes = torch.tensor(attention.alibi_slopes, dtype=torch.float32, device=params[attention.q.weight].device)
+        tensors["alibi_slopes"] = (slopes, None)
+    plan: list[_Gather] = []
+    for role, how in role_gathers(layer).items():
+        tensor, projection = tensors.get(role, (None, None))
+        if tensor is None:
+            continue
+        if how.selection is None:
+            plan.append(_Gather(tensor, CompactTensor(layer.index, role, None, None)))
+            continue
+        rows = units[how.selection] if how.unit_rows == 1 else unit_rows(units[how.selection], how.unit_rows)
+        if projection is not None and not how.output:
+            rows = projection.feature_rows(rows)  # where a fused projection holds this role's rows
+        layout = CompactTensor(layer.index, role, how.selection, 1 if how.output else 0, how.unit_rows)
+        plan.append(_Gather(tensor, layout, rows, how.output))
     return plan
 
 

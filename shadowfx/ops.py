@@ -134,15 +134,38 @@ def _empty_slots(idx: Tensor, size: int) -> tuple[Tensor, Optional[Tensor]]:
     return (idx.clamp(max=size - 1), empty) if bool(empty.any()) else (idx, None)
 
 
+def _shared(units: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-row selection [1, n] of a batch of one as the shared [n]: the same rows, gathered without a batch dim."""
+    return units[0] if units is not None and units.dim() == 2 and units.shape[0] == 1 else units
+
+
+def take_rows(weight: Tensor, rows: Tensor) -> Tensor:
+    """``weight[rows]`` for rows [n] or [B, n] of weight [out, in]: one contiguous copy per row (index_select),
+    where advanced indexing of a 2-D index copies element by element."""
+    return weight.index_select(0, rows.flatten()).unflatten(0, rows.shape)
+
+
+def take_cols(weight: Tensor, cols: Tensor) -> Tensor:
+    """The columns ``cols`` [n] or [B, n] of weight [out, in]: [out, n], or per batch row [B, out, n] (a view whose
+    rows are contiguous runs of n). Columns gathered along the weight's rows read it in order; gathering rows of its
+    transpose would read it with a stride, several times slower."""
+    taken = weight.index_select(1, cols.flatten())
+    return taken if cols.dim() == 1 else taken.unflatten(1, cols.shape).movedim(1, 0)
+
+
 def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
     """``x @ weight[rows].T + bias[rows]``: only the selected output features; rows [n] or per batch row [B, n].
 
     rows None: every row of weight [out, in] or per batch row [B, out, in], bias [out] or [B, out].
     """
+    rows = _shared(rows)
     if rows is not None:
-        weight, bias = weight[rows], None if bias is None else bias[rows]
-    # x @ [B, in, out] is one batched matmul per row; the bias, [out] or [B, out], is unsqueezed to broadcast over
-    # the sequence dim in both cases
+        weight, bias = take_rows(weight, rows), None if bias is None else bias[rows]
+    elif weight.dim() == 3 and weight.shape[0] == 1:  # pre-gathered for a batch of one: one matmul, not a batch
+        weight, bias = weight[0], None if bias is None else bias[0]
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    # x @ [B, in, out] is one batched matmul per row; the bias [B, out] is unsqueezed to broadcast over the sequence
     y = x @ weight.transpose(-1, -2)
     return y if bias is None else y + bias.unsqueeze(-2)
 
@@ -152,8 +175,14 @@ def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Option
 
     cols None: x holds every input feature of weight [out, in] or per batch row [B, out, in]; bias is [out].
     """
-    # weight.T[cols] is [n, out] or [B, n, out], so one matmul covers shared and per-row selections
-    y = x @ (weight.transpose(-1, -2) if cols is None else weight.T[cols])
+    cols = _shared(cols)
+    if cols is not None:
+        weight = take_cols(weight, cols)
+    elif weight.dim() == 3 and weight.shape[0] == 1:
+        weight = weight[0]
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    y = x @ weight.transpose(-1, -2)
     return y if bias is None else y + bias
 
 

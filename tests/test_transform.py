@@ -118,6 +118,43 @@ def test_rewrite_counts_are_exact(family):
         assert sum(t in dense_cores for t in targets) == 1  # only layer 0 keeps its dense attention
         graph.graph.lint()
     assert len(output_node(sparse.graphs.prefill).args[0]) == 1 + 2 * structure(family).num_layers + 2 * later
+    assert counts["prefill_gathering"]["gathered_weight_outputs"] == 2 * later  # both sparse ops of a layer
+    assert counts["decode_pregathered"]["pregathered_weights"] == 2 * later
+
+
+def test_prefill_gathers_the_decode_weights_once(family, monkeypatch):
+    """At batch 1 the prefill returns the kept weights it computed on, exactly as compact_weights gathers them per
+    row, and nothing is gathered after it; the generation equals the one that gathers after the prefill."""
+    sparse = transformed(family, 0.5, scope="per_layer")
+    model, later = small_model(family), structure(family).num_layers - 1
+    input_ids, attention_mask = padded_batch(1, 9, 512, seed=41)
+    plain = sparse.graphs.prefill(input_ids, attention_mask)
+    outputs = sparse.graphs.prefill_gathering(input_ids, attention_mask)
+    settled = 1 + 2 * structure(family).num_layers + 2 * later  # logits, cache, selection
+    for mine, theirs in zip(outputs[:settled], plain, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    sparse.start(input_ids, attention_mask, decode=False)
+    expected = shadowfx.compact.compact_weights(model, sparse.structure, sparse.last_selection, per_row=True)
+    kept = outputs[settled:]
+    assert len(kept) == len(expected.tensors)
+    for tensor, want, layout in zip(kept, expected.tensors, expected.layout):
+        assert torch.equal(tensor, want), layout
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shadowfx.compact._Gather, "take", lambda self: pytest.fail("gathered after the prefill"))
+        tokens, logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
+                                         return_logits=True)
+    assert sparse.last_decode_path == "pregathered" and sparse.last_gathered_bytes == expected.gathered_bytes
+    default_limit = sparse.max_gathered_bytes
+    try:
+        sparse.max_gathered_bytes = default_limit - 1  # one copy of every weight no longer fits: gathered after
+        after_tokens, after_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
+                                                     return_logits=True)
+        assert sparse.last_decode_path == "pregathered" and sparse.last_gathered_bytes == expected.gathered_bytes
+    finally:
+        sparse.max_gathered_bytes = default_limit
+    assert torch.equal(tokens, after_tokens)
+    torch.testing.assert_close(logits, after_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_token_graphs_have_a_predictor_in_every_step():

@@ -125,7 +125,7 @@ def test_rewrite_counts_are_exact(family):
 def test_prefill_gathers_the_decode_weights_once(family, monkeypatch):
     """At batch 1 the prefill returns the kept weights it computed on, exactly as compact_weights gathers them per
     row, and nothing is gathered after it; the generation equals the one that gathers after the prefill."""
-    sparse = transformed(family, 0.5, scope="per_layer")
+    sparse = transformed(family, 0.5)
     model, later = small_model(family), structure(family).num_layers - 1
     input_ids, attention_mask = padded_batch(1, 9, 512, seed=41)
     plain = sparse.graphs.prefill(input_ids, attention_mask)

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import CustomOpDef, custom_op
 
+from shadowfx import native
+
 __all__ = [
     "ACTIVATIONS", "gathered_attention", "gathered_mlp", "global_topk_indices", "minmax_scale", "shadow_mlp",
     "token_sparse_attention", "topk_indices",
@@ -186,6 +188,23 @@ def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Option
     return y if bias is None else y + bias
 
 
+def _native_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+    """``_linear_rows`` of a decode step x [B, 1, E] with rows [B, n], by the native kernel."""
+    if rows is None:
+        return _linear_rows(x, weight, bias, None)
+    return native.gather_rows(x[:, 0], weight, bias, rows).unsqueeze(1)
+
+
+def _native_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor) -> Tensor:
+    """``_linear_cols`` of a decode step x [B, 1, n] with cols [B, n], by the native kernel."""
+    return native.gather_cols(x[:, 0], weight, bias, cols).unsqueeze(1)
+
+
+def _decode_selection(idx: Tensor, batch: int) -> Tensor:
+    """A decode step's selection, [k], [B, k] or [B, 1, k], as one [B, k] per batch row."""
+    return idx.expand(batch, -1) if idx.dim() == 1 else idx[:, 0] if idx.dim() == 3 else idx
+
+
 def unit_rows(units: Tensor, width: int) -> Tensor:
     """Rows owned by units of ``width`` consecutive rows each (a KV group's q rows, a neuron block):
     ``[..., n] -> [..., n * width]``, ascending for ascending units."""
@@ -272,19 +291,29 @@ def _gathered_mlp(a: _MLPArgs) -> Tensor:
     if neuron_idx is not None:
         _check_selection_values(neuron_idx, "neuron_idx", ffn)
     act = ACTIVATIONS[a.activation]
-    # a [k] / [B, k] selection gathers weight rows/cols; pre-gathered weights (None) and per token use them whole
     per_token = neuron_idx is not None and neuron_idx.dim() == 3
-    rows, empty = (None, None) if per_token or neuron_idx is None else _empty_slots(neuron_idx, ffn)
-    up = _linear_rows(a.x, a.up_weight, a.up_bias, rows)
-    h = act(up) if a.gate_weight is None else act(_linear_rows(a.x, a.gate_weight, a.gate_bias, rows)) * up
+    # a decode step reads its selection's rows/cols natively (the kernels skip the empty slot); otherwise a [k] /
+    # [B, k] selection gathers weight rows/cols, and pre-gathered weights (None) and per token use them whole
+    weights = [w for w in (a.up_weight, a.gate_weight, a.down_weight) if w is not None]
+    fused = neuron_idx is not None and native.applies(a.x, *weights)
+    rows: Optional[Tensor] = None
+    empty: Optional[Tensor] = None
+    if fused:
+        rows = _decode_selection(neuron_idx, a.x.shape[0])
+    elif not per_token and neuron_idx is not None:
+        rows, empty = _empty_slots(neuron_idx, ffn)
+    project = _native_rows if fused else _linear_rows
+    up = project(a.x, a.up_weight, a.up_bias, rows)
+    h = act(up) if a.gate_weight is None else act(project(a.x, a.gate_weight, a.gate_bias, rows)) * up
     if empty is not None:
         h = h.where(~empty.unsqueeze(-2), 0)  # [k] or [B, k] over the sequence dim
-    if neuron_idx is not None and per_token:
+    if per_token and not fused:
         # The dense intermediate times each token's 0/1 keep mask (as a where, so that an inf in a dropped neuron
         # cannot become NaN). Exact, and for prefill-sized S cheaper than per-token weight gathers, which would copy
-        # [B, S, k, E] per projection; a fused kernel can gather the kept rows/cols for S == 1.
+        # [B, S, k, E] per projection; a decode step reads the kept rows/cols natively instead.
         h = h.where(_keep_mask(neuron_idx, ffn), 0)
-    return _linear_cols(h, a.down_weight, a.down_bias, rows)
+    finish = _native_cols if fused else _linear_cols
+    return finish(h, a.down_weight, a.down_bias, rows)
 
 
 def _gathered_mlp_fake(a: _MLPArgs) -> Tensor:
@@ -496,6 +525,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], s
     return context.flatten(1, 2).transpose(1, 2).flatten(2)
 
 
+def _take_groups(cache: Tensor, groups: Tensor) -> Tensor:
+    """The KV groups ``groups`` [B, g] of each batch row of ``cache`` [B, Hkv, T, D]: [B, g, T, D]."""
+    if cache.shape[0] == 1:
+        return cache.index_select(1, groups[0])
+    return cache[torch.arange(cache.shape[0], device=cache.device).unsqueeze(1), groups]
+
+
 def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     """The eager implementation of both attention ops."""
     _check_attention_args(a, per_token)
@@ -503,38 +539,47 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     q_rows: Optional[Tensor] = None  # pre-gathered or per token: every row
     kv_rows: Optional[Tensor] = None
     empty: Optional[Tensor] = None
+    # a decode step with a selection reads the kept q rows and o columns natively (and, per prompt, the kept k/v
+    # rows); per token, K/V are computed for every head, and the kept groups' cache is taken for the attention
+    fused = kv_head_idx is not None and native.applies(a.hidden, a.q_weight, a.k_weight, a.v_weight, a.o_weight)
     if kv_head_idx is not None:
         _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
-        if not per_token:
-            kept, empty = _empty_slots(kv_head_idx, a.num_kv_heads)
+        if fused or not per_token:
+            selection = _decode_selection(kv_head_idx, a.hidden.shape[0]) if fused else kv_head_idx
+            kept, empty = _empty_slots(selection, a.num_kv_heads)
             # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
-            q_rows, kv_rows = unit_rows(kept, group * head_dim), unit_rows(kept, head_dim)
+            q_rows = unit_rows(kept, group * head_dim)
+            kv_rows = None if per_token else unit_rows(kept, head_dim)
+    project = _native_rows if fused else _linear_rows
 
     def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
         return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
-    q = heads(_linear_rows(a.hidden, a.q_weight, a.q_bias, q_rows))
-    key = heads(_linear_rows(a.hidden, a.k_weight, a.k_bias, kv_rows))
-    value = heads(_linear_rows(a.hidden, a.v_weight, a.v_bias, kv_rows))
+    q = heads(project(a.hidden, a.q_weight, a.q_bias, q_rows))
+    key = heads(project(a.hidden, a.k_weight, a.k_bias, kv_rows))
+    value = heads(project(a.hidden, a.v_weight, a.v_bias, kv_rows))
     q, key = _head_norm(q, a.q_norm, a.norm_eps), _head_norm(key, a.k_norm, a.norm_eps)
     if a.cos is not None and a.sin is not None:
         q, key = _rope(q, a.cos, a.sin, a.rotary_interleaved), _rope(key, a.cos, a.sin, a.rotary_interleaved)
     if a.past_key is not None and a.past_value is not None:
         key, value = torch.cat((a.past_key, key), dim=2), torch.cat((a.past_value, value), dim=2)
+    attended_key, attended_value = key, value
+    if fused and per_token:  # the complete cache is kept; the attention reads the kept groups of each row
+        attended_key, attended_value = _take_groups(key, kept), _take_groups(value, kept)
     slopes = a.alibi_slopes
     if slopes is not None:
         slopes = slopes.unflatten(-1, (-1, group))  # [.., g, r]: the query heads of each KV group
-        if kv_head_idx is not None and not per_token:
+        if kv_head_idx is not None and (fused or not per_token):
             slopes = slopes[kept]
-    context = _attend(q, key, value, a.attention_mask, a.scaling, group, slopes, a.softcap)
-    if kv_head_idx is not None and per_token:
+    context = _attend(q, attended_key, attended_value, a.attention_mask, a.scaling, group, slopes, a.softcap)
+    if per_token and not fused:
         # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
         # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
         keep = _keep_mask(kv_head_idx, a.num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D
         context = context.unflatten(-1, (a.num_kv_heads, -1)).where(keep, 0).flatten(-2)
     if empty is not None:  # an empty slot's query heads add nothing; [g] or [B, g] over the sequence dim
         context = context.unflatten(-1, (empty.shape[-1], -1)).where(~empty[..., None, :, None], 0).flatten(-2)
-    out = _linear_cols(context, a.o_weight, a.o_bias, q_rows)
+    out = (_native_cols if fused else _linear_cols)(context, a.o_weight, a.o_bias, q_rows)
     # contiguous, like the fake outputs (the no-cache key/value are transposed views otherwise)
     return out, key.contiguous(), value.contiguous()
 

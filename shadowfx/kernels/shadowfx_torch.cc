@@ -1,0 +1,136 @@
+// Native gather-GEMV kernels for the shadowfx:: ops' decode steps (one token per batch row), built on first use by
+// shadowfx/native.py. Each reads only the kept rows (or kept input features) of a weight, straight from the full
+// weight, with float accumulation; no gathered copy is made. The index equal to the unit count is the empty slot.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// dot products and axpys over one contiguous run, vectorised by the compiler (-fopenmp-simd: the reduction may be
+// reordered without -ffast-math's other licences)
+template <typename W>
+float dot(const W* weight, const float* x, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<float>(weight[i]) * x[i];
+  return sum;
+}
+
+template <typename W>
+void axpy(float scale, const W* weight, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] += scale * static_cast<float>(weight[i]);
+}
+
+void check_selection(const torch::Tensor& x, const torch::Tensor& index, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, ": the input must be [T, width], got ", x.sizes());
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == x.size(0) && index.scalar_type() == torch::kLong, name,
+              ": the selection must be int64 [T, k] with T = ", x.size(0), ", got ", index.sizes());
+}
+
+// out[t, i] = weight[rows[t, i]] . x[t] + bias[rows[t, i]], 0 where rows[t, i] is the empty slot N.
+// x [T, E]; weight [N, E] row-contiguous; bias [N] or undefined; rows [T, k]. Returns [T, k] in float32.
+template <typename W>
+void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* rows, float* out, int64_t tokens,
+                 int64_t kept, int64_t units, int64_t width) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, tokens * kept, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = rows[item];
+      if (row >= units) {
+        out[item] = 0.0f;
+        continue;
+      }
+      const float b = bias ? static_cast<float>(bias[row]) : 0.0f;
+      out[item] = dot(weight + row * width, x + (item / kept) * width, width) + b;
+    }
+  });
+}
+
+torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                          const torch::Tensor& rows) {
+  check_selection(x, rows, "gather_rows");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.is_contiguous(),
+              "gather_rows: the weight must be a contiguous [N, E] with E = ", x.size(1), ", got ", weight.sizes());
+  const auto xs = x.to(torch::kFloat).contiguous();
+  const auto index = rows.contiguous();
+  auto out = torch::empty(rows.sizes(), x.options().dtype(torch::kFloat));
+  const auto b = bias.has_value() ? bias->to(weight.scalar_type()).contiguous() : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(torch::kBFloat16, weight.scalar_type(), "gather_rows", [&] {
+    const scalar_t* bias_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    rows_kernel<scalar_t>(xs.data_ptr<float>(), weight.data_ptr<scalar_t>(), bias_data, index.data_ptr<int64_t>(),
+                          out.data_ptr<float>(), rows.size(0), rows.size(1), weight.size(0), weight.size(1));
+  });
+  return out;
+}
+
+// out[t] = sum_i h[t, i] * weight[:, cols[t, i]] + bias, skipping the empty slot N. weight [E, N] is read as its
+// transpose [N, E] when stored column-major (the layout the runtime prepares: a kept input is one contiguous run),
+// else row by row, gathering each row's kept entries.
+template <typename W>
+void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* out, int64_t tokens, int64_t kept,
+                 int64_t units, int64_t embed, bool transposed) {
+  if (transposed) {
+    // each thread takes a range of (token, kept input) pairs and adds whole contiguous weight rows into its own
+    // [T, E] sum, so the weight streams in order; the per-thread sums are added at the end
+    const int64_t threads = at::get_num_threads();
+    std::vector<float> sums(static_cast<size_t>(threads * tokens * embed), 0.0f);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(embed, 1));
+    at::parallel_for(0, tokens * kept, grain, [&](int64_t begin, int64_t end) {
+      float* sum = sums.data() + at::get_thread_num() * tokens * embed;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t col = cols[item];
+        if (col < units) axpy(h[item], weight + col * embed, sum + (item / kept) * embed, embed);
+      }
+    });
+    std::fill(out, out + tokens * embed, 0.0f);
+    for (int64_t thread = 0; thread < threads; ++thread) axpy(1.0f, sums.data() + thread * tokens * embed, out,
+                                                             tokens * embed);
+    return;
+  }
+  at::parallel_for(0, tokens * embed, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t token = item / embed;
+      const W* row = weight + (item % embed) * units;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < kept; ++i) {
+        const int64_t col = cols[token * kept + i];
+        if (col < units) sum += h[token * kept + i] * static_cast<float>(row[col]);
+      }
+      out[item] = sum;
+    }
+  });
+}
+
+torch::Tensor gather_cols(const torch::Tensor& h, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                          const torch::Tensor& cols) {
+  check_selection(h, cols, "gather_cols");
+  TORCH_CHECK(weight.dim() == 2, "gather_cols: the weight must be [E, N], got ", weight.sizes());
+  const int64_t embed = weight.size(0), units = weight.size(1);
+  const bool transposed = weight.stride(0) == 1 && weight.stride(1) == embed;
+  TORCH_CHECK(transposed || weight.is_contiguous(),
+              "gather_cols: the weight must be contiguous [E, N] or the transpose of a contiguous [N, E]");
+  const auto hs = h.to(torch::kFloat).contiguous();
+  const auto index = cols.contiguous();
+  auto out = torch::empty({h.size(0), embed}, h.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(torch::kBFloat16, weight.scalar_type(), "gather_cols", [&] {
+    cols_kernel<scalar_t>(hs.data_ptr<float>(), weight.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+                          out.data_ptr<float>(), cols.size(0), cols.size(1), units, embed, transposed);
+  });
+  if (bias.has_value()) out += bias->to(torch::kFloat);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k] float32");
+  module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E] float32");
+}

@@ -1,0 +1,149 @@
+"""The native decode kernels of the ``shadowfx::`` ops: ``shadowfx/kernels/shadowfx_torch.cc``, built with torch's
+extension machinery on first use.
+
+A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attention`` with a selection and
+``token_sparse_attention`` reads the kept rows and kept input features of each weight straight from the full weight
+(:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
+every neuron and masks. The kernels are threaded over torch's intra-op threads and vectorised for the CPU they are
+built on, in float32 and bfloat16 (other dtypes take the PyTorch path).
+
+The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else ``~/.cache/shadowfx/torch-kernels``), one folder per source,
+flags, torch version and CPU, and is reused from there. When it cannot be built (no C++ compiler, no ninja, a
+failed compile) the ops warn once and run their PyTorch implementation, which computes the same values. The switch
+``$SHADOWFX_NATIVE_KERNELS=0``, or :func:`use_native_kernels`, selects the PyTorch path on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels") / "shadowfx_torch.cc"
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp-simd")
+SWITCH_ENV = "SHADOWFX_NATIVE_KERNELS"
+DTYPES = (torch.float32, torch.bfloat16)
+
+_enabled = os.environ.get(SWITCH_ENV, "1") != "0"
+_module: Optional[ModuleType] = None
+_unavailable: Optional[str] = None  # why the build failed, once it has
+
+
+def build_folder() -> Path:
+    """The folder of this source's build for this torch and CPU (see the module docstring)."""
+    home = os.environ.get("SHADOWFX_HOME")
+    root = (Path(home) if home else Path.home() / ".cache" / "shadowfx") / "torch-kernels"
+    # -march=native code runs only on the CPU it was built for, so the CPU is part of the key
+    identity = b"\0".join(
+        [SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(), torch.__version__.encode(), _cpu_model().encode()])
+    return root / hashlib.sha256(identity).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    return platform.processor() or platform.machine()
+
+
+def kernels() -> Optional[ModuleType]:
+    """The compiled kernel module, building it on the first call; None when switched off or when it cannot be built
+    (then a warning says why, once)."""
+    global _module, _unavailable
+    if not _enabled:
+        return None
+    if _module is not None or _unavailable is not None:
+        return _module
+    missing = missing_tools()
+    if missing:
+        _unavailable = f"{' and '.join(missing)} not found"
+    else:
+        from torch.utils import cpp_extension
+
+        folder = build_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob("*.so")):
+            print(f"shadowfx: compiling the native decode kernels into {folder} (once)", file=sys.stderr, flush=True)
+        try:
+            _module = cpp_extension.load(
+                name="shadowfx_native", sources=[str(SOURCE)], extra_cflags=list(COMPILE_FLAGS),
+                build_directory=str(folder), verbose=False)
+        except (OSError, RuntimeError, ImportError) as error:  # a failed compile or link is a RuntimeError
+            _unavailable = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    if _unavailable is not None:
+        warnings.warn(f"shadowfx: the native decode kernels could not be built ({_unavailable}); the sparse ops run "
+                      f"their PyTorch implementation, which computes the same values more slowly. Install a C++ "
+                      f"compiler and ninja (pip install ninja), or set {SWITCH_ENV}=0 to silence this.", stacklevel=2)
+    return _module
+
+
+def missing_tools() -> list[str]:
+    """What the build needs and this machine lacks: ``c++`` (the compiler) and ``ninja``."""
+    return [tool for tool in ("c++", "ninja") if shutil.which(tool) is None and not _ninja_module(tool)]
+
+
+def _ninja_module(tool: str) -> bool:
+    """ninja from the pip package counts even when its script folder is not on PATH (torch looks it up there)."""
+    if tool != "ninja":
+        return False
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def use_native_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, the ops use the native kernels (``True``, where they can be built) or the PyTorch path."""
+    global _enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def applies(x: Tensor, *weights: Tensor) -> bool:
+    """Whether a decode step on ``x`` [B, 1, E] with these full weights runs natively: one token per row, CPU
+    tensors of one of :data:`DTYPES`, the switch on and the kernels built."""
+    if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or x.dtype not in DTYPES:
+        return False
+    if any(w.device.type != "cpu" or w.dtype != x.dtype or w.dim() != 2 for w in weights):
+        return False
+    return kernels() is not None
+
+
+def gather_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
+    """``x [T, E] . weight[rows[t]]^T + bias[rows[t]]`` for rows [T, k]: [T, k] in x's dtype, 0 at the empty slot."""
+    module = kernels()
+    assert module is not None, "gather_rows needs the native kernels: check applies() first"
+    return module.gather_rows(x, weight.contiguous(), bias, rows).to(x.dtype)
+
+
+def gather_cols(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor) -> Tensor:
+    """``h [T, k] . weight[:, cols[t]]^T + bias`` for weight [E, N] and cols [T, k]: [T, E] in h's dtype; empty
+    slots add nothing. Fastest when ``weight`` is the transpose of a contiguous [N, E] (:func:`input_major`)."""
+    module = kernels()
+    assert module is not None, "gather_cols needs the native kernels: check applies() first"
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        weight = weight.contiguous()
+    return module.gather_cols(h, weight, bias, cols).to(h.dtype)
+
+
+def input_major(weight: Tensor) -> Tensor:
+    """``weight`` [out, in] with the same values, stored input-major (the transpose of a contiguous [in, out]): the
+    layout in which one input feature's weights, a kept column, are one contiguous run."""
+    return weight if weight.t().is_contiguous() else weight.t().contiguous().t()

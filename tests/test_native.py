@@ -1,0 +1,238 @@
+"""The native decode kernels (shadowfx/native.py): the raw kernels against plain float64 arithmetic, and every
+sparse op's decode step through them against the same op on its PyTorch path, on random shapes, fp32 and bf16,
+shared / per-row / per-token selections with empty slots, both weight layouts and one and two threads."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import pytest
+import torch
+from torch import Tensor
+
+from shadowfx import native, ops
+
+# skipped only where the build's tools are missing; a build that fails with them present fails the tests
+pytestmark = pytest.mark.skipif(bool(native.missing_tools()), reason="no C++ compiler or ninja to build the kernels")
+
+# (atol, rtol) against float64 (raw kernels) or against the PyTorch path (ops), which rounds differently in bf16
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often each kernel ran: the ops must take the native path where it applies."""
+    counts = {"gather_rows": 0, "gather_cols": 0}
+    for name in counts:
+        kernel = getattr(native, name)
+
+        def counted(*args: object, _name: str = name, _kernel=kernel) -> Tensor:
+            counts[_name] += 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(native, name, counted)
+    return counts
+
+
+def selection(units: int, kept: int, tokens: int, empty_every: int = 2) -> Tensor:
+    """[tokens, kept] distinct random units per token, every ``empty_every``-th token's last slot the empty slot."""
+    rows = torch.stack([torch.randperm(units)[:kept] for _ in range(tokens)])
+    rows[::empty_every, -1] = units
+    return rows
+
+
+def close(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------------- raw kernels
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens, embed, units, kept", [(1, 37, 50, 13), (3, 64, 128, 64), (4, 300, 17, 17)])
+def test_gather_rows_equals_float64(tokens: int, embed: int, units: int, kept: int, dtype: torch.dtype,
+                                    threads: int) -> None:
+    x, weight, bias = torch.randn(tokens, embed), torch.randn(units, embed), torch.randn(units)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    rows = selection(units, kept, tokens)
+    out = native.gather_rows(x, weight, bias, rows)
+    kept_rows = rows.clamp(max=units - 1)
+    expected = torch.einsum("tke,te->tk", weight.double()[kept_rows], x.double()) + bias.double()[kept_rows]
+    expected[rows == units] = 0
+    assert out.shape == (tokens, kept) and out.dtype == dtype
+    close(out, expected, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("layout", ["out_major", "input_major"])
+@pytest.mark.parametrize("tokens, embed, units, kept", [(1, 37, 50, 13), (3, 600, 128, 64), (4, 33, 17, 17)])
+def test_gather_cols_equals_float64(tokens: int, embed: int, units: int, kept: int, layout: str,
+                                    dtype: torch.dtype, threads: int) -> None:
+    h, weight, bias = torch.randn(tokens, kept).to(dtype), torch.randn(embed, units).to(dtype), torch.randn(embed)
+    if layout == "input_major":
+        weight = native.input_major(weight)
+        assert not weight.is_contiguous() and weight.t().is_contiguous()
+    cols = selection(units, kept, tokens)
+    out = native.gather_cols(h, weight, bias.to(dtype), cols)
+    keep = (cols < units).double()
+    expected = torch.einsum("tk,etk->te", h.double() * keep, weight.double()[:, cols.clamp(max=units - 1)])
+    assert out.shape == (tokens, embed) and out.dtype == dtype
+    close(out, expected + bias.to(dtype).double(), dtype)
+
+
+def test_kernels_name_a_bad_selection() -> None:
+    module = native.kernels()
+    with pytest.raises(RuntimeError, match=r"int64 \[T, k\]"):
+        module.gather_rows(torch.randn(2, 4), torch.randn(5, 4), None, torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        module.gather_cols(torch.randn(1, 2), torch.randn(8, 10)[:, ::2], None, torch.zeros(1, 2, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ ops, native vs PyTorch
+
+
+def both_paths(op, *args: object, **kwargs: object) -> tuple[object, object]:
+    """The op's result on the native path and on the PyTorch path."""
+    with native.use_native_kernels(True):
+        fast = op(*args, **kwargs)
+    with native.use_native_kernels(False):
+        reference = op(*args, **kwargs)
+    return fast, reference
+
+
+def decode_selection(kind: str, units: int, kept: int, batch: int) -> Tensor:
+    """A decode step's selection: shared [k], per row [B, k] or per token [B, 1, k], empty slots in the latter two."""
+    if kind == "shared":
+        return torch.randperm(units)[:kept]
+    rows = selection(units, kept, batch)
+    return rows if kind == "per_row" else rows[:, None]
+
+
+SELECTIONS = pytest.mark.parametrize("kind", ["shared", "per_row", "per_token"])
+
+
+def rand(*shape: int, dtype: torch.dtype) -> Tensor:
+    return (torch.randn(*shape) * shape[-1] ** -0.5).to(dtype)
+
+
+@DTYPES
+@SELECTIONS
+@pytest.mark.parametrize("layout", ["out_major", "input_major"])
+@pytest.mark.parametrize("gated, bias, activation", [(False, True, "relu"), (True, False, "silu"),
+                                                     (True, True, "gelu_tanh")])
+@pytest.mark.parametrize("batch, embed, ffn, kept", [(1, 64, 256, 128), (3, 40, 96, 31)])
+def test_mlp_decode_step_equals_the_pytorch_path(batch: int, embed: int, ffn: int, kept: int, gated: bool,
+                                                 bias: bool, activation: str, layout: str, kind: str,
+                                                 dtype: torch.dtype, calls: dict[str, int]) -> None:
+    down = rand(embed, ffn, dtype=dtype)
+    weights = {
+        "up_weight": rand(ffn, embed, dtype=dtype), "up_bias": rand(ffn, dtype=dtype) if bias else None,
+        "gate_weight": rand(ffn, embed, dtype=dtype) if gated else None,
+        "gate_bias": rand(ffn, dtype=dtype) if gated and bias else None,
+        "down_weight": native.input_major(down) if layout == "input_major" else down,
+        "down_bias": rand(embed, dtype=dtype) if bias else None,
+    }
+    x = torch.randn(batch, 1, embed).to(dtype)
+    idx = decode_selection(kind, ffn, kept, batch)
+    fast, reference = both_paths(ops.gathered_mlp, x, **weights, neuron_idx=idx, activation=activation)
+    assert calls == {"gather_rows": 2 if gated else 1, "gather_cols": 1}
+    close(fast, reference, dtype)
+
+
+def alibi(num_heads: int) -> Tensor:
+    return 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)
+
+
+@DTYPES
+@SELECTIONS
+@pytest.mark.parametrize("heads, kept", [((4, 4), 2), ((8, 2), 1), ((6, 3), 3)], ids=["mha", "gqa", "gqa_all"])
+@pytest.mark.parametrize("extras", ["rope_bias", "alibi_norms", "plain"])
+def test_attention_decode_step_equals_the_pytorch_path(heads: tuple[int, int], kept: int, extras: str, kind: str,
+                                                       dtype: torch.dtype, calls: dict[str, int]) -> None:
+    num_heads, num_kv_heads = heads
+    batch, past, embed, head_dim = 3, 5, 24, 8
+    bias = extras == "rope_bias"
+    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    weights = {
+        "q_weight": rand(q_out, embed, dtype=dtype), "q_bias": rand(q_out, dtype=dtype) if bias else None,
+        "k_weight": rand(kv_out, embed, dtype=dtype), "k_bias": rand(kv_out, dtype=dtype) if bias else None,
+        "v_weight": rand(kv_out, embed, dtype=dtype), "v_bias": rand(kv_out, dtype=dtype) if bias else None,
+        "o_weight": native.input_major(rand(embed, q_out, dtype=dtype)), "o_bias": rand(embed, dtype=dtype),
+    }
+    per_token = kind == "per_token"
+    cache_heads = num_kv_heads if per_token else kept
+    cache = torch.randn(batch, cache_heads, past, head_dim).to(dtype), torch.randn(batch, cache_heads, past,
+                                                                                   head_dim).to(dtype)
+    rotary: dict[str, Optional[Tensor]] = {"cos": None, "sin": None}
+    if extras == "rope_bias":
+        angles = torch.randn(batch, 1, head_dim)
+        rotary = {"cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
+    more = {}
+    if extras == "alibi_norms":
+        more = {"alibi_slopes": alibi(num_heads), "q_norm": torch.rand(head_dim) + 0.5,
+                "k_norm": torch.rand(head_dim) + 0.5, "norm_eps": 1e-6}
+    mask = torch.ones(batch, 1, 1, past + 1, dtype=torch.bool)
+    mask[1, ..., :2] = False  # a left-padded row
+    idx = decode_selection(kind, num_kv_heads, kept, batch)
+    op = ops.token_sparse_attention if per_token else ops.gathered_attention
+    fast, reference = both_paths(
+        op, torch.randn(batch, 1, embed).to(dtype), **weights, kv_head_idx=idx, **rotary, attention_mask=mask,
+        past_key=cache[0], past_value=cache[1], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        scaling=head_dim**-0.5, **more)
+    # q and o always; k and v too when the cache holds the kept groups only
+    assert calls == {"gather_rows": 1 if per_token else 3, "gather_cols": 1}
+    for got, want in zip(fast, reference):
+        assert got.shape == want.shape
+        close(got, want, dtype)
+
+
+def test_prefill_and_pregathered_steps_take_the_pytorch_path(calls: dict[str, int]) -> None:
+    embed, ffn = 16, 32
+    weights = {"up_weight": torch.randn(ffn, embed), "up_bias": None, "gate_weight": None, "gate_bias": None,
+               "down_weight": torch.randn(embed, ffn), "down_bias": None}
+    ops.gathered_mlp(torch.randn(2, 4, embed), **weights, neuron_idx=torch.arange(8), activation="relu")
+    compact = {**weights, "up_weight": weights["up_weight"][:8], "down_weight": weights["down_weight"][:, :8]}
+    ops.gathered_mlp(torch.randn(2, 1, embed), **compact, neuron_idx=None, activation="relu")
+    ops.gathered_mlp(torch.randn(2, 1, embed).double(), **{k: None if v is None else v.double()
+                                                           for k, v in weights.items()},
+                     neuron_idx=torch.arange(8), activation="relu")  # float64: no kernel
+    assert calls == {"gather_rows": 0, "gather_cols": 0}
+
+
+def test_without_a_compiler_the_ops_warn_once_and_compute_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, up, down = torch.randn(2, 1, 16), torch.randn(32, 16), torch.randn(16, 32)
+    call = dict(up_weight=up, up_bias=None, gate_weight=None, gate_bias=None, down_weight=down, down_bias=None,
+                neuron_idx=torch.tensor([[1, 5, 7], [2, 3, 32]]), activation="relu")
+    expected = ops.gathered_mlp(x, **call)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_unavailable", None)
+    monkeypatch.setattr(native, "missing_tools", lambda: ["c++", "ninja"])
+    with pytest.warns(UserWarning, match=r"could not be built \(c\+\+ and ninja not found\).*PyTorch"):
+        first = ops.gathered_mlp(x, **call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls stay quiet
+        second = ops.gathered_mlp(x, **call)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+def test_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_enabled", False)
+    assert native.kernels() is None
+    assert not native.applies(torch.randn(1, 1, 4), torch.randn(4, 4))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shadowfx.native import input_major
 from shadowfx.ops import take_cols, take_rows, unit_rows
 from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure, LayerStructure, Projection
@@ -161,6 +162,22 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
         layout = CompactTensor(layer.index, role, how.selection, 1 if how.output else 0, how.unit_rows)
         plan.append(_Gather(tensor, layout, rows, how.output))
     return plan
+
+
+def store_input_major(model: nn.Module, structure: DecoderStructure) -> list[str]:
+    """Store every later layer's output-projection weights (attention o, MLP down) input-major, in place: the same
+    values, laid out so that a kept input's weights are one contiguous run, as the per-token decode kernels read
+    them (see :func:`shadowfx.native.input_major`). Returns the names of the weights it re-laid; GPT-2's ``Conv1D``
+    weights, ``[in, out]``, already are."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    changed = []
+    for layer in structure.layers[1:]:
+        for projection in (layer.attention.o, layer.mlp.down):
+            weight = params[projection.weight]
+            if projection.weight_layout == "out_in" and weight.is_contiguous() and min(weight.shape) > 1:
+                weight.data = input_major(weight.data)
+                changed.append(projection.weight)
+    return changed
 
 
 def _plan(model: nn.Module, structure: DecoderStructure, selection: Selection, per_row: bool) -> list[_Gather]:

@@ -149,8 +149,12 @@ def take_rows(weight: Tensor, rows: Tensor) -> Tensor:
 
 def take_cols(weight: Tensor, cols: Tensor) -> Tensor:
     """The columns ``cols`` [n] or [B, n] of weight [out, in]: [out, n], or per batch row [B, out, n] (a view whose
-    rows are contiguous runs of n). Columns gathered along the weight's rows read it in order; gathering rows of its
-    transpose would read it with a stride, several times slower."""
+    rows are contiguous runs of n). Columns are gathered in the order the weight is stored: along its rows, or, for
+    an input-major weight (the transpose of a contiguous [in, out]), as rows of that transpose; the other way round
+    reads it with a stride, several times slower. The result keeps the weight's layout."""
+    if not weight.is_contiguous() and weight.t().is_contiguous():
+        taken = weight.t().index_select(0, cols.flatten())  # [B*n, out]
+        return taken.t() if cols.dim() == 1 else taken.unflatten(0, cols.shape).transpose(-1, -2)
     taken = weight.index_select(1, cols.flatten())
     return taken if cols.dim() == 1 else taken.unflatten(1, cols.shape).movedim(1, 0)
 

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from shadowfx import native
 from shadowfx.capture import capture
 from shadowfx.families import FAMILIES, build_small
 from shadowfx.passes.discover_structure import discover_structure
@@ -66,6 +67,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """How often each native decode kernel ran from here on, by name (the kernels still run)."""
+    counts = {"gather_rows": 0, "gather_cols": 0}
+    for name in counts:
+        kernel = getattr(native, name)
+
+        def counted(*args, _name=name, _kernel=kernel):
+            counts[_name] += 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(native, name, counted)
+    return counts
 
 
 @pytest.fixture(params=FAMILIES)

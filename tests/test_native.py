@@ -34,21 +34,6 @@ def threads(request: pytest.FixtureRequest):
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How often each kernel ran: the ops must take the native path where it applies."""
-    counts = {"gather_rows": 0, "gather_cols": 0}
-    for name in counts:
-        kernel = getattr(native, name)
-
-        def counted(*args: object, _name: str = name, _kernel=kernel) -> Tensor:
-            counts[_name] += 1
-            return _kernel(*args)
-
-        monkeypatch.setattr(native, name, counted)
-    return counts
-
-
 def selection(units: int, kept: int, tokens: int, empty_every: int = 2) -> Tensor:
     """[tokens, kept] distinct random units per token, every ``empty_every``-th token's last slot the empty slot."""
     rows = torch.stack([torch.randperm(units)[:kept] for _ in range(tokens)])
@@ -139,7 +124,7 @@ def rand(*shape: int, dtype: torch.dtype) -> Tensor:
 @pytest.mark.parametrize("batch, embed, ffn, kept", [(1, 64, 256, 128), (3, 40, 96, 31)])
 def test_mlp_decode_step_equals_the_pytorch_path(batch: int, embed: int, ffn: int, kept: int, gated: bool,
                                                  bias: bool, activation: str, layout: str, kind: str,
-                                                 dtype: torch.dtype, calls: dict[str, int]) -> None:
+                                                 dtype: torch.dtype, native_calls: dict[str, int]) -> None:
     down = rand(embed, ffn, dtype=dtype)
     weights = {
         "up_weight": rand(ffn, embed, dtype=dtype), "up_bias": rand(ffn, dtype=dtype) if bias else None,
@@ -151,7 +136,7 @@ def test_mlp_decode_step_equals_the_pytorch_path(batch: int, embed: int, ffn: in
     x = torch.randn(batch, 1, embed).to(dtype)
     idx = decode_selection(kind, ffn, kept, batch)
     fast, reference = both_paths(ops.gathered_mlp, x, **weights, neuron_idx=idx, activation=activation)
-    assert calls == {"gather_rows": 2 if gated else 1, "gather_cols": 1}
+    assert native_calls == {"gather_rows": 2 if gated else 1, "gather_cols": 1}
     close(fast, reference, dtype)
 
 
@@ -164,7 +149,7 @@ def alibi(num_heads: int) -> Tensor:
 @pytest.mark.parametrize("heads, kept", [((4, 4), 2), ((8, 2), 1), ((6, 3), 3)], ids=["mha", "gqa", "gqa_all"])
 @pytest.mark.parametrize("extras", ["rope_bias", "alibi_norms", "plain"])
 def test_attention_decode_step_equals_the_pytorch_path(heads: tuple[int, int], kept: int, extras: str, kind: str,
-                                                       dtype: torch.dtype, calls: dict[str, int]) -> None:
+                                                       dtype: torch.dtype, native_calls: dict[str, int]) -> None:
     num_heads, num_kv_heads = heads
     batch, past, embed, head_dim = 3, 5, 24, 8
     bias = extras == "rope_bias"
@@ -196,13 +181,13 @@ def test_attention_decode_step_equals_the_pytorch_path(heads: tuple[int, int], k
         past_key=cache[0], past_value=cache[1], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         scaling=head_dim**-0.5, **more)
     # q and o always; k and v too when the cache holds the kept groups only
-    assert calls == {"gather_rows": 1 if per_token else 3, "gather_cols": 1}
+    assert native_calls == {"gather_rows": 1 if per_token else 3, "gather_cols": 1}
     for got, want in zip(fast, reference):
         assert got.shape == want.shape
         close(got, want, dtype)
 
 
-def test_prefill_and_pregathered_steps_take_the_pytorch_path(calls: dict[str, int]) -> None:
+def test_prefill_and_pregathered_steps_take_the_pytorch_path(native_calls: dict[str, int]) -> None:
     embed, ffn = 16, 32
     weights = {"up_weight": torch.randn(ffn, embed), "up_bias": None, "gate_weight": None, "gate_bias": None,
                "down_weight": torch.randn(embed, ffn), "down_bias": None}
@@ -212,7 +197,7 @@ def test_prefill_and_pregathered_steps_take_the_pytorch_path(calls: dict[str, in
     ops.gathered_mlp(torch.randn(2, 1, embed).double(), **{k: None if v is None else v.double()
                                                            for k, v in weights.items()},
                      neuron_idx=torch.arange(8), activation="relu")  # float64: no kernel
-    assert calls == {"gather_rows": 0, "gather_cols": 0}
+    assert native_calls == {"gather_rows": 0, "gather_cols": 0}
 
 
 def test_without_a_compiler_the_ops_warn_once_and_compute_the_same(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import shadowfx
+from shadowfx import native
 import shadowfx.compact
 from shadowfx.capture import PrefillStep
 from shadowfx.families import build_small
@@ -384,6 +385,28 @@ def test_token_granularity_decode_equals_recompute(family):
         )
         expected = reference.logits(tokens, full_mask)
     torch.testing.assert_close(torch.stack(step_logits, 1), expected[:, -3:], rtol=1e-4, atol=1e-4)
+
+
+def test_token_decode_reads_the_kept_weights_natively(family, native_calls):
+    """Per token, the later layers' output projections are stored input-major, every decode step runs each sparse
+    op's kept rows and columns through the native kernels, and the generation equals the PyTorch path's."""
+    sparse = token_transformed(family)
+    model, layers = small_model(family), structure(family).layers
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for layer in layers[1:]:
+        for projection in (layer.attention.o, layer.mlp.down):
+            weight = params[projection.weight]
+            assert (weight.t() if projection.weight_layout == "out_in" else weight).is_contiguous(), projection.weight
+    prompt = padded_batch(2, 6, 512, seed=44)
+    with native.use_native_kernels(False):
+        expected_tokens, expected_logits = sparse.generate(*prompt, max_new_tokens=4, eos_token_id=[],
+                                                           return_logits=True)
+    tokens, logits = sparse.generate(*prompt, max_new_tokens=4, eos_token_id=[], return_logits=True)
+    steps, gated = 3, layers[1].mlp.gate is not None  # the first new token comes from the prefill
+    assert native_calls == {"gather_rows": steps * (len(layers) - 1) * (3 if gated else 2),
+                     "gather_cols": steps * (len(layers) - 1) * 2}
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_token_granularity_keeps_the_complete_cache_and_reports_it():

@@ -3,7 +3,8 @@
 An OPT-1.3B-shaped model with random weights (fp32, batch 1, every core) is run dense (the Hugging Face model with
 its KV cache) and through ``shadowfx.transform`` at each sparsity, per prompt and per token. Decode at batch 1 is
 bound by the bytes it reads, so the bound for a sparse step is ``bytes_dense / (bytes_dense - bytes_skipped)`` with
-the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-layer minimums included). Dense and sparse
+the weight and KV-cache bytes the selection actually skips (layer 0 dense, per-layer minimums included) and, per
+token, the predictor's bytes added (it runs every step; ``--neuron-block`` shrinks its output layer). Dense and sparse
 run in alternation; a speedup is the median ratio of the alternated pairs, and each setting is measured in
 ``--runs`` independent runs, reported as their median with the range. Writes ``decode_speed.json`` and ``decode_speed.png`` to ``--out``.
 
@@ -143,6 +144,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--granularity", nargs="+", default=["prompt", "token"])
     parser.add_argument("--predictor-hidden", type=int, default=1024)
+    parser.add_argument("--neuron-block", type=int, default=1,
+                        help="neurons per predictor output (a block predictor's output layer is this much smaller)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--onnx", action="store_true", help="also export and time the dense model and every "
                         "per-prompt setting in onnxruntime")
@@ -181,7 +184,8 @@ def measure_pytorch(args: argparse.Namespace, exports: Path | None) -> dict:
     model = OPTForCausalLM(config).eval()
     input_ids, attention_mask = _inputs(args)
     structure = shadowfx.discover(model)
-    predictor = shadowfx.ShadowPredictor.for_structure(structure, hidden=args.predictor_hidden)
+    predictor = shadowfx.ShadowPredictor.for_structure(structure, hidden=args.predictor_hidden,
+                                                       neuron_block=args.neuron_block)
 
     layer_bytes = sum(layer.weight_bytes for layer in _dense_effective(structure).layers)
     head_bytes = structure.lm_head.in_features * structure.lm_head.out_features * 4
@@ -202,7 +206,9 @@ def measure_pytorch(args: argparse.Namespace, exports: Path | None) -> dict:
             timing = {key: (statistics.median(run[key] for run in runs) if isinstance(value, float) else value)
                       for key, value in runs[0].items()}
             skipped = timing["weight_bytes_skipped"] + timing["kv_bytes_skipped"]
-            bound = dense_bytes / (dense_bytes - skipped)
+            # per token the predictor runs every step, and its bytes are read with the model's
+            added = predictor_bytes if granularity == "token" else 0
+            bound = dense_bytes / (dense_bytes - skipped + added)
             speedup = timing["decode_speedup"]
             spread = {f"{key}_runs": [run[key] for run in runs] for key in ("decode_speedup", "prefill_speedup")}
             row = {"granularity": granularity, "sparsity": sparsity, **timing, **spread,

@@ -129,12 +129,15 @@ def transform(
     ``neurons_sparsity`` override it per kind); layer 0 stays dense. ``scope`` ranks units across layers ("global")
     or within each layer ("per_layer"; a layerwise predictor needs it). ``granularity`` "prompt" selects once per
     sequence (the KV cache of later layers keeps only the kept heads, and decoding reuses weights gathered once);
-    "token" selects for every token (the KV cache stays complete; the later layers' attention-output and MLP-down
-    weights are stored input-major in place, the same values in the layout the decode kernels read); by default, the one the predictor was trained for
+    "token" selects for every token (the KV cache stays complete); by default, the one the predictor was trained for
     (a predictor's ``granularity``), else "prompt". ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
     of the later layers' weights); beyond it decoding gathers on every step instead. With ``predictor=None`` the
     predictor saved next to the checkpoint is loaded. ``verify`` (on by default; a prefill on a 2 x 9 probe batch)
     checks that the rewrite with every unit kept equals the model, and raises :class:`RewriteMismatch` if not.
+
+    The later layers' attention-output and MLP-down weights of ``model`` are stored input-major in place (the same
+    values, laid out so that a kept input's weights are one contiguous run, as the gathers and decode kernels read
+    them).
     """
     config = SparsityConfig.from_arguments(sparsity, heads_sparsity, neurons_sparsity, scope)
     if granularity not in (*GRANULARITIES, None):
@@ -163,8 +166,7 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
     """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes."""
     prefill_capture = prefill_capture or capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
-    if per_token:
-        store_input_major(model, structure)  # the graphs hold the model's own parameters, so they see the layout
+    store_input_major(model, structure)  # the graphs hold the model's own parameters, so they see the layout
 
     def insert_predictor(graph_structure: DecoderStructure) -> InsertShadowPredictor | InsertLayerwisePredictor:
         # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style; its selectors

@@ -83,11 +83,9 @@ def gather_kept(source: torch.Tensor, rows: torch.Tensor, output: bool) -> torch
     A row index past the end of ``source`` is an empty slot's: it gathers the last row instead, and an output
     projection's column for it is zeroed, so that it adds nothing to the layer's output.
     """
-    size = source.shape[1 if output else 0]
-    clamped = rows.clamp(max=size - 1)
     if not output:
-        return take_rows(source, clamped)
-    return take_cols(source, clamped).masked_fill((rows >= size).unsqueeze(-2), 0)
+        return take_rows(source, rows.clamp(max=source.shape[0] - 1))
+    return take_cols(source, rows, empty_slot=True)
 
 
 def gather_units(source: torch.Tensor, units: torch.Tensor, unit_width: int, output: bool) -> torch.Tensor:

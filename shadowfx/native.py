@@ -4,7 +4,7 @@ extension machinery on first use.
 A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attention`` with a selection and
 ``token_sparse_attention`` reads the kept rows and kept input features of each weight straight from the full weight
 (:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
-every neuron and masks. The kernels are threaded over torch's intra-op threads and vectorised for the CPU they are
+every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights. The kernels are threaded over torch's intra-op threads and vectorised for the CPU they are
 built on, in float32 and bfloat16 (other dtypes take the PyTorch path).
 
 The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else ``~/.cache/shadowfx/torch-kernels``), one folder per source,
@@ -141,6 +141,26 @@ def gather_cols(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor)
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         weight = weight.contiguous()
     return module.gather_cols(h, weight, bias, cols).to(h.dtype)
+
+
+def copies(source: Tensor, rows: Tensor) -> bool:
+    """Whether :func:`copy_rows` takes ``source[rows]``: eager (not traced) CPU tensors, a contiguous 2-D source
+    outside autograd, and the kernels built."""
+    traced = torch.compiler.is_compiling() or type(source) not in (Tensor, torch.nn.Parameter)
+    if traced or source.device.type != "cpu" or rows.device.type != "cpu" or source.dim() != 2:
+        return False
+    if not source.is_contiguous() or (source.requires_grad and torch.is_grad_enabled()):
+        return False
+    return kernels() is not None
+
+
+def copy_rows(source: Tensor, rows: Tensor) -> Tensor:
+    """``source[rows]`` for rows [n] in [0, N], N the empty slot, which gives a row of zeros: a new [n, W], copied on
+    torch's threads into memory backed by huge pages where the system allows (a fresh gathered copy of weights
+    otherwise costs more in page faults than in copying)."""
+    module = kernels()
+    assert module is not None, "copy_rows needs the native kernels: check copies() first"
+    return module.copy_rows(source, rows)
 
 
 def input_major(weight: Tensor) -> Tensor:

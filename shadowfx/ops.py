@@ -141,22 +141,31 @@ def _shared(units: Optional[Tensor]) -> Optional[Tensor]:
     return units[0] if units is not None and units.dim() == 2 and units.shape[0] == 1 else units
 
 
-def take_rows(weight: Tensor, rows: Tensor) -> Tensor:
+def take_rows(weight: Tensor, rows: Tensor, empty_slot: bool = False) -> Tensor:
     """``weight[rows]`` for rows [n] or [B, n] of weight [out, in]: one contiguous copy per row (index_select),
-    where advanced indexing of a 2-D index copies element by element."""
-    return weight.index_select(0, rows.flatten()).unflatten(0, rows.shape)
+    where advanced indexing of a 2-D index copies element by element; natively where it can (threaded, into huge
+    pages). ``empty_slot``: the row index ``out`` is the empty slot, and gives a row of zeros."""
+    flat = rows.flatten()
+    if native.copies(weight, flat):
+        return native.copy_rows(weight, flat).unflatten(0, rows.shape)
+    size = weight.shape[0]
+    taken = weight.index_select(0, flat.clamp(max=size - 1) if empty_slot else flat).unflatten(0, rows.shape)
+    return taken.masked_fill((rows == size).unsqueeze(-1), 0) if empty_slot else taken
 
 
-def take_cols(weight: Tensor, cols: Tensor) -> Tensor:
+def take_cols(weight: Tensor, cols: Tensor, empty_slot: bool = False) -> Tensor:
     """The columns ``cols`` [n] or [B, n] of weight [out, in]: [out, n], or per batch row [B, out, n] (a view whose
-    rows are contiguous runs of n). Columns are gathered in the order the weight is stored: along its rows, or, for
-    an input-major weight (the transpose of a contiguous [in, out]), as rows of that transpose; the other way round
-    reads it with a stride, several times slower. The result keeps the weight's layout."""
+    rows are contiguous runs of n); with ``empty_slot``, the column index ``in`` gives a column of zeros. Columns
+    are gathered in the order the weight is stored: along its rows, or, for an input-major weight (the transpose of
+    a contiguous [in, out]), as rows of that transpose; the other way round reads it with a stride, several times
+    slower. The result keeps the weight's layout."""
     if not weight.is_contiguous() and weight.t().is_contiguous():
-        taken = weight.t().index_select(0, cols.flatten())  # [B*n, out]
-        return taken.t() if cols.dim() == 1 else taken.unflatten(0, cols.shape).transpose(-1, -2)
-    taken = weight.index_select(1, cols.flatten())
-    return taken if cols.dim() == 1 else taken.unflatten(1, cols.shape).movedim(1, 0)
+        return take_rows(weight.t(), cols, empty_slot).transpose(-1, -2)  # [.., n, out] -> [.., out, n]
+    size = weight.shape[1]
+    flat = cols.flatten()
+    taken = weight.index_select(1, flat.clamp(max=size - 1) if empty_slot else flat)
+    taken = taken if cols.dim() == 1 else taken.unflatten(1, cols.shape).movedim(1, 0)
+    return taken.masked_fill((cols == size).unsqueeze(-2), 0) if empty_slot else taken
 
 
 def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:

@@ -81,6 +81,30 @@ def test_gather_cols_equals_float64(tokens: int, embed: int, units: int, kept: i
     close(out, expected + bias.to(dtype).double(), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_copy_rows_equals_index_select_and_zeroes_the_empty_slot(dtype: torch.dtype, threads: int) -> None:
+    source = torch.randn(300, 70).mul(100).to(dtype)
+    rows = torch.randperm(300)[:123]
+    assert torch.equal(native.copy_rows(source, rows), source.index_select(0, rows))
+    with_empty = torch.cat([rows, torch.tensor([300, 300])])
+    taken = native.copy_rows(source, with_empty)
+    assert torch.equal(taken[:123], source[rows]) and not taken[123:].any()
+    with pytest.raises(RuntimeError, match="row 301 is out of range for 300 rows"):
+        native.copy_rows(source, torch.tensor([0, 301]))
+
+
+@pytest.mark.parametrize("layout", ["out_major", "input_major"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_taken_rows_and_columns_are_the_same_on_both_paths(layout: str, per_row: bool) -> None:
+    weight = torch.randn(40, 24)
+    weight = native.input_major(weight) if layout == "input_major" else weight
+    for take, size in ((ops.take_rows, 40), (ops.take_cols, 24)):
+        index = selection(size, 9, 2) if per_row else torch.cat([torch.randperm(size)[:8], torch.tensor([size])])
+        fast, reference = both_paths(take, weight, index, True)  # the index `size` is the empty slot: zeros
+        assert torch.equal(fast, reference)
+        assert fast.is_contiguous() == reference.is_contiguous()
+
+
 def test_kernels_name_a_bad_selection() -> None:
     module = native.kernels()
     with pytest.raises(RuntimeError, match=r"int64 \[T, k\]"):

@@ -7,8 +7,12 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -128,9 +132,54 @@ torch::Tensor gather_cols(const torch::Tensor& h, const torch::Tensor& weight, c
   return out;
 }
 
+// Ask for transparent huge pages over the 2 MiB-aligned interior of a fresh buffer before it is first written: a
+// gathered copy of a model's weights is large, and faulting it in 4 KiB pages costs more than the copy itself.
+void advise_huge_pages(void* data, size_t bytes) {
+  constexpr uintptr_t huge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: may be refused
+}
+
+// source[rows] for a contiguous source [N, W] (any dtype) and rows int64 [n] in [0, N]: [n, W], copied row by row
+// on torch's threads into a new buffer; a row N (the empty slot) gives zeros.
+torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) {
+  TORCH_CHECK(source.dim() == 2 && source.is_contiguous(), "copy_rows: the source must be a contiguous [N, W], got ",
+              source.sizes());
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kLong, "copy_rows: rows must be int64 [n], got ",
+              rows.sizes());
+  const auto index = rows.contiguous();
+  const int64_t count = index.size(0), units = source.size(0);
+  auto out = torch::empty({count, source.size(1)}, source.options());
+  const size_t row_bytes = static_cast<size_t>(source.size(1)) * source.element_size();
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  const auto* from = static_cast<const char*>(source.data_ptr());
+  auto* to = static_cast<char*>(out.data_ptr());
+  const int64_t* wanted = index.data_ptr<int64_t>();
+  std::atomic<int64_t> bad{-1};
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>((size_t{64} << 10) / std::max<size_t>(row_bytes, 1)));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = wanted[i];
+      if (row == units) {
+        std::memset(to + i * row_bytes, 0, row_bytes);
+        continue;
+      }
+      if (row < 0 || row > units) {
+        bad = row;
+        continue;
+      }
+      std::memcpy(to + i * row_bytes, from + row * row_bytes, row_bytes);
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, "copy_rows: row ", bad.load(), " is out of range for ", units, " rows and the empty slot");
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k] float32");
+  module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W] source, zeros for row N: a new [n, W], threaded");
   module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E] float32");
 }

@@ -32,44 +32,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM
 
 import shadowfx
-from shadowfx.capture import positions_from_mask
+from shadowfx.bench import DenseDecoder, alternating, dense_step_bytes
 from shadowfx.files import atomic_write, atomic_write_text
-
-
-def alternating(first, second, repeats: int, warmup: int = 2) -> tuple[float, float, float]:
-    """Median seconds of ``first`` and of ``second``, called in alternation so that drift hits both alike, and the
-    median ratio first / second over the alternated pairs."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for index in range(repeats + warmup):
-        for run, store in ((first, times[0]), (second, times[1])):
-            started = time.perf_counter()
-            run()
-            if index >= warmup:
-                store.append(time.perf_counter() - started)
-    ratio = statistics.median(a / b for a, b in zip(*times))
-    return statistics.median(times[0]), statistics.median(times[1]), ratio
-
-
-class DenseDecoder:
-    """The Hugging Face model itself with its KV cache: prefill, and one decode step at a time."""
-
-    def __init__(self, model, input_ids, attention_mask) -> None:
-        self.model, self.input_ids, self.attention_mask = model, input_ids, attention_mask
-
-    def prefill(self):
-        return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                          position_ids=positions_from_mask(self.attention_mask), cache=DynamicCache(), use_cache=True)
-
-    def start(self) -> None:
-        self.cache, self.mask = self.prefill().cache, self.attention_mask
-
-    def step(self) -> None:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.model(input_ids=self.input_ids[:, -1:], attention_mask=self.mask,
-                   position_ids=positions_from_mask(self.mask)[:, -1:], cache=self.cache, use_cache=True)
 
 
 @torch.inference_mode()
@@ -187,10 +154,7 @@ def measure_pytorch(args: argparse.Namespace, exports: Path | None) -> dict:
     predictor = shadowfx.ShadowPredictor.for_structure(structure, hidden=args.predictor_hidden,
                                                        neuron_block=args.neuron_block)
 
-    layer_bytes = sum(layer.weight_bytes for layer in _dense_effective(structure).layers)
-    head_bytes = structure.lm_head.in_features * structure.lm_head.out_features * 4
-    kv_bytes = 2 * args.layers * args.hidden * 4 * args.prompt
-    dense_bytes = layer_bytes + head_bytes + kv_bytes
+    dense_bytes = dense_step_bytes(model, structure, 1, args.prompt)
     predictor_bytes = sum(p.numel() * p.element_size() for p in predictor.parameters())
 
     results = {"config": vars(args) | {"out": str(args.out), "onnx_dir": str(args.onnx_dir)},
@@ -245,13 +209,6 @@ def measure_onnx(results: dict, exports: Path, args: argparse.Namespace) -> None
               f"{high:.2f}; dense {row['onnx_dense_decode_step_s'] * 1e3:.0f} ms, sparse "
               f"{row['onnx_decode_step_s'] * 1e3:.0f} ms; sparse ONNX step / PyTorch sparse step "
               f"{row['onnx_over_pytorch_decode']:.2f}), prefill {row['onnx_prefill_speedup']:.2f}x", flush=True)
-
-
-def _dense_effective(structure):
-    from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
-
-    return effective_sparsity(structure, full_selection(structure, 1), SparsityConfig(0.0, 0.0), element_bytes=4,
-                              kv_cache_shrinks=True)
 
 
 def _plot(results: dict, path: Path) -> None:

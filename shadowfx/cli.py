@@ -92,6 +92,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Time the transformed model against dense (:mod:`shadowfx.bench`), write bench.json and bench.png."""
+    from shadowfx.bench import SHAPES, BenchSettings, bench, shape_model, write
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.model in SHAPES:
+        model = shape_model(args.model, args.layers)
+        name = args.model if args.layers is None else f"{args.model}, {args.layers} layers"
+    elif args.layers is not None:
+        raise ValueError("--layers shortens the random-weight shapes only; a checkpoint runs with all its layers")
+    else:
+        model, name = load_decoder(args.model), str(args.model)
+    writable_directory(args.out)  # refused before the long measurement, not after it
+    settings = BenchSettings(sparsities=tuple(args.sparsity), granularities=tuple(args.granularity),
+                             batches=tuple(args.batch), runtimes=tuple(args.runtime), dense=args.dense,
+                             prompt_tokens=args.prompt, repeats=args.repeats, runs=args.runs,
+                             predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope)
+    results = bench(model, settings, name=name)
+    json_path, plot_path = write(results, args.out)
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
 def _families(args: argparse.Namespace) -> int:
     """Run the family matrix, compare with the recorded outcomes, and with --update record these and the README table."""
 
@@ -412,6 +443,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "in --readme) instead of failing when one moved")
     families.add_argument("--readme", type=Path, help="with --update: the README whose family table to rewrite")
     families.set_defaults(run=_families)
+
+    from shadowfx.bench import SHAPES
+
+    bench_command = commands.add_parser(
+        "bench", help="time prefill, first token and decode of the transformed model against dense in one run, "
+        "with the Amdahl bound (bench.json + bench.png)")
+    bench_command.add_argument("--model", default="opt-1.3b", help=f"a shape with random weights ({', '.join(SHAPES)})"
+                               " or a local checkpoint (default: opt-1.3b)")
+    bench_command.add_argument("--layers", type=_at_least_one, help="with a shape: this many layers (a quick run)")
+    bench_command.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    bench_command.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES))
+    bench_command.add_argument("--batch", type=_at_least_one, nargs="+", default=[1])
+    bench_command.add_argument("--runtime", nargs="+", choices=["eager", "compile"], default=["eager"],
+                               help="the sparse model's runtime(s)")
+    bench_command.add_argument("--dense", choices=["eager", "compile"], default="eager",
+                               help="the dense baseline: the Hugging Face model eager or under torch.compile")
+    bench_command.add_argument("--scope", choices=SCOPES, default="per_layer")
+    bench_command.add_argument("--prompt", type=_at_least_one, default=128, help="prompt tokens")
+    bench_command.add_argument("--repeats", type=_at_least_one, default=16, help="alternated decode steps per run")
+    bench_command.add_argument("--runs", type=_at_least_one, default=3, help="independent runs per setting")
+    bench_command.add_argument("--predictor-hidden", type=_at_least_one, default=1024,
+                               help="hidden units of the untrained predictor (when the checkpoint has none saved)")
+    bench_command.add_argument("--neuron-block", type=_at_least_one, default=1,
+                               help="neurons per output of that predictor")
+    bench_command.add_argument("--threads", type=_at_least_one, help="torch threads (default: torch's, all cores)")
+    bench_command.add_argument("--out", type=Path, default=Path("shadowfx-bench"), help="where the JSON and plot go")
+    bench_command.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="the method end to end on SmolLM2-135M: calibrate, train, compare with "
                                "static and random, answer prompts dense and sparse, time decoding")

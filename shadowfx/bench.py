@@ -1,0 +1,264 @@
+"""``shadowfx bench``: the transformed model's speed against the dense model, measured in the same run.
+
+For every setting (granularity, sparsity, batch size, sparse runtime) the dense model and ``shadowfx.transform``'s
+model run in alternation on the same random prompt: the prefill (logits of the prompt), the time to the first token
+(the dense prefill against :meth:`SparseDecoder.start`, which per prompt also gathers the kept weights) and one
+decode step with the KV cache. A ratio is the median over the alternated pairs; each setting is measured in ``runs``
+independent runs, reported as their median with the range. Next to each decode ratio stands its Amdahl bound: batch
+1 decode is bound by the bytes it reads, so the bound is the dense step's bytes over the sparse step's, from the
+weight and KV-cache bytes the selection actually skips, with the predictor's bytes added per token (it runs every
+step). Also reported: tokens per second, the bytes read per token, the path the decode took and the process's peak
+resident memory after the setting (a high-water mark: it only grows over a run).
+
+The models: ``opt-1.3b`` and ``llama-3.2-1b`` (a GQA SwiGLU model of Llama 3.2 1B's shape), both with random weights
+and fewer layers with ``layers``, or a local checkpoint (its saved predictor when there is one, else an untrained
+predictor of ``predictor_hidden`` units: the speed does not depend on the predictor's training, only on its size).
+The dense baseline is the Hugging Face model eager, or compiled with ``torch.compile`` (``dense="compile"``).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from shadowfx.api import discover, transform
+from shadowfx.capture import positions_from_mask
+from shadowfx.files import atomic_write, atomic_write_text
+from shadowfx.predictor import ShadowPredictor, load_predictor, saved_predictors
+from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
+from shadowfx.structure import DecoderStructure
+
+SHAPES: dict[str, Callable[[], object]] = {
+    "opt-1.3b": lambda: OPTConfig(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
+                                  num_attention_heads=32, word_embed_proj_dim=2048, max_position_embeddings=2048),
+    "llama-3.2-1b": lambda: LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                        head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+                                        max_position_embeddings=4096),
+}
+"""Models of these shapes with random weights (``bench(model=<name>)``)."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    sparsities: tuple[float, ...] = (0.5,)
+    granularities: tuple[str, ...] = ("prompt", "token")
+    batches: tuple[int, ...] = (1,)
+    runtimes: tuple[str, ...] = ("eager",)
+    dense: str = "eager"
+    prompt_tokens: int = 128
+    repeats: int = 16
+    runs: int = 3
+    predictor_hidden: int = 1024
+    neuron_block: int = 1
+    scope: str = "per_layer"
+
+
+def shape_model(name: str, layers: int | None = None, seed: int = 0) -> nn.Module:
+    """A model of the shape ``name`` (one of :data:`SHAPES`) with random weights, ``layers`` layers if given."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)} (or give a checkpoint directory)")
+    config = SHAPES[name]()
+    if layers is not None:
+        if layers < 2:
+            raise ValueError(f"layers must be at least 2 (layer 0 stays dense), got {layers}")
+        config.num_hidden_layers = layers
+    model_class = OPTForCausalLM if isinstance(config, OPTConfig) else LlamaForCausalLM
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def alternating(first: Callable[[], object], second: Callable[[], object], repeats: int,
+                warmup: int = 2) -> tuple[float, float, float]:
+    """Median seconds of ``first`` and of ``second``, called in alternation so that drift hits both alike, and the
+    median ratio first / second over the alternated pairs."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for index in range(repeats + warmup):
+        for run, store in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            run()
+            if index >= warmup:
+                store.append(time.perf_counter() - started)
+    ratio = statistics.median(a / b for a, b in zip(*times))
+    return statistics.median(times[0]), statistics.median(times[1]), ratio
+
+
+class DenseDecoder:
+    """The Hugging Face model (or its compiled forward) with its KV cache: prefill, and one decode step at a time."""
+
+    def __init__(self, forward: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.forward, self.input_ids, self.attention_mask = forward, input_ids, attention_mask
+
+    def prefill(self):
+        return self.forward(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                            position_ids=positions_from_mask(self.attention_mask), cache=DynamicCache(), use_cache=True)
+
+    def start(self) -> None:
+        self.cache, self.mask = self.prefill().cache, self.attention_mask
+
+    def step(self) -> None:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.forward(input_ids=self.input_ids[:, -1:], attention_mask=self.mask,
+                     position_ids=positions_from_mask(self.mask)[:, -1:], cache=self.cache, use_cache=True)
+
+
+def dense_step_bytes(model: nn.Module, structure: DecoderStructure, batch: int, prompt_tokens: int) -> int:
+    """Bytes a dense decode step reads: every layer's weights, the LM head and the prompt's KV cache."""
+    element = next(model.parameters()).element_size()
+    dense = effective_sparsity(structure, full_selection(structure, 1), SparsityConfig(0.0, 0.0),
+                               element_bytes=element, kv_cache_shrinks=True)
+    head = structure.lm_head.in_features * structure.lm_head.out_features * element
+    kv = sum(2 * layer.attention.num_kv_heads * layer.attention.head_dim for layer in structure.layers)
+    return int(sum(layer.weight_bytes for layer in dense.layers)) + head + kv * element * prompt_tokens * batch
+
+
+def _peak_resident_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+@torch.inference_mode()
+def _measure_once(dense: DenseDecoder, sparse, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  repeats: int) -> dict:
+    """One run of one setting: prefill, time to first token and decode step, dense and sparse in alternation."""
+    few = max(3, repeats // 4)
+    dense_prefill, prefill, prefill_speedup = alternating(dense.prefill, lambda: sparse(input_ids, attention_mask),
+                                                          few, warmup=1)
+    dense_first, first, first_token_ratio = alternating(dense.prefill, lambda: sparse.start(input_ids, attention_mask),
+                                                        few, warmup=1)
+    dense.start()
+    state = sparse.start(input_ids, attention_mask)
+    token = input_ids[:, -1]
+    dense_step, step, decode_speedup = alternating(dense.step, lambda: sparse.step(state, token), repeats)
+    return {"dense_prefill_s": dense_prefill, "prefill_s": prefill, "prefill_speedup": prefill_speedup,
+            "dense_first_token_s": dense_first, "first_token_s": first,
+            # the time to first token as a ratio of times (<= 1 is no later than dense), the others as speedups
+            "first_token_vs_dense": 1.0 / first_token_ratio,
+            "dense_decode_step_s": dense_step, "decode_step_s": step, "decode_speedup": decode_speedup}
+
+
+def _predictor_for(model: nn.Module, structure: DecoderStructure, settings: BenchSettings) -> nn.Module:
+    """The predictor saved with the checkpoint, else an untrained one (the same size costs the same time)."""
+    directory = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if directory and Path(directory).is_dir() and saved_predictors(directory):
+        return load_predictor(Path(directory), structure)
+    return ShadowPredictor.for_structure(structure, hidden=settings.predictor_hidden,
+                                         neuron_block=settings.neuron_block)
+
+
+def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predictor: nn.Module | None = None,
+          name: str = "", progress: bool = True) -> dict:
+    """Every setting of ``settings`` measured on ``model`` against its dense self (see the module docstring); the
+    results as a JSON-ready dict (``write`` saves it with a plot)."""
+    structure = discover(model)
+    predictor = predictor if predictor is not None else _predictor_for(model, structure, settings)
+    predictor_bytes = sum(p.numel() * p.element_size() for p in predictor.parameters())
+    dense_forward = torch.compile(model, dynamic=True) if settings.dense == "compile" else model
+    vocab = structure.vocab_size
+    results = {"model": name or type(model).__name__, "model_class": type(model).__name__,
+               "layers": structure.num_layers, "hidden_size": structure.hidden_size,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": asdict(settings),
+               "predictor_bytes": predictor_bytes, "rows": []}
+    generator = torch.Generator().manual_seed(1)
+    for batch in settings.batches:
+        input_ids = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        dense = DenseDecoder(dense_forward, input_ids, attention_mask)
+        step_bytes = dense_step_bytes(model, structure, batch, settings.prompt_tokens)
+        for runtime in settings.runtimes:
+            for granularity in settings.granularities:
+                for sparsity in settings.sparsities:
+                    sparse = transform(model, predictor, sparsity=sparsity, granularity=granularity,
+                                       scope=settings.scope, runtime=runtime)
+                    runs = [_measure_once(dense, sparse, input_ids, attention_mask, settings.repeats)
+                            for _ in range(settings.runs)]
+                    row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity,
+                                     sparsity=sparsity, prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes,
+                                     predictor_bytes=predictor_bytes if granularity == "token" else 0)
+                    results["rows"].append(row)
+                    if progress:
+                        print(_line(row), file=sys.stderr, flush=True)
+                    del sparse
+    return results
+
+
+def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularity: str, sparsity: float,
+               prompt_tokens: int, step_bytes: int, predictor_bytes: int) -> dict:
+    """The medians of the runs, their ranges, the bound and the bytes of one setting."""
+    row: dict = {"batch": batch, "runtime": runtime, "granularity": granularity, "sparsity": sparsity}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        row[key] = statistics.median(values)
+        row[f"{key}_range"] = [min(values), max(values)]
+    effective = sparse.effective_sparsity()
+    skipped = effective.weight_bytes_skipped + effective.kv_bytes_per_token_skipped * prompt_tokens * batch
+    sparse_bytes = step_bytes - skipped + predictor_bytes
+    row.update({
+        "decode_path": sparse.last_decode_path, "gathered_bytes": sparse.last_gathered_bytes,
+        "heads_skipped": effective.heads, "neurons_skipped": effective.neurons,
+        "dense_bytes_per_token": step_bytes / batch, "sparse_bytes_per_token": sparse_bytes / batch,
+        "predictor_bytes_per_step": predictor_bytes, "decode_amdahl_bound": step_bytes / sparse_bytes,
+        "dense_tokens_per_s": batch / row["dense_decode_step_s"], "tokens_per_s": batch / row["decode_step_s"],
+        "peak_resident_bytes": _peak_resident_bytes(),
+    })
+    row["share_of_bound"] = row["decode_speedup"] / row["decode_amdahl_bound"]
+    return row
+
+
+def _line(row: dict) -> str:
+    low, high = row["decode_speedup_range"]
+    return (f"batch {row['batch']} {row['runtime']:7s} {row['granularity']:6s} {row['sparsity']:.2f}: decode "
+            f"{row['decode_speedup']:.2f}x ({low:.2f}-{high:.2f}; bound {row['decode_amdahl_bound']:.2f}x, "
+            f"path {row['decode_path']}), prefill {row['prefill_speedup']:.2f}x, first token "
+            f"{row['first_token_vs_dense']:.2f}x dense's time, {row['tokens_per_s']:.1f} tokens/s vs "
+            f"{row['dense_tokens_per_s']:.1f}")
+
+
+def write(results: dict, out: str | Path) -> tuple[Path, Path]:
+    """``bench.json`` and ``bench.png`` in ``out``; returns their paths."""
+    out = Path(out)
+    json_path = atomic_write_text(out / "bench.json", _json(results))
+    return json_path, _plot(results, out / "bench.png")
+
+
+def _json(results: dict) -> str:
+    import json
+
+    return json.dumps(results, indent=2)
+
+
+def _plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    labels = [f"B{r['batch']} {r['runtime']}\n{r['granularity']} {r['sparsity']:.2f}" for r in rows]
+    x = list(range(len(rows)))
+    figure, axis = plt.subplots(figsize=(1.8 * len(rows) + 2, 4.2))
+    measured = [r["decode_speedup"] for r in rows]
+    error = [[m - r["decode_speedup_range"][0] for m, r in zip(measured, rows)],
+             [r["decode_speedup_range"][1] - m for m, r in zip(measured, rows)]]
+    axis.bar([i - 0.2 for i in x], measured, 0.4, yerr=error, capsize=3, label="decode speedup (median, run range)")
+    axis.bar([i + 0.2 for i in x], [r["decode_amdahl_bound"] for r in rows], 0.4, label="Amdahl bound (bytes)")
+    axis.plot(x, [r["prefill_speedup"] for r in rows], "k^", label="prefill speedup")
+    axis.plot(x, [1.0 / r["first_token_vs_dense"] for r in rows], "rv", label="first-token speedup")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks(x, labels, fontsize=8)
+    axis.set_ylabel("x vs dense (median)")
+    axis.set_title(f"shadowfx vs dense {results['settings']['dense']}: {results['model']}, "
+                   f"{results['threads']} threads")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))

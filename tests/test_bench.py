@@ -1,0 +1,104 @@
+"""`shadowfx bench` and shadowfx.bench on small models of real HF classes: every setting measured, the ratios and
+bounds consistent with the times and bytes they come from, the saved predictor used, and bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shadowfx import bench
+from shadowfx.cli import main
+from shadowfx.families import build_small
+from shadowfx.predictor import ShadowPredictor
+
+from conftest import small_model, structure
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUICK = dict(prompt_tokens=6, repeats=2, runs=2, predictor_hidden=16)
+
+
+def test_bench_measures_every_setting_against_dense():
+    settings = bench.BenchSettings(sparsities=(0.5,), granularities=("prompt", "token"), batches=(1, 2), **QUICK)
+    results = bench.bench(small_model("llama"), settings, name="tiny llama", progress=False)
+    rows = results["rows"]
+    assert [(r["batch"], r["granularity"]) for r in rows] == [(1, "prompt"), (1, "token"), (2, "prompt"),
+                                                               (2, "token")]
+    assert results["threads"] == 1 and results["layers"] == structure("llama").num_layers
+    for row in rows:
+        for key in ("prefill_speedup", "decode_speedup", "first_token_vs_dense"):
+            low, high = row[f"{key}_range"]
+            assert 0 < low <= row[key] <= high
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] / row["decode_step_s"])
+        bound = row["dense_bytes_per_token"] / row["sparse_bytes_per_token"]
+        assert row["decode_amdahl_bound"] == pytest.approx(bound)
+        assert row["heads_skipped"] > 0 and row["neurons_skipped"] > 0
+        assert row["peak_resident_bytes"] > 0
+    by_path = {(r["batch"], r["granularity"]): r["decode_path"] for r in rows}  # two rows fit max_gathered_bytes
+    assert by_path == {(1, "prompt"): "pregathered", (1, "token"): "per_token", (2, "prompt"): "pregathered",
+                       (2, "token"): "per_token"}
+    # per token the predictor runs every step and is counted; per prompt it is not
+    predictor = results["predictor_bytes"]
+    assert predictor > 0
+    assert [r["predictor_bytes_per_step"] for r in rows] == [0, predictor, 0, predictor]
+
+
+def test_bench_against_a_compiled_dense_model():
+    settings = bench.BenchSettings(granularities=("prompt",), dense="compile", runtimes=("eager",),
+                                   **{**QUICK, "runs": 1})
+    results = bench.bench(small_model("opt"), settings, progress=False)
+    assert results["settings"]["dense"] == "compile" and len(results["rows"]) == 1
+    assert results["rows"][0]["dense_decode_step_s"] > 0
+
+
+def test_shapes_have_the_published_sizes():
+    opt, llama = (bench.SHAPES[name]() for name in ("opt-1.3b", "llama-3.2-1b"))
+    assert (opt.num_hidden_layers, opt.hidden_size, opt.ffn_dim, opt.num_attention_heads) == (24, 2048, 8192, 32)
+    assert (llama.num_hidden_layers, llama.hidden_size, llama.intermediate_size, llama.num_attention_heads,
+            llama.num_key_value_heads, llama.vocab_size) == (16, 2048, 8192, 32, 8, 128256)
+    with pytest.raises(ValueError, match="unknown shape 'gpt-5'"):
+        bench.shape_model("gpt-5")
+    with pytest.raises(ValueError, match="at least 2"):
+        bench.shape_model("opt-1.3b", layers=1)
+
+
+def test_bench_command_uses_the_saved_predictor_and_writes_json_and_plot(tmp_path, capsys):
+    checkpoint = tmp_path / "opt"
+    model = build_small("opt")
+    model.save_pretrained(checkpoint)
+    from shadowfx.api import discover
+
+    saved = ShadowPredictor.for_structure(discover(model), hidden=24, seed=3)
+    saved.save(checkpoint)
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", str(checkpoint), "--granularity", "token", "--prompt", "5", "--repeats", "2",
+                 "--runs", "1", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0
+    assert results["model"] == str(checkpoint) and len(results["rows"]) == 1
+    assert results["predictor_bytes"] == sum(p.numel() * p.element_size() for p in saved.parameters())
+    assert "bench.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no/such/dir"], "no/such/dir"),
+    (["--layers", "4", "--model", "{checkpoint}"], "--layers shortens the random-weight shapes only"),
+    (["--model", "{checkpoint}", "--sparsity", "1.5"], "sparsity"),
+])
+def test_bench_command_refuses_bad_input(argv, message, tmp_path, capsys):
+    checkpoint = tmp_path / "opt"
+    build_small("opt").save_pretrained(checkpoint)
+    argv = [a.replace("{checkpoint}", str(checkpoint)) for a in argv]
+    assert main(["bench", *argv, "--prompt", "4", "--repeats", "1", "--runs", "1", "--out", str(tmp_path / "b")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_bench_command_rejects_a_zero_batch(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+    torch.set_num_threads(1)

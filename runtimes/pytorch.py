@@ -24,7 +24,14 @@ from torch import nn
 
 from shadowfx.compact import compact_weights
 from shadowfx.passes.base import PassResult
-from shadowfx.selection import EffectiveSparsity, Selection, SparsityConfig, effective_sparsity
+from shadowfx.selection import (
+    BatchSelection,
+    EffectiveSparsity,
+    Selection,
+    SparsityConfig,
+    effective_sparsity,
+    union_of_neurons,
+)
 from shadowfx.structure import DecoderStructure
 
 Granularity = Literal["prompt", "token"]
@@ -192,12 +199,14 @@ class SparseDecoder(GenerationLoop, nn.Module):
 
     def __init__(self, model: nn.Module, predictor: nn.Module, config: SparsityConfig,
                  rebuild: Callable[[], RewrittenGraphs], rewritten: RewrittenGraphs, *, granularity: Granularity,
-                 runtime: Runtime, max_positions: int | None, max_gathered_bytes: int | None) -> None:
+                 runtime: Runtime, max_positions: int | None, max_gathered_bytes: int | None,
+                 batch_selection: BatchSelection = "per_row") -> None:
         super().__init__()
         self.model = model
         self.predictor = predictor
         self.config = config
         self.granularity = granularity
+        self.batch_selection = batch_selection
         self.runtime = runtime
         self.max_positions = max_positions
         self.generation_config = getattr(model, "generation_config", None)
@@ -268,6 +277,8 @@ class SparseDecoder(GenerationLoop, nn.Module):
             run, inputs = self._decode_pregathered, kept
         else:
             logits, keys, values, selection = self._unpack(self._prefill(input_ids, attention_mask))
+            if decode and self.batch_selection == "union":
+                selection = union_of_neurons(selection, self.structure)  # one copy of the kept weights for all rows
             run, inputs = self._decode_step(selection) if decode else (self._decode, [])
         self.last_selection = selection
         return DecodeState(logits[:, -1], keys, values, attention_mask, run, inputs)
@@ -276,7 +287,8 @@ class SparseDecoder(GenerationLoop, nn.Module):
         """Whether the prefill gathers the kept weights itself: per row, so only where ``batch`` copies of every
         later layer's weights would fit ``max_gathered_bytes`` (the kept ones are known only after the prefill)."""
         return (self._prefill_gathering is not None and self._decode_pregathered is not None
-                and batch * self._layer_weight_bytes <= self.max_gathered_bytes)
+                and batch * self._layer_weight_bytes <= self.max_gathered_bytes
+                and (batch == 1 or self.batch_selection == "per_row"))  # a union is known after the prefill
 
     @torch.inference_mode()
     def step(self, state: DecodeState, next_token: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,15 @@ from shadowfx.runtimes.pytorch import (
     SparseDecoder,
     SparseGraphs,
 )
-from shadowfx.selection import Scope, Selector, SparsityConfig, SparsityWarning, planned_sparsity
+from shadowfx.selection import (
+    BATCH_SELECTIONS,
+    BatchSelection,
+    Scope,
+    Selector,
+    SparsityConfig,
+    SparsityWarning,
+    planned_sparsity,
+)
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
 from shadowfx.verify import verify_rewrite
 
@@ -121,6 +129,7 @@ def transform(
     granularity: Granularity | None = None,
     runtime: Runtime = "eager",
     max_gathered_bytes: int | None = None,
+    batch_selection: BatchSelection = "per_row",
     verify: bool = True,
 ) -> SparseDecoder:
     """Rewrite ``model`` so that a shadow predictor picks the heads and neurons each later layer computes.
@@ -131,7 +140,11 @@ def transform(
     sequence (the KV cache of later layers keeps only the kept heads, and decoding reuses weights gathered once);
     "token" selects for every token (the KV cache stays complete); by default, the one the predictor was trained for
     (a predictor's ``granularity``), else "prompt". ``max_gathered_bytes`` bounds the per-prompt gathered weights (default: the size
-    of the later layers' weights); beyond it decoding gathers on every step instead. With ``predictor=None`` the
+    of the later layers' weights); beyond it decoding gathers on every step instead. ``batch_selection`` "per_row"
+    (the default) lets every row of a batch keep its own units, independent of the others; "union" (per prompt,
+    with the shadow predictor) keeps one set for the batch, so that one copy of the kept weights serves every row:
+    the KV heads of the rows' mean head scores, and, for decoding, the union of the neurons the rows kept (the
+    reported sparsity is what the union keeps). With ``predictor=None`` the
     predictor saved next to the checkpoint is loaded. ``verify`` (on by default; a prefill on a 2 x 9 probe batch)
     checks that the rewrite with every unit kept equals the model, and raises :class:`RewriteMismatch` if not.
 
@@ -156,13 +169,20 @@ def transform(
     if granularity is None:
         trained_for = getattr(predictor, "granularity", None)
         granularity = trained_for if trained_for in GRANULARITIES else "prompt"
-    build = partial(_rewrite, model, predictor, config, granularity == "token", verify)
+    if batch_selection not in BATCH_SELECTIONS:
+        raise ValueError(f"batch_selection must be one of {BATCH_SELECTIONS}, got {batch_selection!r}")
+    if batch_selection == "union" and (granularity != "prompt" or isinstance(predictor, LayerwisePredictor)):
+        raise ValueError("batch_selection='union' needs a per-prompt selection by the shadow predictor (a per-token or "
+                         "layerwise selection changes as it decodes); use batch_selection='per_row'")
+    build = partial(_rewrite, model, predictor, config, granularity == "token", verify,
+                    shared_heads=batch_selection == "union")
     return SparseDecoder(model, predictor, config, build, build(prefill_capture), granularity=granularity,
-                         runtime=runtime, max_positions=max_positions(model), max_gathered_bytes=max_gathered_bytes)
+                         runtime=runtime, max_positions=max_positions(model), max_gathered_bytes=max_gathered_bytes,
+                         batch_selection=batch_selection)
 
 
 def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per_token: bool, verify: bool,
-             prefill_capture: CapturedDecoder | None = None) -> RewrittenGraphs:
+             prefill_capture: CapturedDecoder | None = None, *, shared_heads: bool = False) -> RewrittenGraphs:
     """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes."""
     prefill_capture = prefill_capture or capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
@@ -173,7 +193,8 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         # refuse a global scope, before the decode graph is captured)
         if isinstance(predictor, LayerwisePredictor):
             return InsertLayerwisePredictor(graph_structure, predictor, config, per_token=per_token)
-        return InsertShadowPredictor(graph_structure, predictor, Selector(structure, config), per_token=per_token)
+        return InsertShadowPredictor(graph_structure, predictor, Selector(structure, config, shared_heads),
+                                     per_token=per_token)
 
     def rewrite_prefill(shadow: InsertShadowPredictor | InsertLayerwisePredictor) -> tuple[nn.Module, dict]:
         prefill = editable_module(prefill_capture.program)

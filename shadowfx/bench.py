@@ -62,6 +62,7 @@ class BenchSettings:
     predictor_hidden: int = 1024
     neuron_block: int = 1
     scope: str = "per_layer"
+    batch_selection: str = "per_row"  # per prompt at batch > 1: "union" keeps one set of units for the batch
 
 
 def shape_model(name: str, layers: int | None = None, seed: int = 0) -> nn.Module:
@@ -178,8 +179,10 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         for runtime in settings.runtimes:
             for granularity in settings.granularities:
                 for sparsity in settings.sparsities:
+                    union = settings.batch_selection == "union" and granularity == "prompt"
                     sparse = transform(model, predictor, sparsity=sparsity, granularity=granularity,
-                                       scope=settings.scope, runtime=runtime)
+                                       scope=settings.scope, runtime=runtime,
+                                       batch_selection="union" if union else "per_row")
                     runs = [_measure_once(dense, sparse, input_ids, attention_mask, settings.repeats)
                             for _ in range(settings.runs)]
                     row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity,
@@ -195,7 +198,8 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
 def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularity: str, sparsity: float,
                prompt_tokens: int, step_bytes: int, predictor_bytes: int) -> dict:
     """The medians of the runs, their ranges, the bound and the bytes of one setting."""
-    row: dict = {"batch": batch, "runtime": runtime, "granularity": granularity, "sparsity": sparsity}
+    row: dict = {"batch": batch, "runtime": runtime, "granularity": granularity, "sparsity": sparsity,
+                 "batch_selection": sparse.batch_selection}
     for key in runs[0]:
         values = [run[key] for run in runs]
         row[key] = statistics.median(values)
@@ -206,6 +210,7 @@ def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularit
     row.update({
         "decode_path": sparse.last_decode_path, "gathered_bytes": sparse.last_gathered_bytes,
         "heads_skipped": effective.heads, "neurons_skipped": effective.neurons,
+        "sparse_layers_skipped": effective.sparse_layers,
         "dense_bytes_per_token": step_bytes / batch, "sparse_bytes_per_token": sparse_bytes / batch,
         "predictor_bytes_per_step": predictor_bytes, "decode_amdahl_bound": step_bytes / sparse_bytes,
         "dense_tokens_per_s": batch / row["dense_decode_step_s"], "tokens_per_s": batch / row["decode_step_s"],

@@ -44,7 +44,7 @@ from shadowfx.predictor import (
     load_predictor,
 )
 from shadowfx.onnx_export import export_onnx
-from shadowfx.selection import SCOPES, planned_sparsity
+from shadowfx.selection import BATCH_SELECTIONS, SCOPES, planned_sparsity
 from shadowfx.structure import DecoderStructure, Fingerprint, StructureError
 from shadowfx.training import save_trained, train_predictor
 
@@ -116,7 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(sparsities=tuple(args.sparsity), granularities=tuple(args.granularity),
                              batches=tuple(args.batch), runtimes=tuple(args.runtime), dense=args.dense,
                              prompt_tokens=args.prompt, repeats=args.repeats, runs=args.runs,
-                             predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope)
+                             predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope,
+                             batch_selection=args.batch_selection)
     results = bench(model, settings, name=name)
     json_path, plot_path = write(results, args.out)
     print(f"wrote {json_path} and {plot_path}")
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_argument("--dense", choices=["eager", "compile"], default="eager",
                                help="the dense baseline: the Hugging Face model eager or under torch.compile")
     bench_command.add_argument("--scope", choices=SCOPES, default="per_layer")
+    bench_command.add_argument("--batch-selection", choices=BATCH_SELECTIONS, default="per_row",
+                               help="per prompt at batch > 1: every row its own units, or one union for the batch")
     bench_command.add_argument("--prompt", type=_at_least_one, default=128, help="prompt tokens")
     bench_command.add_argument("--repeats", type=_at_least_one, default=16, help="alternated decode steps per run")
     bench_command.add_argument("--runs", type=_at_least_one, default=3, help="independent runs per setting")

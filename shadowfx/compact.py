@@ -48,7 +48,7 @@ class CompactTensor:
 class CompactWeights:
     tensors: list[torch.Tensor]
     gathered_bytes: int
-    per_row: bool
+    per_row: dict[str, bool]  # by selection kind ("kv_heads", "neurons"): gathered per batch row, or once
     layout: list[CompactTensor]  # one per tensor, in the same order
 
 
@@ -178,30 +178,36 @@ def store_input_major(model: nn.Module, structure: DecoderStructure) -> list[str
     return changed
 
 
-def _plan(model: nn.Module, structure: DecoderStructure, selection: Selection, per_row: bool) -> list[_Gather]:
-    """What :func:`compact_weights` gathers, in the order the decode graph takes it (nothing is copied yet)."""
+def _plan(model: nn.Module, structure: DecoderStructure, selection: Selection,
+          per_row: dict[str, bool]) -> list[_Gather]:
+    """What :func:`compact_weights` gathers, in the order the decode graph takes it (nothing is copied yet);
+    ``per_row``: by selection kind, whether its weights are gathered per batch row or once (from row 0)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     plan: list[_Gather] = []
     for position, layer in enumerate(structure.layers[1:]):
         units = {"kv_heads": selection.kv_heads[position], "neurons": selection.neurons[position]}
-        plan += _layer_plan(params, layer, units if per_row else {kind: kept[0] for kind, kept in units.items()})
+        plan += _layer_plan(params, layer, {kind: kept if per_row[kind] else kept[0] for kind, kept in units.items()})
     return plan
 
 
 def compact_weights(model: nn.Module, structure: DecoderStructure, selection: Selection, *,
                     max_bytes: int | None = None, per_row: bool | None = None) -> CompactWeights | None:
-    """The kept weights of every later layer; shared by all rows when they selected the same units, else per row
-    (``per_row`` True: per row always, as a traced graph must, having no values to compare).
+    """The kept weights of every later layer; the heads' and the neurons' each shared by all rows when the rows
+    selected the same units, else per row (``per_row`` True: every one per row, as a traced graph must, having no
+    values to compare; False: all shared, from row 0).
 
     The size is known from the selection before anything is copied: beyond ``max_bytes`` nothing is gathered and
     the result is None. Empty slots (rows of a batch that keep fewer units than the widest) gather a real row whose
     output-projection part is zeroed.
     """
     if per_row is None:
-        per_row = any(bool((t != t[:1]).any()) for t in selection.kv_heads + selection.neurons)
-    plan = _plan(model, structure, selection, per_row)
+        rows_differ = {kind: any(bool((t != t[:1]).any()) for t in kept)
+                       for kind, kept in (("kv_heads", selection.kv_heads), ("neurons", selection.neurons))}
+    else:
+        rows_differ = {"kv_heads": per_row, "neurons": per_row}
+    plan = _plan(model, structure, selection, rows_differ)
     gathered = sum(item.bytes for item in plan)
     if max_bytes is not None and gathered > max_bytes:
         return None
-    return CompactWeights(tensors=[item.take() for item in plan], gathered_bytes=gathered, per_row=per_row,
+    return CompactWeights(tensors=[item.take() for item in plan], gathered_bytes=gathered, per_row=rows_differ,
                           layout=[item.layout for item in plan])

@@ -394,6 +394,10 @@ def export_onnx(model: SparseDecoder | nn.Module, directory: str | Path, *, over
     baseline that the sparse export is measured against, run by the same runtime. The directory is written beside
     the target and moved into place, so a failed export leaves nothing half written.
     """
+    if isinstance(model, SparseDecoder) and model.batch_selection != "per_row":
+        raise OnnxExportError(f"batch_selection={model.batch_selection!r} is not exported (its union of the rows' "
+                              "neurons is taken between the graphs); transform with batch_selection='per_row' to "
+                              "export")
     if isinstance(model, SparseDecoder) and model.granularity == "prompt" and model.graphs.decode_pregathered is None:
         raise OnnxExportError("the transformed model has no pre-gathered decode graph to export")
     target = Path(directory)

@@ -23,6 +23,8 @@ from shadowfx.ops import global_topk_indices, topk_indices, unit_rows
 from shadowfx.predictor import Scores
 from shadowfx.structure import DecoderStructure
 
+BatchSelection = Literal["per_row", "union"]
+BATCH_SELECTIONS: tuple[BatchSelection, ...] = get_args(BatchSelection)
 Scope = Literal["global", "per_layer"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 
@@ -158,6 +160,16 @@ def select(scores: Scores, structure: DecoderStructure, config: SparsityConfig) 
                      neurons=kept_neurons(scores.neurons, config))
 
 
+def union_of_neurons(selection: Selection, structure: DecoderStructure) -> Selection:
+    """``selection`` with every row's neurons replaced by the union of all rows' (per layer, ascending, the same in
+    every row; a row then computes its own neurons and the others'), the heads as they are."""
+    neurons = []
+    for layer, kept in zip(structure.layers[1:], selection.neurons):
+        union = torch.unique(kept[kept < layer.mlp.intermediate_size])  # sorted; the empty slot is no neuron
+        neurons.append(union.expand(kept.shape[0], -1))
+    return Selection(kv_heads=selection.kv_heads, neurons=tuple(neurons))
+
+
 def full_selection(structure: DecoderStructure, batch: int, device: torch.device | None = None) -> Selection:
     """Every unit of every later layer kept (what sparsity 0 selects)."""
     later = structure.layers[1:]
@@ -278,15 +290,20 @@ def effective_sparsity(structure: DecoderStructure, selection: Selection, config
 class Selector(torch.nn.Module):
     """The selection node of a rewritten graph: scores in, the flat tuple of per-layer index tensors out.
 
-    Output order: kept KV heads of layers 1..L-1, then kept neurons of layers 1..L-1.
+    Output order: kept KV heads of layers 1..L-1, then kept neurons of layers 1..L-1. ``shared_heads``: every row of
+    a batch keeps the same KV heads, those of the rows' mean head scores (a batch's cache then holds the same heads
+    in every row, which a union of the rows' neurons needs: see :func:`union_of_neurons`).
     """
 
-    def __init__(self, structure: DecoderStructure, config: SparsityConfig) -> None:
+    def __init__(self, structure: DecoderStructure, config: SparsityConfig, shared_heads: bool = False) -> None:
         super().__init__()
         self.structure = structure
         self.config = config
+        self.shared_heads = shared_heads
 
     def forward(self, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.shared_heads:
+            head_scores = head_scores.mean(0, keepdim=True).expand_as(head_scores)
         selection = select(Scores(head_scores, neuron_scores), self.structure, self.config)
         return selection.kv_heads + selection.neurons
 

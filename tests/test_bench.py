@@ -45,6 +45,15 @@ def test_bench_measures_every_setting_against_dense():
     assert [r["predictor_bytes_per_step"] for r in rows] == [0, predictor, 0, predictor]
 
 
+def test_bench_union_at_batch_two_gathers_one_copy():
+    settings = bench.BenchSettings(granularities=("prompt", "token"), batches=(2,), batch_selection="union", **QUICK)
+    rows = bench.bench(small_model("qwen2"), settings, progress=False)["rows"]
+    assert [(r["granularity"], r["batch_selection"]) for r in rows] == [("prompt", "union"), ("token", "per_row")]
+    union = rows[0]
+    assert union["decode_path"] == "pregathered"
+    assert union["sparse_layers_skipped"]["heads"] == pytest.approx(0.5)  # shared heads keep the budget exactly
+
+
 def test_bench_against_a_compiled_dense_model():
     settings = bench.BenchSettings(granularities=("prompt",), dense="compile", runtimes=("eager",),
                                    **{**QUICK, "runs": 1})

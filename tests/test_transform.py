@@ -11,6 +11,7 @@ import torch
 import shadowfx
 from shadowfx import native
 import shadowfx.compact
+import shadowfx.onnx_export
 from shadowfx.capture import PrefillStep
 from shadowfx.families import build_small
 from shadowfx.passes.graph import output_node
@@ -407,6 +408,56 @@ def test_token_decode_reads_the_kept_weights_natively(family, native_calls):
                      "gather_cols": steps * (len(layers) - 1) * 2}
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_union_batch_selection_shares_the_heads_and_decodes_on_the_union_of_neurons(family):
+    """batch_selection="union": every row keeps the heads of the mean scores, decodes on the union of the rows'
+    neurons from one copy of the kept weights, reports the sparsity of the union, and computes exactly that."""
+    model = small_model(family)
+    sparse = shadowfx.transform(model, predictor(family), sparsity=0.5, scope="per_layer", batch_selection="union")
+    input_ids, attention_mask = padded_batch(3, 7, 512, seed=45)
+    sparse(input_ids, attention_mask)
+    prefill_neurons = sparse.last_selection.neurons
+    tokens, logits = sparse.generate(input_ids, attention_mask, max_new_tokens=3, eos_token_id=[],
+                                     return_logits=True)
+    chosen, later = sparse.last_selection, structure(family).num_layers - 1
+    assert sparse.last_decode_path == "pregathered"
+    for heads, neurons, own in zip(chosen.kv_heads, chosen.neurons, prefill_neurons):
+        assert bool((heads == heads[:1]).all()) and bool((neurons == neurons[:1]).all())  # one set for the batch
+        width = structure(family).layers[1].mlp.intermediate_size
+        assert set(own[own < width].tolist()) == set(neurons[0].tolist())  # exactly the rows' union
+    one_copy = shadowfx.compact.compact_weights(model, sparse.structure, chosen)
+    assert one_copy.per_row == {"kv_heads": False, "neurons": False}
+    assert sparse.last_gathered_bytes == one_copy.gathered_bytes
+    per_row_neurons = 1 - sum(int((n < width).sum()) for n in prefill_neurons) / (3 * later * width)
+    assert sparse.effective_sparsity().sparse_layers["neurons"] < per_row_neurons
+
+    # the reference: the prompt with each row's own neurons, the decoded tokens with the union, as per-token masks
+    prompt, new = input_ids.shape[1], 2  # the last generated token is not fed back
+    sequence = torch.cat([attention_mask, torch.ones(3, new, dtype=attention_mask.dtype)], 1)
+    neuron_tokens = {}
+    for index, (own, union) in enumerate(zip(prefill_neurons, chosen.neurons), start=1):
+        padded = torch.full((3, union.shape[1]), width).scatter(1, torch.arange(own.shape[1]).expand(3, -1), own)
+        neuron_tokens[index] = torch.cat([padded[:, None].expand(3, prompt, -1),
+                                          union[:, None].expand(3, new, -1)], 1)
+    with MaskedReference(model, structure(family)) as reference:
+        reference.set_selection({i + 1: h for i, h in enumerate(chosen.kv_heads)}, neuron_tokens)
+        expected = reference.logits(tokens[:, :-1], sequence)
+    torch.testing.assert_close(logits[:, 1:], expected[:, prompt:], rtol=1e-4, atol=1e-4)
+
+
+def test_union_batch_selection_is_refused_where_it_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="needs a per-prompt selection by the shadow predictor"):
+        shadowfx.transform(small_model("opt"), predictor("opt"), granularity="token", batch_selection="union")
+    with pytest.raises(ValueError, match="needs a per-prompt selection by the shadow predictor"):
+        shadowfx.transform(small_model("opt"), layerwise_predictor("opt"), scope="per_layer",
+                           batch_selection="union")
+    with pytest.raises(ValueError, match="batch_selection must be one of"):
+        shadowfx.transform(small_model("opt"), predictor("opt"), batch_selection="shared")
+    union = shadowfx.transform(small_model("opt"), predictor("opt"), scope="per_layer", batch_selection="union")
+    with pytest.raises(shadowfx.onnx_export.OnnxExportError, match="batch_selection='union' is not exported"):
+        shadowfx.export_onnx(union, tmp_path / "union")
+    assert not (tmp_path / "union").exists()
 
 
 def test_token_granularity_keeps_the_complete_cache_and_reports_it():

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from shadowfx import native
 from shadowfx.compact import compact_weights
 from shadowfx.passes.base import PassResult
 from shadowfx.selection import (
@@ -221,6 +222,8 @@ class SparseDecoder(GenerationLoop, nn.Module):
         self._layer_weight_bytes = layer_weight_bytes(self.structure, self.model)
         self.max_gathered_bytes = (self._max_gathered_bytes if self._max_gathered_bytes is not None
                                    else self._layer_weight_bytes)
+        if self.granularity == "prompt":
+            native.keep_gathered_buffers(self.max_gathered_bytes)
         parameter = next(self.model.parameters())
         self._dtype, self._device = parameter.dtype, parameter.device
         run = (lambda gm: torch.compile(gm, dynamic=True)) if self.runtime == "compile" else (lambda gm: gm)

@@ -37,6 +37,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get(SWITCH_ENV, "1") != "0"
 _module: Optional[ModuleType] = None
 _unavailable: Optional[str] = None  # why the build failed, once it has
+_pool_limit = 0  # bytes of freed copy buffers the kernels keep (see keep_gathered_buffers)
 
 
 def build_folder() -> Path:
@@ -161,6 +162,26 @@ def copy_rows(source: Tensor, rows: Tensor) -> Tensor:
     module = kernels()
     assert module is not None, "copy_rows needs the native kernels: check copies() first"
     return module.copy_rows(source, rows)
+
+
+def keep_gathered_buffers(limit: int) -> None:
+    """Keep freed copy buffers of :func:`copy_rows` for reuse, up to at least ``limit`` bytes of them (the limit only
+    grows; see :func:`release_gathered_buffers`). A transformed model asks for its ``max_gathered_bytes``: the next
+    prompt's gathered weights then go into memory already faulted in, instead of fresh pages the system must zero."""
+    global _pool_limit
+    module = kernels()
+    if module is not None and limit > _pool_limit:
+        _pool_limit = limit
+        module.set_pool_limit(limit)
+
+
+def release_gathered_buffers() -> None:
+    """Free the kept copy buffers now, and keep none from here on."""
+    global _pool_limit
+    module = kernels()
+    if module is not None:
+        _pool_limit = 0
+        module.set_pool_limit(0)
 
 
 def input_major(weight: Tensor) -> Tensor:

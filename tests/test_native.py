@@ -93,6 +93,28 @@ def test_copy_rows_equals_index_select_and_zeroes_the_empty_slot(dtype: torch.dt
         native.copy_rows(source, torch.tensor([0, 301]))
 
 
+def test_freed_copy_buffers_are_reused_up_to_the_limit() -> None:
+    source, rows = torch.randn(600, 1000), torch.randperm(600)[:500]  # a 2 MB copy
+    try:
+        native.release_gathered_buffers()
+        first = native.copy_rows(source, rows)
+        address = first.data_ptr()
+        assert address % (2 << 20) == 0  # huge-page aligned
+        del first
+        native.keep_gathered_buffers(4 << 20)
+        kept = native.copy_rows(source, rows)
+        del kept  # kept: within the limit
+        again = native.copy_rows(source, rows.flip(0))
+        assert torch.equal(again, source[rows.flip(0)])
+        reused = again.data_ptr()
+        smaller = native.copy_rows(source, rows[:10])  # the pool is empty now: a fresh buffer
+        assert smaller.data_ptr() != reused
+        del again
+        assert native.copy_rows(source, rows).data_ptr() == reused
+    finally:
+        native.release_gathered_buffers()
+
+
 @pytest.mark.parametrize("layout", ["out_major", "input_major"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
 def test_taken_rows_and_columns_are_the_same_on_both_paths(layout: str, per_row: bool) -> None:

@@ -12,7 +12,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -132,13 +136,80 @@ torch::Tensor gather_cols(const torch::Tensor& h, const torch::Tensor& weight, c
   return out;
 }
 
-// Ask for transparent huge pages over the 2 MiB-aligned interior of a fresh buffer before it is first written: a
-// gathered copy of a model's weights is large, and faulting it in 4 KiB pages costs more than the copy itself.
-void advise_huge_pages(void* data, size_t bytes) {
-  constexpr uintptr_t huge = uintptr_t{2} << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: may be refused
+constexpr size_t kHugePage = size_t{2} << 20;
+
+// The buffers gathered weights are copied into. A fresh buffer is 2 MiB-aligned and advised to use transparent huge
+// pages before it is first written (faulting a large copy in 4 KiB pages costs more than the copy); a freed one is
+// kept for the next gather, up to `limit` bytes of free buffers, since zeroing fresh pages costs about as much again.
+class BufferPool {
+ public:
+  void* take(size_t bytes, size_t* block) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // the smallest free buffer that holds `bytes` without wasting more than a quarter of it
+      auto found = free_.lower_bound(bytes);
+      if (found != free_.end() && found->first <= bytes + bytes / 4) {
+        *block = found->first;
+        void* data = found->second;
+        held_ -= found->first;
+        free_.erase(found);
+        return data;
+      }
+    }
+    *block = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = std::aligned_alloc(kHugePage, *block);
+    TORCH_CHECK(data != nullptr, "copy_rows: cannot allocate ", *block, " bytes");
+    madvise(data, *block, MADV_HUGEPAGE);  // advice: the system may refuse it
+    return data;
+  }
+
+  void give(void* data, size_t block) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + block <= limit_) {
+        free_.emplace(block, data);
+        held_ += block;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  // Keep up to `limit` bytes of free buffers (0: none), freeing what exceeds it now; returns the bytes kept.
+  size_t set_limit(size_t limit) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = limit;
+    while (held_ > limit_ && !free_.empty()) {
+      auto largest = std::prev(free_.end());
+      held_ -= largest->first;
+      std::free(largest->second);
+      free_.erase(largest);
+    }
+    return held_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t held_ = 0, limit_ = 0;
+};
+
+BufferPool& pool() {
+  static auto* instance = new BufferPool();  // never destroyed: tensors may outlive static destruction
+  return *instance;
+}
+
+torch::Tensor pooled_empty(c10::IntArrayRef sizes, const torch::TensorOptions& options) {
+  size_t bytes = options.dtype().itemsize();
+  for (const int64_t size : sizes) bytes *= static_cast<size_t>(size);
+  size_t block = 0;
+  void* data = pool().take(std::max<size_t>(bytes, 1), &block);
+  return torch::from_blob(data, sizes, [block](void* freed) { pool().give(freed, block); }, options);
+}
+
+size_t set_pool_limit(int64_t limit) {
+  TORCH_CHECK(limit >= 0, "set_pool_limit: the limit must be >= 0 bytes, got ", limit);
+  return pool().set_limit(static_cast<size_t>(limit));
 }
 
 // source[rows] for a contiguous source [N, W] (any dtype) and rows int64 [n] in [0, N]: [n, W], copied row by row
@@ -150,9 +221,8 @@ torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) 
               rows.sizes());
   const auto index = rows.contiguous();
   const int64_t count = index.size(0), units = source.size(0);
-  auto out = torch::empty({count, source.size(1)}, source.options());
+  auto out = pooled_empty({count, source.size(1)}, source.options());
   const size_t row_bytes = static_cast<size_t>(source.size(1)) * source.element_size();
-  advise_huge_pages(out.data_ptr(), out.nbytes());
   const auto* from = static_cast<const char*>(source.data_ptr());
   auto* to = static_cast<char*>(out.data_ptr());
   const int64_t* wanted = index.data_ptr<int64_t>();
@@ -181,5 +251,6 @@ torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k] float32");
   module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W] source, zeros for row N: a new [n, W], threaded");
+  module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns the bytes kept");
   module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E] float32");
 }

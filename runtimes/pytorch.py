@@ -222,6 +222,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
         self._layer_weight_bytes = layer_weight_bytes(self.structure, self.model)
         self.max_gathered_bytes = (self._max_gathered_bytes if self._max_gathered_bytes is not None
                                    else self._layer_weight_bytes)
+        native.kernels()  # built here on first use, rather than in the first decode step
         if self.granularity == "prompt":
             native.keep_gathered_buffers(self.max_gathered_bytes)
         parameter = next(self.model.parameters())

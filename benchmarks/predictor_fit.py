@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--neuron-block", type=int, nargs="+", default=[1],
+                        help="neurons per output of the ShadowLLM predictor; several sizes are trained side by side "
+                             "(a run of blocks b is named <run>_blocks<b>)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "shadowfx" / "traces")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -102,11 +105,14 @@ def main() -> None:
                                                 "hidden": args.hidden,
                                                 "tokens_per_sample": traces["plainact"].header["tokens_per_sample"]}}
         for name, criterion, kind, granularity in RUNS:
-            trained = train_predictor(traces[criterion], kind=kind, granularity=granularity, structure=structure,
-                                      hidden=args.hidden)
-            results[directory.name][name] = summary(trained.report) | {
-                "criterion": criterion, "train_seconds": trained.report["train_seconds"]}
-            print(directory.name, name, json.dumps(results[directory.name][name]))
+            for block in args.neuron_block if kind == "shadowllm" else [1]:
+                trained = train_predictor(traces[criterion], kind=kind, granularity=granularity, structure=structure,
+                                          hidden=args.hidden, neuron_block=block)
+                run = name if block == 1 else f"{name}_blocks{block}"
+                results[directory.name][run] = summary(trained.report) | {
+                    "criterion": criterion, "neuron_block": block, "train_seconds": trained.report["train_seconds"],
+                    "predictor_bytes": sum(p.numel() * p.element_size() for p in trained.predictor.parameters())}
+                print(directory.name, run, json.dumps(results[directory.name][run]))
     # read just before writing, so runs on other models that finished meanwhile are kept
     results = (json.loads(path.read_text()) if path.is_file() else {}) | results
     atomic_write_text(path, json.dumps(results, indent=2))

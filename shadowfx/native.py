@@ -4,8 +4,9 @@ extension machinery on first use.
 A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attention`` with a selection and
 ``token_sparse_attention`` reads the kept rows and kept input features of each weight straight from the full weight
 (:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
-every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights. The kernels are threaded over torch's intra-op threads and vectorised for the CPU they are
-built on, in float32 and bfloat16 (other dtypes take the PyTorch path).
+every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights. The kernels are threaded over
+torch's intra-op threads and vectorised for the CPU they are built on, in float32 and bfloat16 (other dtypes take
+the PyTorch path).
 
 The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else ``~/.cache/shadowfx/torch-kernels``), one folder per source,
 flags, torch version and CPU, and is reused from there. When it cannot be built (no C++ compiler, no ninja, a

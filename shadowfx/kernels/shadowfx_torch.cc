@@ -242,15 +242,16 @@ torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) 
       std::memcpy(to + i * row_bytes, from + row * row_bytes, row_bytes);
     }
   });
-  TORCH_CHECK(bad.load() < 0, "copy_rows: row ", bad.load(), " is out of range for ", units, " rows and the empty slot");
+  TORCH_CHECK(bad.load() < 0, "copy_rows: row ", bad.load(), " is out of range for ", units,
+              " rows and the empty slot");
   return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k] float32");
-  module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W] source, zeros for row N: a new [n, W], threaded");
-  module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns the bytes kept");
-  module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E] float32");
+  module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k]");
+  module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W], threaded");
+  module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
+  module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]");
 }

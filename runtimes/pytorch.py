@@ -222,11 +222,12 @@ class SparseDecoder(GenerationLoop, nn.Module):
         self._layer_weight_bytes = layer_weight_bytes(self.structure, self.model)
         self.max_gathered_bytes = (self._max_gathered_bytes if self._max_gathered_bytes is not None
                                    else self._layer_weight_bytes)
-        native.kernels()  # built here on first use, rather than in the first decode step
-        if self.granularity == "prompt":
-            native.keep_gathered_buffers(self.max_gathered_bytes)
         parameter = next(self.model.parameters())
         self._dtype, self._device = parameter.dtype, parameter.device
+        if self._device.type == "cpu":  # the native kernels and their copy buffers are CPU-only
+            native.kernels()  # built here on first use, rather than in the first decode step
+            if self.granularity == "prompt":
+                native.keep_gathered_buffers(self.max_gathered_bytes)
         run = (lambda gm: torch.compile(gm, dynamic=True)) if self.runtime == "compile" else (lambda gm: gm)
         self._prefill: Callable = run(self.graphs.prefill)
         self._prefill_gathering: Callable | None = (run(self.graphs.prefill_gathering)

@@ -55,14 +55,15 @@ def discover(model: nn.Module) -> DecoderStructure:
     return discover_structure(capture(model))
 
 
-def _checkpoint_directory(model: nn.Module) -> Path | None:
+def checkpoint_directory(model: nn.Module) -> Path | None:
+    """The local directory ``model`` was loaded from, where its predictors are saved; None if it has none."""
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
     return Path(name) if name and Path(name).is_dir() else None
 
 
 def _resolve_predictor(model: nn.Module, predictor: nn.Module | None, structure: DecoderStructure) -> nn.Module:
     if predictor is None:
-        directory = _checkpoint_directory(model)
+        directory = checkpoint_directory(model)
         if directory is None:
             raise PredictorError(
                 "no predictor given, and the model was not loaded from a local directory where one could be saved; "

@@ -18,6 +18,7 @@ The dense baseline is the Hugging Face model eager, or compiled with ``torch.com
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import statistics
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from shadowfx.api import discover, transform
+from shadowfx.api import checkpoint_directory, discover, transform
 from shadowfx.capture import positions_from_mask
 from shadowfx.files import atomic_write, atomic_write_text
 from shadowfx.predictor import ShadowPredictor, load_predictor, saved_predictors
@@ -150,9 +151,9 @@ def _measure_once(dense: DenseDecoder, sparse, input_ids: torch.Tensor, attentio
 
 def _predictor_for(model: nn.Module, structure: DecoderStructure, settings: BenchSettings) -> nn.Module:
     """The predictor saved with the checkpoint, else an untrained one (the same size costs the same time)."""
-    directory = getattr(getattr(model, "config", None), "_name_or_path", "")
-    if directory and Path(directory).is_dir() and saved_predictors(directory):
-        return load_predictor(Path(directory), structure)
+    directory = checkpoint_directory(model)
+    if directory is not None and saved_predictors(directory):
+        return load_predictor(directory, structure)
     return ShadowPredictor.for_structure(structure, hidden=settings.predictor_hidden,
                                          neuron_block=settings.neuron_block)
 
@@ -232,14 +233,8 @@ def _line(row: dict) -> str:
 def write(results: dict, out: str | Path) -> tuple[Path, Path]:
     """``bench.json`` and ``bench.png`` in ``out``; returns their paths."""
     out = Path(out)
-    json_path = atomic_write_text(out / "bench.json", _json(results))
+    json_path = atomic_write_text(out / "bench.json", json.dumps(results, indent=2))
     return json_path, _plot(results, out / "bench.png")
-
-
-def _json(results: dict) -> str:
-    import json
-
-    return json.dumps(results, indent=2)
 
 
 def _plot(results: dict, path: Path) -> Path:

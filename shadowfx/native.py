@@ -176,6 +176,12 @@ def keep_gathered_buffers(limit: int) -> None:
         module.set_pool_limit(limit)
 
 
+def kept_buffer_bytes() -> int:
+    """Bytes of freed copy buffers kept for reuse now (0 without the kernels)."""
+    module = kernels()
+    return 0 if module is None else module.pool_bytes()
+
+
 def release_gathered_buffers() -> None:
     """Free the kept copy buffers now, and keep none from here on."""
     global _pool_limit

@@ -98,19 +98,24 @@ def test_freed_copy_buffers_are_reused_up_to_the_limit() -> None:
     try:
         native.release_gathered_buffers()
         first = native.copy_rows(source, rows)
-        address = first.data_ptr()
-        assert address % (2 << 20) == 0  # huge-page aligned
+        assert first.data_ptr() % (2 << 20) == 0  # huge-page aligned
         del first
+        assert native.kept_buffer_bytes() == 0  # no limit: freed at once
         native.keep_gathered_buffers(4 << 20)
         kept = native.copy_rows(source, rows)
-        del kept  # kept: within the limit
+        del kept
+        assert native.kept_buffer_bytes() == 2 << 20  # within the limit: kept, rounded to a huge page
         again = native.copy_rows(source, rows.flip(0))
         assert torch.equal(again, source[rows.flip(0)])
+        assert native.kept_buffer_bytes() == 0  # taken for the copy
         reused = again.data_ptr()
         smaller = native.copy_rows(source, rows[:10])  # the pool is empty now: a fresh buffer
         assert smaller.data_ptr() != reused
         del again
         assert native.copy_rows(source, rows).data_ptr() == reused
+        del smaller
+        native.release_gathered_buffers()
+        assert native.kept_buffer_bytes() == 0
     finally:
         native.release_gathered_buffers()
 

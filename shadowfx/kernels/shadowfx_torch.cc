@@ -188,6 +188,11 @@ class BufferPool {
     return held_;
   }
 
+  size_t held() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return held_;
+  }
+
  private:
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
@@ -206,6 +211,8 @@ torch::Tensor pooled_empty(c10::IntArrayRef sizes, const torch::TensorOptions& o
   void* data = pool().take(std::max<size_t>(bytes, 1), &block);
   return torch::from_blob(data, sizes, [block](void* freed) { pool().give(freed, block); }, options);
 }
+
+size_t pool_bytes() { return pool().held(); }
 
 size_t set_pool_limit(int64_t limit) {
   TORCH_CHECK(limit >= 0, "set_pool_limit: the limit must be >= 0 bytes, got ", limit);
@@ -253,5 +260,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k]");
   module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W], threaded");
   module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
+  module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
   module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]");
 }

@@ -292,6 +292,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
         """Whether the prefill gathers the kept weights itself: per row, so only where ``batch`` copies of every
         later layer's weights would fit ``max_gathered_bytes`` (the kept ones are known only after the prefill)."""
         return (self._prefill_gathering is not None and self._decode_pregathered is not None
+                and not self.config.keeps_every_unit  # then the decode reads the model's own weights, uncopied
                 and batch * self._layer_weight_bytes <= self.max_gathered_bytes
                 and (batch == 1 or self.batch_selection == "per_row"))  # a union is known after the prefill
 

@@ -42,6 +42,7 @@ from shadowfx.selection import (
     SparsityConfig,
     SparsityWarning,
     planned_sparsity,
+    require_layerwise_scope,
 )
 from shadowfx.structure import DecoderStructure, StructureError, check_fingerprint
 from shadowfx.verify import verify_rewrite
@@ -164,6 +165,8 @@ def transform(
     prefill_capture = capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     predictor = _resolve_predictor(model, predictor, structure).eval()
+    if isinstance(predictor, LayerwisePredictor):
+        require_layerwise_scope(config)  # here too, since at sparsity 0 static scores stand in for it
     # a block-scoring predictor's neurons are kept in whole blocks, so the gathers stay contiguous
     config = replace(config, neuron_block=getattr(predictor, "neuron_block", 1))
     _warn_unreachable(structure, config)
@@ -188,13 +191,16 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
     prefill_capture = prefill_capture or capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     store_input_major(model, structure)  # the graphs hold the model's own parameters, so they see the layout
+    # every unit kept: no scores can change the selection, so static ones stand in for the predictor, which
+    # would cost every decode step its bytes for nothing (the rewritten layers still run)
+    scorer = StaticScores.random(structure, seed=0) if config.keeps_every_unit else predictor
 
     def insert_predictor(graph_structure: DecoderStructure) -> InsertShadowPredictor | InsertLayerwisePredictor:
         # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style; its selectors
         # refuse a global scope, before the decode graph is captured)
-        if isinstance(predictor, LayerwisePredictor):
-            return InsertLayerwisePredictor(graph_structure, predictor, config, per_token=per_token)
-        return InsertShadowPredictor(graph_structure, predictor, Selector(structure, config, shared_heads),
+        if isinstance(scorer, LayerwisePredictor):
+            return InsertLayerwisePredictor(graph_structure, scorer, config, per_token=per_token)
+        return InsertShadowPredictor(graph_structure, scorer, Selector(structure, config, shared_heads),
                                      per_token=per_token)
 
     def rewrite_prefill(shadow: InsertShadowPredictor | InsertLayerwisePredictor) -> tuple[nn.Module, dict]:

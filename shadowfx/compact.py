@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from shadowfx.native import input_major
-from shadowfx.ops import take_cols, take_rows, unit_rows
+from shadowfx.ops import contiguous_run, take_cols, take_rows, unit_rows
 from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure, LayerStructure, Projection
 
@@ -158,7 +158,11 @@ def _layer_plan(params: dict[str, torch.Tensor], layer: LayerStructure,
         if projection is not None and not how.output:
             rows = projection.feature_rows(rows)  # where a fused projection holds this role's rows
         layout = CompactTensor(layer.index, role, how.selection, 1 if how.output else 0, how.unit_rows)
-        plan.append(_Gather(tensor, layout, rows, how.output))
+        run = contiguous_run(rows, tensor.shape[layout.axis])
+        if run is None:
+            plan.append(_Gather(tensor, layout, rows, how.output))
+        else:  # kept rows in one run (all of them at sparsity 0) are a view of the weight: nothing to copy
+            plan.append(_Gather(tensor.narrow(layout.axis, *run), layout))
     return plan
 
 

@@ -65,15 +65,23 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 and squared ReLU (Primer; Nemotron, Arcee)."""
 
 
-# Shape checks go through torch._check_value so that, under torch.export with dynamic dims, an equality between
-# symbolic sizes becomes a runtime assertion instead of a guard that specializes the dim.
+def _check(condition: object, message: Callable[[], str]) -> None:
+    """ValueError(message()) unless ``condition``. A symbolic condition (under torch.export with dynamic dims) goes
+    through torch._check_value, so that an equality between symbolic sizes becomes a runtime assertion instead of a
+    guard that specializes the dim; a plain bool is checked here, since torch._check_value costs about 15 us a call
+    and an op makes dozens of checks per decode step."""
+    if condition is True:
+        return
+    if condition is False:
+        raise ValueError(message())
+    torch._check_value(condition, message)
 
 
 def _check_tensor(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    torch._check_value(t.dim() == len(shape), lambda: f"{name} must have {len(shape)} dims, got {tuple(t.shape)}")
+    _check(t.dim() == len(shape), lambda: f"{name} must have {len(shape)} dims, got {tuple(t.shape)}")
     for got, want in zip(t.shape, shape):
-        torch._check_value(got == want, lambda: f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    torch._check_value(t.dtype == dtype, lambda: f"{name} must have dtype {dtype}, got {t.dtype}")
+        _check(got == want, lambda: f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    _check(t.dtype == dtype, lambda: f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
 _SELECTION_SHAPES = {1: "[k]", 2: "[B, k]", 3: "[B, S, k]"}
@@ -83,28 +91,28 @@ def _check_selection(
     idx: Tensor, name: str, batch: int, seq: Optional[int] = None, dims: tuple[int, ...] = (1, 2)
 ) -> None:
     """A selection of one of the ranks ``dims``: [k] shared, [B, k] per batch row, [B, S, k] per token (give seq)."""
-    torch._check_value(idx.dtype == torch.int64, lambda: f"{name} must be int64, got {idx.dtype}")
+    _check(idx.dtype == torch.int64, lambda: f"{name} must be int64, got {idx.dtype}")
     shapes = " or ".join(_SELECTION_SHAPES[d] for d in dims)
-    torch._check_value(idx.dim() in dims, lambda: f"{name} must be {shapes}, got shape {tuple(idx.shape)}")
+    _check(idx.dim() in dims, lambda: f"{name} must be {shapes}, got shape {tuple(idx.shape)}")
     if idx.dim() == 2:
-        torch._check_value(
+        _check(
             idx.shape[0] == batch, lambda: f"{name} is per batch row, [B, k], but has {idx.shape[0]} rows for B={batch}"
         )
     elif idx.dim() == 3:
-        torch._check_value(
+        _check(
             idx.shape[0] == batch, lambda: f"{name} is per token, [B, S, k], but has {idx.shape[0]} rows for B={batch}"
         )
-        torch._check_value(
+        _check(
             idx.shape[1] == seq, lambda: f"{name} is per token, [B, S, k], but has {idx.shape[1]} tokens for S={seq}"
         )
 
 
 def _check_lead(weight: Tensor, name: str, shapes: str, batch: int) -> tuple[int, ...]:
     """Pre-gathered weight ``weight``, shared [n, m] or per batch row [B, n, m]: its leading dims, () or (B,)."""
-    torch._check_value(weight.dim() in (2, 3), lambda: f"{name} must be {shapes}, got shape {tuple(weight.shape)}")
+    _check(weight.dim() in (2, 3), lambda: f"{name} must be {shapes}, got shape {tuple(weight.shape)}")
     if weight.dim() == 2:
         return ()
-    torch._check_value(
+    _check(
         weight.shape[0] == batch, lambda: f"{name} is per batch row but has {weight.shape[0]} rows for B={batch}"
     )
     return (batch,)
@@ -141,6 +149,18 @@ def _shared(units: Optional[Tensor]) -> Optional[Tensor]:
     return units[0] if units is not None and units.dim() == 2 and units.shape[0] == 1 else units
 
 
+def contiguous_run(rows: Tensor, size: int) -> Optional[tuple[int, int]]:
+    """(start, length) when the shared selection ``rows`` [n] is the ascending run start..start+n-1 of rows below
+    ``size`` (every unit, at sparsity 0), whose weights are a view, not a copy; None otherwise (per-row selections,
+    gaps, empty slots)."""
+    if rows.dim() != 1 or rows.numel() == 0:
+        return None
+    start, length = int(rows[0]), rows.numel()
+    if start + length > size or not torch.equal(rows, torch.arange(start, start + length, device=rows.device)):
+        return None
+    return start, length
+
+
 def take_rows(weight: Tensor, rows: Tensor, empty_slot: bool = False) -> Tensor:
     """``weight[rows]`` for rows [n] or [B, n] of weight [out, in]: one contiguous copy per row (index_select),
     where advanced indexing of a 2-D index copies element by element; natively where it can (threaded, into huge
@@ -174,7 +194,10 @@ def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Option
     rows None: every row of weight [out, in] or per batch row [B, out, in], bias [out] or [B, out].
     """
     rows = _shared(rows)
-    if rows is not None:
+    run = None if rows is None else contiguous_run(rows, weight.shape[0])
+    if run is not None:
+        weight, bias = weight.narrow(0, *run), None if bias is None else bias.narrow(0, *run)
+    elif rows is not None:
         weight, bias = take_rows(weight, rows), None if bias is None else bias[rows]
     elif weight.dim() == 3 and weight.shape[0] == 1:  # pre-gathered for a batch of one: one matmul, not a batch
         weight, bias = weight[0], None if bias is None else bias[0]
@@ -191,7 +214,10 @@ def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Option
     cols None: x holds every input feature of weight [out, in] or per batch row [B, out, in]; bias is [out].
     """
     cols = _shared(cols)
-    if cols is not None:
+    run = None if cols is None else contiguous_run(cols, weight.shape[1])
+    if run is not None:
+        weight = weight.narrow(1, *run)
+    elif cols is not None:
         weight = take_cols(weight, cols)
     elif weight.dim() == 3 and weight.shape[0] == 1:
         weight = weight[0]
@@ -276,8 +302,8 @@ def _check_mlp_args(a: _MLPArgs) -> None:
     if a.activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {a.activation!r}; valid: {', '.join(ACTIVATIONS)}")
     x = a.x
-    torch._check_value(x.dim() == 3, lambda: f"x must be [B, S, E], got shape {tuple(x.shape)}")
-    torch._check_value(x.is_floating_point(), lambda: f"x must be floating point, got {x.dtype}")
+    _check(x.dim() == 3, lambda: f"x must be [B, S, E], got shape {tuple(x.shape)}")
+    _check(x.is_floating_point(), lambda: f"x must be floating point, got {x.dtype}")
     batch, seq, embed = x.shape
     lead: tuple[int, ...] = ()  # the leading dims of every weight and of the up/gate biases: () or (B,)
     if a.neuron_idx is None:  # pre-gathered: the weights are the kept neurons, F' of them
@@ -292,7 +318,7 @@ def _check_mlp_args(a: _MLPArgs) -> None:
     if a.gate_weight is not None:
         _check_tensor(a.gate_weight, "gate_weight", (*lead, ffn, embed), x.dtype)
     if a.gate_bias is not None:
-        torch._check_value(a.gate_weight is not None, lambda: "gate_bias given without gate_weight")
+        _check(a.gate_weight is not None, lambda: "gate_bias given without gate_weight")
         _check_tensor(a.gate_bias, "gate_bias", (*lead, ffn), x.dtype)
     if a.down_bias is not None:
         _check_tensor(a.down_bias, "down_bias", (embed,), x.dtype)
@@ -395,8 +421,8 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
     if not (math.isfinite(a.softcap) and a.softcap >= 0):
         raise ValueError(f"softcap must be 0 (none) or a positive finite cap of the scores, got {a.softcap}")
     hidden = a.hidden
-    torch._check_value(hidden.dim() == 3, lambda: f"hidden must be [B, S, E], got shape {tuple(hidden.shape)}")
-    torch._check_value(hidden.is_floating_point(), lambda: f"hidden must be floating point, got {hidden.dtype}")
+    _check(hidden.dim() == 3, lambda: f"hidden must be [B, S, E], got shape {tuple(hidden.shape)}")
+    _check(hidden.is_floating_point(), lambda: f"hidden must be floating point, got {hidden.dtype}")
     batch, seq, embed = hidden.shape
     dtype = hidden.dtype
     lead: tuple[int, ...] = ()  # the leading dims of every weight and of the q/k/v biases: () or (B,)
@@ -405,7 +431,7 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
         # change from call to call, so it comes from the weights, not from an argument)
         lead = _check_lead(a.k_weight, "k_weight", "[g*D, E] or, per batch row, [B, g*D, E]", batch)
         kv_out = a.k_weight.shape[-2]
-        torch._check_value(
+        _check(
             kv_out % head_dim == 0, lambda: f"k_weight has {kv_out} rows, not a multiple of head_dim {head_dim}"
         )
         cache_heads = kv_out // head_dim
@@ -431,14 +457,14 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
         _check_tensor(a.o_bias, "o_bias", (embed,), dtype)
 
     cos, sin = a.cos, a.sin
-    torch._check_value((cos is None) == (sin is None), lambda: "cos and sin must be given together")
+    _check((cos is None) == (sin is None), lambda: "cos and sin must be given together")
     if cos is not None and sin is not None:
-        torch._check_value(cos.dim() == 3, lambda: f"cos must be [B, S, rot], got shape {tuple(cos.shape)}")
+        _check(cos.dim() == 3, lambda: f"cos must be [B, S, rot], got shape {tuple(cos.shape)}")
         rot = cos.shape[-1]
-        torch._check_value(
+        _check(
             rot % 2 == 0 and rot <= head_dim, lambda: f"rotary dim {rot} must be even and <= head_dim {head_dim}"
         )
-        torch._check_value(cos.shape[0] == 1 or cos.shape[0] == batch, lambda: f"cos batch must be 1 or {batch}")
+        _check(cos.shape[0] == 1 or cos.shape[0] == batch, lambda: f"cos batch must be 1 or {batch}")
         for name, t in (("cos", cos), ("sin", sin)):
             _check_tensor(t, name, (cos.shape[0], seq, rot), dtype)
 
@@ -446,17 +472,17 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
         # one slope per query head: of every head with an index, of the kept groups' heads when pre-gathered
         heads = q_out // head_dim
         _check_tensor(a.alibi_slopes, "alibi_slopes", (*lead, heads), a.alibi_slopes.dtype)
-        torch._check_value(a.alibi_slopes.is_floating_point(),
+        _check(a.alibi_slopes.is_floating_point(),
                            lambda: f"alibi_slopes must be floating point, got {a.alibi_slopes.dtype}")
 
     for name, norm in (("q_norm", a.q_norm), ("k_norm", a.k_norm)):
         if norm is not None:
-            torch._check_value(norm.dim() == 1 and norm.shape[0] == head_dim and norm.is_floating_point(),
+            _check(norm.dim() == 1 and norm.shape[0] == head_dim and norm.is_floating_point(),
                                lambda: f"{name} must be a float [head_dim={head_dim}], got {norm.dtype} "
                                        f"{tuple(norm.shape)}")
 
     past_key, past_value = a.past_key, a.past_value
-    torch._check_value((past_key is None) == (past_value is None), lambda: "past_key and past_value go together")
+    _check((past_key is None) == (past_value is None), lambda: "past_key and past_value go together")
     past = 0
     if past_key is not None and past_value is not None:
         past = past_key.shape[2]
@@ -465,12 +491,12 @@ def _check_attention_args(a: _AttentionArgs, per_token: bool) -> int:
 
     if a.attention_mask is not None:
         mask = a.attention_mask
-        torch._check_value(
+        _check(
             mask.dtype == torch.bool or mask.is_floating_point(),
             lambda: f"attention_mask must be bool or floating point, got {mask.dtype}",
         )
-        torch._check_value(mask.dim() == 4, lambda: f"attention_mask must be 4-D, got shape {tuple(mask.shape)}")
-        torch._check_value(mask.shape[0] == 1 or mask.shape[0] == batch, lambda: f"mask batch must be 1 or {batch}")
+        _check(mask.dim() == 4, lambda: f"attention_mask must be 4-D, got shape {tuple(mask.shape)}")
+        _check(mask.shape[0] == 1 or mask.shape[0] == batch, lambda: f"mask batch must be 1 or {batch}")
         _check_tensor(mask, "attention_mask", (mask.shape[0], 1, seq, past + seq), mask.dtype)
     return cache_heads
 
@@ -514,6 +540,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], s
     r = group, slopes (optional) [g, r] or [B, g, r], cap(x) = softcap * tanh(x / softcap) if softcap else x;
     returns [B, S, g*r*D]."""
     kv_heads, seq, total = k.shape[1], q.shape[2], k.shape[2]
+    if slopes is None and not softcap and kv_heads and (attention_mask is None or attention_mask.dtype in (
+            torch.bool, q.dtype)):
+        # torch's fused attention computes the same (float accumulation for half inputs, zero context for a query
+        # with no key) in one call, where the ops below cost a decode step a dozen small kernels per layer
+        if attention_mask is None and seq > 1:
+            attention_mask = torch.ones(seq, total, dtype=torch.bool, device=q.device).tril(total - seq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling,
+                                              enable_gqa=group > 1).transpose(1, 2).flatten(2)
     # query head i uses kv head i // r (HF repeat_kv); grouping q as [B, g, r, S, D] lets k/v broadcast, not copy
     # (r given, not inferred, so that g = 0 works)
     q = q.unflatten(1, (kv_heads, group))
@@ -662,10 +696,10 @@ output projection (o_bias kept).
 
 
 def _check_topk_args(scores: Tensor, k: int) -> None:
-    torch._check_value(scores.dim() >= 1, lambda: "scores must have at least one dim")
-    torch._check_value(scores.is_floating_point(), lambda: f"scores must be floating point, got {scores.dtype}")
-    torch._check_value(k >= 1, lambda: f"k must be >= 1, got {k}")
-    torch._check_value(k <= scores.shape[-1], lambda: f"k={k} exceeds the last dim of scores, {scores.shape[-1]}")
+    _check(scores.dim() >= 1, lambda: "scores must have at least one dim")
+    _check(scores.is_floating_point(), lambda: f"scores must be floating point, got {scores.dtype}")
+    _check(k >= 1, lambda: f"k must be >= 1, got {k}")
+    _check(k <= scores.shape[-1], lambda: f"k={k} exceeds the last dim of scores, {scores.shape[-1]}")
 
 
 @custom_op("shadowfx::topk_indices", mutates_args=())
@@ -684,11 +718,11 @@ def _topk_indices_fake(scores: Tensor, k: int) -> Tensor:
 
 
 def _check_global_topk_args(scores: Tensor, budget: int, minimum: int) -> None:
-    torch._check_value(scores.dim() == 3, lambda: f"scores must be [R, L, N], got shape {tuple(scores.shape)}")
-    torch._check_value(scores.is_floating_point(), lambda: f"scores must be floating point, got {scores.dtype}")
+    _check(scores.dim() == 3, lambda: f"scores must be [R, L, N], got shape {tuple(scores.shape)}")
+    _check(scores.is_floating_point(), lambda: f"scores must be floating point, got {scores.dtype}")
     layers, units = scores.shape[1], scores.shape[2]
-    torch._check_value(1 <= minimum <= units, lambda: f"minimum must be in [1, {units}], got {minimum}")
-    torch._check_value(minimum * layers <= budget <= layers * units,
+    _check(1 <= minimum <= units, lambda: f"minimum must be in [1, {units}], got {minimum}")
+    _check(minimum * layers <= budget <= layers * units,
                        lambda: f"budget must be in [{minimum * layers}, {layers * units}], got {budget}")
 
 
@@ -737,7 +771,7 @@ def minmax_scale(context: Tensor) -> Tensor:
 
 
 def _check_shadow_mlp_args(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
-    torch._check_value(x.dim() == 2, lambda: f"x must be [R, E], got shape {tuple(x.shape)}")
+    _check(x.dim() == 2, lambda: f"x must be [R, E], got shape {tuple(x.shape)}")
     hidden, outputs = w1.shape[0], w2.shape[0]
     _check_tensor(w1, "w1", (hidden, x.shape[1]), w1.dtype)
     _check_tensor(b1, "b1", (hidden,), w1.dtype)

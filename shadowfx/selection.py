@@ -66,6 +66,11 @@ class SparsityConfig:
         if self.neuron_block < 1:
             raise SparsityError(f"neuron_block must be >= 1, got {self.neuron_block}")
 
+    @property
+    def keeps_every_unit(self) -> bool:
+        """Sparsity 0 for heads and neurons: every unit is kept, whatever the scores."""
+        return self.heads == 0.0 and self.neurons == 0.0
+
     @classmethod
     def from_arguments(cls, sparsity: float, heads_sparsity: float | None, neurons_sparsity: float | None,
                        scope: Scope) -> SparsityConfig:
@@ -108,6 +113,9 @@ def _select_units(scores: torch.Tensor, sparsity: float, scope: Scope, minimum: 
     units of every layer, so counts differ between them and the shorter are padded with the empty slot ``N``.
     """
     *leading, layers, units = scores.shape
+    if sparsity == 0.0:  # every unit, in order, without ranking [..., L' * N] scores per token
+        every = torch.arange(units, device=scores.device).expand(*leading, units)
+        return (every,) * layers
     rows = scores.reshape(-1, layers, units).float()
     if scope == "per_layer":
         keep = _keep(units, sparsity, minimum)
@@ -308,6 +316,13 @@ class Selector(torch.nn.Module):
         return selection.kv_heads + selection.neurons
 
 
+def require_layerwise_scope(config: SparsityConfig) -> None:
+    """Refuse a scope that a layerwise predictor cannot rank by."""
+    if config.scope != "per_layer":
+        raise SparsityError("a layerwise (DejaVu-style) predictor scores each layer as it runs, so units cannot "
+                            "be ranked across layers; pass scope='per_layer'")
+
+
 class LayerSelector(torch.nn.Module):
     """The selection node of one layer's heads or neurons, for a predictor that scores each layer from that layer's
     own input as the layer runs (a layerwise predictor): scores ``[..., H]`` or ``[..., F]`` in, kept indices out.
@@ -317,9 +332,7 @@ class LayerSelector(torch.nn.Module):
 
     def __init__(self, structure: DecoderStructure, config: SparsityConfig, unit: Literal["kv_heads", "neurons"]):
         super().__init__()
-        if config.scope != "per_layer":
-            raise SparsityError("a layerwise (DejaVu-style) predictor scores each layer as it runs, so units cannot "
-                                "be ranked across layers; pass scope='per_layer'")
+        require_layerwise_scope(config)
         self.structure = structure
         self.config = config
         self.unit = unit

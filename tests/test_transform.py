@@ -68,6 +68,31 @@ def test_sparsity_zero_generates_like_hf(family, granularity):
     assert torch.equal(ours, hf)
 
 
+@pytest.mark.parametrize("granularity", ["prompt", "token"])
+def test_sparsity_zero_runs_no_predictor_and_copies_no_weight(family, granularity):
+    """Every unit kept: no score can change the selection, so the predictor does not run, the decode reads the
+    model's own weights (views, no copy), and no DynamicCache copy or autograd-only node is left in the graphs."""
+    model = small_model(family)
+    shadow = ShadowPredictor.for_structure(structure(family), hidden=32, seed=1)
+    sparse = shadowfx.transform(model, shadow, sparsity=0.0, granularity=granularity)
+    calls = []
+    hook = shadow.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        input_ids, attention_mask = padded_batch(1, 7, 512, seed=5)
+        ours = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[])
+    finally:
+        hook.remove()
+    hf = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)
+    assert torch.equal(ours, hf) and calls == []
+    assert sparse.last_decode_path == ("pregathered" if granularity == "prompt" else "per_token")
+    assert sparse.last_gathered_bytes == 0
+    for graph in (sparse.graphs.prefill, sparse.graphs.decode, sparse.graphs.decode_pregathered):
+        if graph is not None:
+            assert not [node for node in graph.graph.nodes
+                        if node.target in (torch.ops.aten.detach_.default, torch.ops.aten.lift_fresh_copy.default)]
+
+
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 def test_half_sparsity_equals_masked_reference(family, attn, scope):
     model = small_model(family, attn)
@@ -152,7 +177,9 @@ def test_prefill_gathers_the_decode_weights_once(family, monkeypatch):
         sparse.max_gathered_bytes = default_limit - 1  # one copy of every weight no longer fits: gathered after
         after_tokens, after_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, eos_token_id=[],
                                                      return_logits=True)
-        assert sparse.last_decode_path == "pregathered" and sparse.last_gathered_bytes == expected.gathered_bytes
+        # gathered after the prefill, kept rows in one run are views of the weights, not copies
+        after = shadowfx.compact.compact_weights(model, sparse.structure, sparse.last_selection)
+        assert sparse.last_decode_path == "pregathered" and sparse.last_gathered_bytes == after.gathered_bytes
     finally:
         sparse.max_gathered_bytes = default_limit
     assert torch.equal(tokens, after_tokens)

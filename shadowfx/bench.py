@@ -13,11 +13,14 @@ resident memory after the setting (a high-water mark: it only grows over a run).
 The models: ``opt-1.3b`` and ``llama-3.2-1b`` (a GQA SwiGLU model of Llama 3.2 1B's shape), both with random weights
 and fewer layers with ``layers``, or a local checkpoint (its saved predictor when there is one, else an untrained
 predictor of ``predictor_hidden`` units: the speed does not depend on the predictor's training, only on its size).
+The predictors: ShadowLLM's one predictor at layer 0, DejaVu's one per later layer, or both, for the cost of each
+per token as a ratio measured in the same run.
 The dense baseline is the Hugging Face model eager, or compiled with ``torch.compile`` (``dense="compile"``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import resource
@@ -35,7 +38,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig,
 from shadowfx.api import checkpoint_directory, discover, transform
 from shadowfx.capture import positions_from_mask
 from shadowfx.files import atomic_write, atomic_write_text
-from shadowfx.predictor import ShadowPredictor, load_predictor, saved_predictors
+from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, load_predictor, saved_predictors
 from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
 from shadowfx.structure import DecoderStructure
 
@@ -62,6 +65,8 @@ class BenchSettings:
     runs: int = 3
     predictor_hidden: int = 1024
     neuron_block: int = 1
+    # "shadowllm": one predictor at layer 0; "dejavu": one per later layer, run as each layer starts
+    predictors: tuple[str, ...] = ("shadowllm",)
     scope: str = "per_layer"
     batch_selection: str = "per_row"  # per prompt at batch > 1: "union" keeps one set of units for the batch
 
@@ -149,28 +154,42 @@ def _measure_once(dense: DenseDecoder, sparse, input_ids: torch.Tensor, attentio
             "dense_decode_step_s": dense_step, "decode_step_s": step, "decode_speedup": decode_speedup}
 
 
-def _predictor_for(model: nn.Module, structure: DecoderStructure, settings: BenchSettings) -> nn.Module:
-    """The predictor saved with the checkpoint, else an untrained one (the same size costs the same time)."""
+PREDICTOR_KINDS = ("shadowllm", "dejavu")
+
+
+def _predictor_for(model: nn.Module, structure: DecoderStructure, settings: BenchSettings, kind: str,
+                   granularity: str) -> nn.Module:
+    """The predictor of ``kind`` saved with the checkpoint (the one trained for ``granularity`` when there is one),
+    else an untrained one (the same size costs the same time)."""
+    if kind not in PREDICTOR_KINDS:
+        raise ValueError(f"unknown predictor kind {kind!r}; known: {', '.join(PREDICTOR_KINDS)}")
     directory = checkpoint_directory(model)
-    if directory is not None and saved_predictors(directory):
-        return load_predictor(directory, structure)
+    saved = [p for p in saved_predictors(directory) if p.kind == kind] if directory is not None else []
+    if saved:
+        chosen = next((p for p in saved if p.granularity == granularity), saved[0])
+        return load_predictor(directory, structure, kind=kind, granularity=chosen.granularity)
+    if kind == "dejavu":
+        return LayerwisePredictor.for_structure(structure, hidden=settings.predictor_hidden)
     return ShadowPredictor.for_structure(structure, hidden=settings.predictor_hidden,
                                          neuron_block=settings.neuron_block)
 
 
+def _kind(predictor: nn.Module) -> str:
+    return "dejavu" if isinstance(predictor, LayerwisePredictor) else "shadowllm"
+
+
 def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predictor: nn.Module | None = None,
           name: str = "", progress: bool = True) -> dict:
-    """Every setting of ``settings`` measured on ``model`` against its dense self (see the module docstring); the
-    results as a JSON-ready dict (``write`` saves it with a plot)."""
+    """Every setting of ``settings`` measured on ``model`` against its dense self (see the module docstring), with
+    each of ``settings.predictors`` (or with ``predictor`` alone); the results as a JSON-ready dict (``write`` saves
+    it with a plot). ``predictor_cost``: where both kinds ran a setting, ShadowLLM's decode speedup over DejaVu's."""
     structure = discover(model)
-    predictor = predictor if predictor is not None else _predictor_for(model, structure, settings)
-    predictor_bytes = sum(p.numel() * p.element_size() for p in predictor.parameters())
     dense_forward = torch.compile(model, dynamic=True) if settings.dense == "compile" else model
     vocab = structure.vocab_size
     results = {"model": name or type(model).__name__, "model_class": type(model).__name__,
                "layers": structure.num_layers, "hidden_size": structure.hidden_size,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": asdict(settings),
-               "predictor_bytes": predictor_bytes, "rows": []}
+               "rows": []}
     generator = torch.Generator().manual_seed(1)
     for batch in settings.batches:
         input_ids = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=generator)
@@ -178,22 +197,42 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         dense = DenseDecoder(dense_forward, input_ids, attention_mask)
         step_bytes = dense_step_bytes(model, structure, batch, settings.prompt_tokens)
         for runtime in settings.runtimes:
-            for granularity in settings.granularities:
-                for sparsity in settings.sparsities:
-                    union = settings.batch_selection == "union" and granularity == "prompt"
-                    sparse = transform(model, predictor, sparsity=sparsity, granularity=granularity,
-                                       scope=settings.scope, runtime=runtime,
-                                       batch_selection="union" if union else "per_row")
-                    runs = [_measure_once(dense, sparse, input_ids, attention_mask, settings.repeats)
-                            for _ in range(settings.runs)]
-                    row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity,
-                                     sparsity=sparsity, prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes,
-                                     predictor_bytes=predictor_bytes if granularity == "token" else 0)
-                    results["rows"].append(row)
-                    if progress:
-                        print(_line(row), file=sys.stderr, flush=True)
-                    del sparse
+            kinds = settings.predictors if predictor is None else (_kind(predictor),)
+            for granularity, sparsity, kind in itertools.product(settings.granularities, settings.sparsities, kinds):
+                chosen = predictor or _predictor_for(model, structure, settings, kind, granularity)
+                union = settings.batch_selection == "union" and granularity == "prompt" and _kind(chosen) == "shadowllm"
+                sparse = transform(model, chosen, sparsity=sparsity, granularity=granularity, scope=settings.scope,
+                                   runtime=runtime, batch_selection="union" if union else "per_row")
+                runs = [_measure_once(dense, sparse, input_ids, attention_mask, settings.repeats)
+                        for _ in range(settings.runs)]
+                # a per-prompt selection is made once in the prefill; per token the predictor runs every step
+                # (none at sparsity 0, where no score changes what is kept)
+                predictor_bytes = sum(p.numel() * p.element_size() for p in chosen.parameters())
+                per_step = predictor_bytes if granularity == "token" and not sparse.config.keeps_every_unit else 0
+                row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity,
+                                 sparsity=sparsity, prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes,
+                                 predictor_bytes=per_step)
+                row.update(predictor=_kind(chosen), predictor_bytes=predictor_bytes)
+                results["rows"].append(row)
+                if progress:
+                    print(_line(row), file=sys.stderr, flush=True)
+                del sparse
+    results["predictor_cost"] = _predictor_cost(results["rows"])
     return results
+
+
+def _predictor_cost(rows: list[dict]) -> list[dict]:
+    """For every setting measured with both predictor kinds: ShadowLLM's decode speedup over DejaVu's (each against
+    the dense model timed alongside it) and DejaVu's predictor bytes over ShadowLLM's."""
+    by_setting: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["batch"], row["runtime"], row["granularity"], row["sparsity"])
+        by_setting.setdefault(key, {})[row["predictor"]] = row
+    return [{"batch": batch, "runtime": runtime, "granularity": granularity, "sparsity": sparsity,
+             "shadowllm_over_dejavu_decode": kinds["shadowllm"]["decode_speedup"] / kinds["dejavu"]["decode_speedup"],
+             "dejavu_over_shadowllm_predictor_bytes": kinds["dejavu"]["predictor_bytes"]
+             / kinds["shadowllm"]["predictor_bytes"]}
+            for (batch, runtime, granularity, sparsity), kinds in by_setting.items() if len(kinds) == 2]
 
 
 def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularity: str, sparsity: float,
@@ -223,7 +262,8 @@ def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularit
 
 def _line(row: dict) -> str:
     low, high = row["decode_speedup_range"]
-    return (f"batch {row['batch']} {row['runtime']:7s} {row['granularity']:6s} {row['sparsity']:.2f}: decode "
+    return (f"batch {row['batch']} {row['runtime']:7s} {row['granularity']:6s} {row['sparsity']:.2f} "
+            f"{row['predictor']}: decode "
             f"{row['decode_speedup']:.2f}x ({low:.2f}-{high:.2f}; bound {row['decode_amdahl_bound']:.2f}x, "
             f"path {row['decode_path']}), prefill {row['prefill_speedup']:.2f}x, first token "
             f"{row['first_token_vs_dense']:.2f}x dense's time, {row['tokens_per_s']:.1f} tokens/s vs "
@@ -244,7 +284,7 @@ def _plot(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    labels = [f"B{r['batch']} {r['runtime']}\n{r['granularity']} {r['sparsity']:.2f}" for r in rows]
+    labels = [f"B{r['batch']} {r['runtime']}\n{r['granularity']} {r['sparsity']:.2f}\n{r['predictor']}" for r in rows]
     x = list(range(len(rows)))
     figure, axis = plt.subplots(figsize=(1.8 * len(rows) + 2, 4.2))
     measured = [r["decode_speedup"] for r in rows]

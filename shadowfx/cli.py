@@ -117,7 +117,7 @@ def _bench(args: argparse.Namespace) -> int:
                              batches=tuple(args.batch), runtimes=tuple(args.runtime), dense=args.dense,
                              prompt_tokens=args.prompt, repeats=args.repeats, runs=args.runs,
                              predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope,
-                             batch_selection=args.batch_selection)
+                             batch_selection=args.batch_selection, predictors=tuple(args.predictor))
     results = bench(model, settings, name=name)
     json_path, plot_path = write(results, args.out)
     print(f"wrote {json_path} and {plot_path}")
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     families.add_argument("--readme", type=Path, help="with --update: the README whose family table to rewrite")
     families.set_defaults(run=_families)
 
-    from shadowfx.bench import SHAPES
+    from shadowfx.bench import PREDICTOR_KINDS, SHAPES
 
     bench_command = commands.add_parser(
         "bench", help="time prefill, first token and decode of the transformed model against dense in one run, "
@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="hidden units of the untrained predictor (when the checkpoint has none saved)")
     bench_command.add_argument("--neuron-block", type=_at_least_one, default=1,
                                help="neurons per output of that predictor")
+    bench_command.add_argument("--predictor", nargs="+", choices=PREDICTOR_KINDS, default=["shadowllm"],
+                               help="shadowllm (one predictor at layer 0), dejavu (one per later layer), or both: "
+                               "their decode speedups compared in the same run")
     bench_command.add_argument("--threads", type=_at_least_one, help="torch threads (default: torch's, all cores)")
     bench_command.add_argument("--out", type=Path, default=Path("shadowfx-bench"), help="where the JSON and plot go")
     bench_command.set_defaults(run=_bench)

@@ -40,9 +40,28 @@ def test_bench_measures_every_setting_against_dense():
     assert by_path == {(1, "prompt"): "pregathered", (1, "token"): "per_token", (2, "prompt"): "pregathered",
                        (2, "token"): "per_token"}
     # per token the predictor runs every step and is counted; per prompt it is not
-    predictor = results["predictor_bytes"]
-    assert predictor > 0
+    predictor = rows[0]["predictor_bytes"]
+    assert predictor > 0 and {r["predictor"] for r in rows} == {"shadowllm"}
     assert [r["predictor_bytes_per_step"] for r in rows] == [0, predictor, 0, predictor]
+
+
+def test_bench_compares_the_predictor_kinds_per_token():
+    """ShadowLLM's one predictor against DejaVu's per-layer ones in the same run: the ratio comes from the rows'
+    speedups and bytes; at sparsity 0 no predictor runs, so none is counted."""
+    settings = bench.BenchSettings(sparsities=(0.0, 0.5), granularities=("token",), predictors=("shadowllm", "dejavu"),
+                                   **QUICK)
+    results = bench.bench(small_model("llama"), settings, progress=False)
+    rows = {(r["sparsity"], r["predictor"]): r for r in results["rows"]}
+    assert set(rows) == {(s, k) for s in (0.0, 0.5) for k in ("shadowllm", "dejavu")}
+    assert rows[0.0, "dejavu"]["predictor_bytes_per_step"] == rows[0.0, "shadowllm"]["predictor_bytes_per_step"] == 0
+    shadow, dejavu = rows[0.5, "shadowllm"], rows[0.5, "dejavu"]
+    assert dejavu["predictor_bytes_per_step"] == dejavu["predictor_bytes"] > shadow["predictor_bytes"] > 0
+    costs = {cost["sparsity"]: cost for cost in results["predictor_cost"]}
+    assert set(costs) == {0.0, 0.5}
+    assert costs[0.5]["shadowllm_over_dejavu_decode"] == pytest.approx(shadow["decode_speedup"]
+                                                                       / dejavu["decode_speedup"])
+    assert costs[0.5]["dejavu_over_shadowllm_predictor_bytes"] == pytest.approx(dejavu["predictor_bytes"]
+                                                                                / shadow["predictor_bytes"])
 
 
 def test_bench_union_at_batch_two_gathers_one_copy():
@@ -88,7 +107,7 @@ def test_bench_command_uses_the_saved_predictor_and_writes_json_and_plot(tmp_pat
     results = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0
     assert results["model"] == str(checkpoint) and len(results["rows"]) == 1
-    assert results["predictor_bytes"] == sum(p.numel() * p.element_size() for p in saved.parameters())
+    assert results["rows"][0]["predictor_bytes"] == sum(p.numel() * p.element_size() for p in saved.parameters())
     assert "bench.json" in capsys.readouterr().out
 
 

@@ -337,7 +337,8 @@ def test_max_gathered_bytes_is_checked_before_anything_is_copied(monkeypatch):
     sparse = transformed("llama", 0.5)
     input_ids, attention_mask = padded_batch(1, 6, 512, seed=8)
     sparse.start(input_ids, attention_mask)
-    needed = sparse.last_gathered_bytes
+    compact = shadowfx.compact.compact_weights(small_model("llama"), sparse.structure, sparse.last_selection)
+    needed = compact.gathered_bytes
     assert sparse.last_decode_path == "pregathered" and needed > 0
 
     def no_copy(self):
@@ -358,11 +359,14 @@ def test_shared_selection_gathers_one_copy():
     input_ids, attention_mask = padded_batch(1, 6, 512, seed=8)
     sparse.start(input_ids, attention_mask)
     single = sparse.last_gathered_bytes
-    sparse.start(input_ids.expand(3, -1), attention_mask.expand(3, -1))
-    assert sparse.last_gathered_bytes == single  # identical rows share one compact copy
     effective = sparse.effective_sparsity()
     kept_layer_bytes = sum(layer.weight_bytes_kept for layer in effective.layers[1:])
-    assert single == kept_layer_bytes
+    assert single == kept_layer_bytes  # the prefill copied every kept weight of its row
+    sparse.start(input_ids.expand(3, -1), attention_mask.expand(3, -1))
+    # identical rows share one compact copy (of which kept rows in one run are views, not copies)
+    shared = shadowfx.compact.compact_weights(small_model("llama"), sparse.structure, sparse.last_selection)
+    assert shared.per_row == {"kv_heads": False, "neurons": False}
+    assert 0 < sparse.last_gathered_bytes == shared.gathered_bytes <= single
 
 
 @functools.cache

@@ -150,6 +150,9 @@ def transform(
     predictor saved next to the checkpoint is loaded. ``verify`` (on by default; a prefill on a 2 x 9 probe batch)
     checks that the rewrite with every unit kept equals the model, and raises :class:`RewriteMismatch` if not.
 
+    With every unit kept (sparsity 0 for heads and neurons) the predictor does not run, since no score could change
+    the selection; the rewritten layers still do, reading the model's own weights without a copy.
+
     The later layers' attention-output and MLP-down weights of ``model`` are stored input-major in place (the same
     values, laid out so that a kept input's weights are one contiguous run, as the gathers and decode kernels read
     them).

@@ -20,6 +20,7 @@ version, the sparsity settings and the structure in ``metadata_props``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
+from onnxscript.rewriter._matcher import SimplePatternMatcher
 from torch import nn
 from torch.export import Dim
 from tqdm import tqdm
@@ -256,8 +258,22 @@ def _to_onnx(progress: tqdm, module: nn.Module, args: tuple, dynamic_shapes: tup
         onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=translation_table(),
                                          input_names=input_names, output_names=output_names, opset_version=20,
                                          optimize=True, verify=False, report=False, verbose=False)
+    proto = onnx_program.model_proto
+    del onnx_program
+    _release_matched_graph()
     progress.update()
-    return onnx_program.model_proto
+    return proto
+
+
+def _release_matched_graph() -> None:
+    """Let go of the graph that onnxscript's optimiser matched last. Its rewrite rules are module-level objects whose
+    matchers keep the last graph, match and node they saw (onnxscript 0.7), and that graph's constants are the
+    exported module's own parameters: without this, one exported graph and the whole model stay in memory after
+    ``export_onnx`` returns and the caller has dropped them."""
+    for matcher in (o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)):
+        if hasattr(matcher, "_graph"):  # it has matched (the attribute is made by its first match)
+            matcher._graph = matcher._tracer = None
+            matcher._init_match(verbose=0)  # a fresh, empty match result and no current node
 
 
 def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.ModelProto]]:

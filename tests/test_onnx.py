@@ -4,9 +4,11 @@ shadowfx nodes in every file, and a clear refusal of every damaged or foreign di
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import onnx
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 import shadowfx
-from shadowfx.families import FAMILIES
+from shadowfx.families import FAMILIES, build_small
 from shadowfx.onnx_export import GRAPH_FILES, WEIGHTS_FILE, export_onnx
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.capture import positions_from_mask
@@ -277,3 +279,20 @@ def test_carried_head_transforms_run_in_onnxruntime(model_type, granularity, tmp
                                rtol=1e-4, atol=1e-4)
     assert torch.equal(onnx_model.generate(input_ids, attention_mask, max_new_tokens=4),
                        sparse.generate(input_ids, attention_mask, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("granularity", ["prompt", None])
+def test_export_keeps_no_reference_to_the_model(granularity, tmp_path):
+    """Once export_onnx returns and the caller drops the model, its weights are freed: the exporter's optimiser
+    (module-level onnxscript rules) would otherwise hold the last exported graph, and the parameters with it."""
+    model = build_small("opt")
+    weight = weakref.ref(model.lm_head.weight)
+    if granularity is None:
+        export_onnx(model, tmp_path / "dense")
+    else:
+        predictor = ShadowPredictor.for_structure(shadowfx.discover(model), hidden=16, seed=0)
+        export_onnx(shadowfx.transform(model, predictor, sparsity=0.5, granularity=granularity), tmp_path / "sparse")
+        del predictor
+    del model
+    gc.collect()
+    assert weight() is None

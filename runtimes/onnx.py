@@ -30,11 +30,15 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from shadowfx.onnx_export import FORMAT, GRAPH_FILES, METADATA_PREFIX
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.ort_kernels import KernelBuildError, kernel_library
-from shadowfx.runtimes.pytorch import Granularity, GenerationLoop
+from shadowfx.runtimes.pytorch import DecodePath, Granularity, GenerationLoop
 from shadowfx.selection import Selection, SparsityConfig
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 logger = logging.getLogger(__name__)
+
+
+ELEMENT_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(double)": 8}
+"""Bytes of one element of an onnxruntime tensor type (the float types a model's weights come in)."""
 
 
 class OnnxLoadError(ValueError):
@@ -183,7 +187,11 @@ class OnnxDecoder(GenerationLoop):
                                                            providers=providers or ["CPUExecutionProvider"])
             except Exception as error:  # onnxruntime raises its own exception types, not one base class
                 raise OnnxLoadError(f"onnxruntime cannot load {self.directory / name}.onnx: {error}") from error
+        self.element_bytes = ELEMENT_BYTES[self.sessions["prefill"].get_outputs()[0].type]  # logits: the model's dtype
+        self.batch_selection = "per_row"  # the only one exported
         self.last_selection: Selection | None = None
+        self.last_decode_path: DecodePath | None = None
+        self.last_gathered_bytes = 0  # bytes of the kept weights the last start gathered
 
     # ---- running -----------------------------------------------------------------------------------------------------
     def _run(self, graph: str, arrays: dict[str, np.ndarray], values: dict[str, ort.OrtValue]) -> list[ort.OrtValue]:
@@ -223,6 +231,12 @@ class OnnxDecoder(GenerationLoop):
         if decode and self.granularity == "prompt":
             names = [i.name for i in self.sessions["gather"].get_inputs()]
             kept = self._run("gather", {}, dict(zip(names, chosen)))
+            self.last_decode_path = "pregathered"
+            # every gathered tensor leads with the batch axis; the output biases, kept whole, are the 1-D ones
+            self.last_gathered_bytes = sum(int(np.prod(value.shape())) * ELEMENT_BYTES[value.data_type()]
+                                           for value in kept if len(value.shape()) > 1)
+        elif decode and self.granularity == "token":
+            self.last_decode_path, self.last_gathered_bytes = "per_token", 0
         return OnnxDecodeState(logits[:, -1], mask, cache, kept)
 
     def step(self, state: OnnxDecodeState, next_token: torch.Tensor) -> torch.Tensor:

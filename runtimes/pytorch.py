@@ -105,6 +105,19 @@ class GenerationLoop:
 
     max_positions: int | None
     generation_config: object
+    # for effective_sparsity: what the model is and selected last (None before the first call, or with no selection)
+    structure: DecoderStructure
+    config: SparsityConfig | None
+    granularity: Granularity | Literal["dense"]
+    element_bytes: int  # of one weight
+    last_selection: Selection | None
+
+    def effective_sparsity(self) -> EffectiveSparsity:
+        """What the last call's selection skipped, per layer and overall (heads, neurons, weight and KV bytes)."""
+        if self.last_selection is None:
+            raise RuntimeError("no selection yet: call the model or generate() first")
+        return effective_sparsity(self.structure, self.last_selection, self.config, element_bytes=self.element_bytes,
+                                  kv_cache_shrinks=self.granularity == "prompt")
 
     # ---- inputs ------------------------------------------------------------------------------------------------------
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -224,6 +237,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
                                    else self._layer_weight_bytes)
         parameter = next(self.model.parameters())
         self._dtype, self._device = parameter.dtype, parameter.device
+        self.element_bytes = parameter.element_size()
         if self._device.type == "cpu":  # the native kernels and their copy buffers are CPU-only
             native.kernels()  # built here on first use, rather than in the first decode step
             if self.granularity == "prompt":
@@ -321,12 +335,3 @@ class SparseDecoder(GenerationLoop, nn.Module):
                 return self._decode_pregathered, compact.tensors
         self.last_decode_path, self.last_gathered_bytes = "gather_per_call", 0
         return self._decode, [*selection.kv_heads, *selection.neurons]
-
-    # ---- reporting ---------------------------------------------------------------------------------------------------
-    def effective_sparsity(self) -> EffectiveSparsity:
-        """What the last call's selection skipped, per layer and overall (heads, neurons, weight and KV bytes)."""
-        if self.last_selection is None:
-            raise RuntimeError("no selection yet: call the model or generate() first")
-        element_bytes = torch.finfo(self._dtype).bits // 8
-        return effective_sparsity(self.structure, self.last_selection, self.config, element_bytes=element_bytes,
-                                  kv_cache_shrinks=self.granularity == "prompt")

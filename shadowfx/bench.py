@@ -15,30 +15,40 @@ and fewer layers with ``layers``, or a local checkpoint (its saved predictor whe
 predictor of ``predictor_hidden`` units: the speed does not depend on the predictor's training, only on its size).
 The predictors: ShadowLLM's one predictor at layer 0, DejaVu's one per later layer, or both, for the cost of each
 per token as a ratio measured in the same run.
-The dense baseline is the Hugging Face model eager, or compiled with ``torch.compile`` (``dense="compile"``).
+The dense baseline is the Hugging Face model eager, or compiled with ``torch.compile`` (``dense="compile"``). The
+sparse runtime ``"onnx"`` runs the export of each setting in onnxruntime against the dense export in onnxruntime,
+each row naming the dense baseline it was measured against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import itertools
 import json
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import onnxruntime
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from shadowfx import native
 from shadowfx.api import checkpoint_directory, discover, transform
 from shadowfx.capture import positions_from_mask
 from shadowfx.files import atomic_write, atomic_write_text
+from shadowfx.onnx_export import export_onnx
 from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, load_predictor, saved_predictors
+from shadowfx.runtimes.onnx import OnnxDecoder
 from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
 from shadowfx.structure import DecoderStructure
 
@@ -58,7 +68,7 @@ class BenchSettings:
     sparsities: tuple[float, ...] = (0.5,)
     granularities: tuple[str, ...] = ("prompt", "token")
     batches: tuple[int, ...] = (1,)
-    runtimes: tuple[str, ...] = ("eager",)
+    runtimes: tuple[str, ...] = ("eager",)  # of the sparse model: "eager", "compile", "onnx" (onnxruntime)
     dense: str = "eager"
     prompt_tokens: int = 128
     repeats: int = 16
@@ -100,23 +110,30 @@ def alternating(first: Callable[[], object], second: Callable[[], object], repea
     return statistics.median(times[0]), statistics.median(times[1]), ratio
 
 
+@dataclass
+class DenseState:
+    cache: DynamicCache
+    mask: torch.Tensor
+
+
 class DenseDecoder:
-    """The Hugging Face model (or its compiled forward) with its KV cache: prefill, and one decode step at a time."""
+    """The Hugging Face model (or its compiled forward) with its KV cache, driven as the sparse runtimes are: called
+    for the prompt's logits, ``start`` for the prefill that decoding continues, ``step`` for one token per row."""
 
-    def __init__(self, forward: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self.forward, self.input_ids, self.attention_mask = forward, input_ids, attention_mask
+    def __init__(self, forward: Callable) -> None:
+        self.forward = forward
 
-    def prefill(self):
-        return self.forward(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                            position_ids=positions_from_mask(self.attention_mask), cache=DynamicCache(), use_cache=True)
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.forward(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=positions_from_mask(attention_mask), cache=DynamicCache(), use_cache=True)
 
-    def start(self) -> None:
-        self.cache, self.mask = self.prefill().cache, self.attention_mask
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DenseState:
+        return DenseState(self(input_ids, attention_mask).cache, attention_mask)
 
-    def step(self) -> None:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.forward(input_ids=self.input_ids[:, -1:], attention_mask=self.mask,
-                     position_ids=positions_from_mask(self.mask)[:, -1:], cache=self.cache, use_cache=True)
+    def step(self, state: DenseState, next_token: torch.Tensor) -> None:
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        self.forward(input_ids=next_token[:, None], attention_mask=state.mask,
+                     position_ids=positions_from_mask(state.mask)[:, -1:], cache=state.cache, use_cache=True)
 
 
 def dense_step_bytes(model: nn.Module, structure: DecoderStructure, batch: int, prompt_tokens: int) -> int:
@@ -135,18 +152,19 @@ def _peak_resident_bytes() -> int:
 
 
 @torch.inference_mode()
-def _measure_once(dense: DenseDecoder, sparse, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  repeats: int) -> dict:
-    """One run of one setting: prefill, time to first token and decode step, dense and sparse in alternation."""
+def _measure_once(dense, sparse, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int) -> dict:
+    """One run of one setting: prefill, time to first token and decode step, dense and sparse in alternation. Both
+    are runtimes of one interface: called for the prompt's logits, ``start`` (the prefill decoding continues from;
+    per prompt the sparse one also gathers the kept weights there) and ``step``."""
     few = max(3, repeats // 4)
-    dense_prefill, prefill, prefill_speedup = alternating(dense.prefill, lambda: sparse(input_ids, attention_mask),
-                                                          few, warmup=1)
-    dense_first, first, first_token_ratio = alternating(dense.prefill, lambda: sparse.start(input_ids, attention_mask),
-                                                        few, warmup=1)
-    dense.start()
-    state = sparse.start(input_ids, attention_mask)
+    dense_prefill, prefill, prefill_speedup = alternating(lambda: dense(input_ids, attention_mask),
+                                                          lambda: sparse(input_ids, attention_mask), few, warmup=1)
+    dense_first, first, first_token_ratio = alternating(lambda: dense.start(input_ids, attention_mask),
+                                                        lambda: sparse.start(input_ids, attention_mask), few, warmup=1)
+    dense_state, state = dense.start(input_ids, attention_mask), sparse.start(input_ids, attention_mask)
     token = input_ids[:, -1]
-    dense_step, step, decode_speedup = alternating(dense.step, lambda: sparse.step(state, token), repeats)
+    dense_step, step, decode_speedup = alternating(lambda: dense.step(dense_state, token),
+                                                   lambda: sparse.step(state, token), repeats)
     return {"dense_prefill_s": dense_prefill, "prefill_s": prefill, "prefill_speedup": prefill_speedup,
             "dense_first_token_s": dense_first, "first_token_s": first,
             # the time to first token as a ratio of times (<= 1 is no later than dense), the others as speedups
@@ -182,43 +200,93 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
           name: str = "", progress: bool = True) -> dict:
     """Every setting of ``settings`` measured on ``model`` against its dense self (see the module docstring), with
     each of ``settings.predictors`` (or with ``predictor`` alone); the results as a JSON-ready dict (``write`` saves
-    it with a plot). ``predictor_cost``: where both kinds ran a setting, ShadowLLM's decode speedup over DejaVu's."""
+    it with a plot). ``predictor_cost``: where both kinds ran a setting, ShadowLLM's decode speedup over DejaVu's.
+
+    The runtime ``"onnx"`` exports the dense model and every setting into a temporary folder (removed afterwards)
+    and times them in onnxruntime after the PyTorch runtimes, against the dense export in onnxruntime. Before
+    loading its sessions, ``bench`` drops its own reference to ``model`` and the gathered-weight buffers it kept: pass
+    a model nothing else holds (as the CLI does) and its memory is free for onnxruntime's copies of the weights.
+    """
     structure = discover(model)
-    dense_forward = torch.compile(model, dynamic=True) if settings.dense == "compile" else model
-    vocab = structure.vocab_size
+    torch_runtimes = [runtime for runtime in settings.runtimes if runtime != "onnx"]
     results = {"model": name or type(model).__name__, "model_class": type(model).__name__,
                "layers": structure.num_layers, "hidden_size": structure.hidden_size,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": asdict(settings),
                "rows": []}
     generator = torch.Generator().manual_seed(1)
-    for batch in settings.batches:
-        input_ids = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=generator)
-        attention_mask = torch.ones_like(input_ids)
-        dense = DenseDecoder(dense_forward, input_ids, attention_mask)
-        step_bytes = dense_step_bytes(model, structure, batch, settings.prompt_tokens)
-        for runtime in settings.runtimes:
-            kinds = settings.predictors if predictor is None else (_kind(predictor),)
-            for granularity, sparsity, kind in itertools.product(settings.granularities, settings.sparsities, kinds):
-                chosen = predictor or _predictor_for(model, structure, settings, kind, granularity)
-                union = settings.batch_selection == "union" and granularity == "prompt" and _kind(chosen) == "shadowllm"
-                sparse = transform(model, chosen, sparsity=sparsity, granularity=granularity, scope=settings.scope,
-                                   runtime=runtime, batch_selection="union" if union else "per_row")
-                runs = [_measure_once(dense, sparse, input_ids, attention_mask, settings.repeats)
+    prompts = {batch: torch.randint(0, structure.vocab_size, (batch, settings.prompt_tokens), generator=generator)
+               for batch in settings.batches}
+    step_bytes = {batch: dense_step_bytes(model, structure, batch, settings.prompt_tokens) for batch in prompts}
+    kinds = settings.predictors if predictor is None else (_kind(predictor),)
+    cases = list(itertools.product(settings.granularities, settings.sparsities, kinds))
+
+    def record(runs: list[dict], sparse, chosen: nn.Module, batch: int, runtime: str, granularity: str,
+               sparsity: float) -> None:
+        # a per-prompt selection is made once in the prefill; per token the predictor runs every step (none at
+        # sparsity 0, where no score changes what is kept)
+        predictor_bytes = sum(p.numel() * p.element_size() for p in chosen.parameters())
+        per_step = predictor_bytes if granularity == "token" and not sparse.config.keeps_every_unit else 0
+        row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity, sparsity=sparsity,
+                         prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes[batch], predictor_bytes=per_step)
+        row.update(dense="onnx" if runtime == "onnx" else settings.dense, predictor=_kind(chosen),
+                   predictor_bytes=predictor_bytes)
+        results["rows"].append(row)
+        if progress:
+            print(_line(row), file=sys.stderr, flush=True)
+
+    def transformed(granularity: str, sparsity: float, kind: str, runtime: str, batch_selection: str):
+        chosen = predictor or _predictor_for(model, structure, settings, kind, granularity)
+        union = batch_selection == "union" and granularity == "prompt" and _kind(chosen) == "shadowllm"
+        return chosen, transform(model, chosen, sparsity=sparsity, granularity=granularity, scope=settings.scope,
+                                 runtime=runtime, batch_selection="union" if union else "per_row")
+
+    with contextlib.ExitStack() as cleanup:
+        exports = None
+        if "onnx" in settings.runtimes:
+            exports = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shadowfx-bench-")))
+            _export(model, exports / "dense", progress)  # first: transform changes the layout of some weights
+        dense_forward = torch.compile(model, dynamic=True) if settings.dense == "compile" else model
+        for batch, input_ids in prompts.items():
+            dense = DenseDecoder(dense_forward)
+            for runtime, (granularity, sparsity, kind) in itertools.product(torch_runtimes, cases):
+                chosen, sparse = transformed(granularity, sparsity, kind, runtime, settings.batch_selection)
+                runs = [_measure_once(dense, sparse, input_ids, torch.ones_like(input_ids), settings.repeats)
                         for _ in range(settings.runs)]
-                # a per-prompt selection is made once in the prefill; per token the predictor runs every step
-                # (none at sparsity 0, where no score changes what is kept)
-                predictor_bytes = sum(p.numel() * p.element_size() for p in chosen.parameters())
-                per_step = predictor_bytes if granularity == "token" and not sparse.config.keeps_every_unit else 0
-                row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity,
-                                 sparsity=sparsity, prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes,
-                                 predictor_bytes=per_step)
-                row.update(predictor=_kind(chosen), predictor_bytes=predictor_bytes)
-                results["rows"].append(row)
-                if progress:
-                    print(_line(row), file=sys.stderr, flush=True)
+                record(runs, sparse, chosen, batch, runtime, granularity, sparsity)
                 del sparse
+        if exports is None:
+            return _finish(results)
+        exported = []
+        for index, (granularity, sparsity, kind) in enumerate(cases):
+            chosen, sparse = transformed(granularity, sparsity, kind, "eager", "per_row")  # the one exported
+            exported.append((chosen, _export(sparse, exports / f"sparse-{index}", progress)))
+            del sparse
+        # onnxruntime holds its own copies of the weights: the PyTorch model's memory is freed for them first
+        del model, dense_forward, dense, transformed
+        torch._dynamo.reset()  # compiled code keeps the model it was compiled for
+        gc.collect()
+        native.release_gathered_buffers()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        dense_onnx = OnnxDecoder(exports / "dense", structure=structure, session_options=options)
+        for (chosen, directory), (granularity, sparsity, _) in zip(exported, cases):
+            sparse_onnx = OnnxDecoder(directory, structure=structure, session_options=options)
+            for batch, input_ids in prompts.items():
+                runs = [_measure_once(dense_onnx, sparse_onnx, input_ids, torch.ones_like(input_ids),
+                                      settings.repeats) for _ in range(settings.runs)]
+                record(runs, sparse_onnx, chosen, batch, "onnx", granularity, sparsity)
+            del sparse_onnx
+    return _finish(results)
+
+
+def _finish(results: dict) -> dict:
     results["predictor_cost"] = _predictor_cost(results["rows"])
     return results
+
+
+def _export(model, directory: Path, progress: bool) -> Path:
+    with contextlib.redirect_stderr(sys.stderr if progress else io.StringIO()):  # export_onnx's progress bar
+        return export_onnx(model, directory)
 
 
 def _predictor_cost(rows: list[dict]) -> list[dict]:

@@ -105,20 +105,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.model in SHAPES:
-        model = shape_model(args.model, args.layers)
-        name = args.model if args.layers is None else f"{args.model}, {args.layers} layers"
-    elif args.layers is not None:
+    if args.model not in SHAPES and args.layers is not None:
         raise ValueError("--layers shortens the random-weight shapes only; a checkpoint runs with all its layers")
-    else:
-        model, name = load_decoder(args.model), str(args.model)
+    name = f"{args.model}, {args.layers} layers" if args.layers is not None else str(args.model)
     writable_directory(args.out)  # refused before the long measurement, not after it
     settings = BenchSettings(sparsities=tuple(args.sparsity), granularities=tuple(args.granularity),
                              batches=tuple(args.batch), runtimes=tuple(args.runtime), dense=args.dense,
                              prompt_tokens=args.prompt, repeats=args.repeats, runs=args.runs,
                              predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope,
                              batch_selection=args.batch_selection, predictors=tuple(args.predictor))
-    results = bench(model, settings, name=name)
+    # made in the call, so that bench holds the only reference: it frees the weights before onnxruntime loads its own
+    results = bench(shape_model(args.model, args.layers) if args.model in SHAPES else load_decoder(args.model),
+                    settings, name=name)
     json_path, plot_path = write(results, args.out)
     print(f"wrote {json_path} and {plot_path}")
     return 0
@@ -456,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
     bench_command.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES))
     bench_command.add_argument("--batch", type=_at_least_one, nargs="+", default=[1])
-    bench_command.add_argument("--runtime", nargs="+", choices=["eager", "compile"], default=["eager"],
-                               help="the sparse model's runtime(s)")
+    bench_command.add_argument("--runtime", nargs="+", choices=["eager", "compile", "onnx"], default=["eager"],
+                               help="the sparse model's runtime(s); onnx: the sparse and the dense export in "
+                               "onnxruntime")
     bench_command.add_argument("--dense", choices=["eager", "compile"], default="eager",
                                help="the dense baseline: the Hugging Face model eager or under torch.compile")
     bench_command.add_argument("--scope", choices=SCOPES, default="per_layer")

@@ -4,6 +4,7 @@ bounds consistent with the times and bytes they come from, the saved predictor u
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from shadowfx import bench
 from shadowfx.cli import main
 from shadowfx.families import build_small
 from shadowfx.predictor import ShadowPredictor
+from shadowfx.runtimes.onnx import OnnxDecoder
 
 from conftest import small_model, structure
 
@@ -130,3 +132,34 @@ def test_bench_command_rejects_a_zero_batch(capsys):
         main(["bench", "--batch", "0"])
     assert "must be at least 1" in capsys.readouterr().err
     torch.set_num_threads(1)
+
+
+def test_bench_in_onnxruntime_against_the_dense_export(monkeypatch):
+    """The runtime "onnx" times the sparse export against the dense export in onnxruntime, after the PyTorch rows,
+    with the same bytes and bound as the PyTorch runtime's rows of the same setting; the PyTorch model is freed
+    before onnxruntime loads its own copy of the weights."""
+    model = build_small("llama")
+    weight = weakref.ref(model.lm_head.weight)
+    alive_at_load = []
+
+    def decoder(*args, **kwargs):
+        alive_at_load.append(weight() is not None)
+        return OnnxDecoder(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "OnnxDecoder", decoder)
+    settings = bench.BenchSettings(granularities=("prompt", "token"), runtimes=("eager", "onnx"), **QUICK)
+    arguments = [model]
+    del model  # bench then holds the only reference, as in the CLI
+    rows = bench.bench(arguments.pop(), settings, progress=False)["rows"]
+    assert alive_at_load == [False] * 3  # the dense export, then each setting's
+    assert [(r["runtime"], r["dense"], r["granularity"]) for r in rows] == [
+        ("eager", "eager", "prompt"), ("eager", "eager", "token"), ("onnx", "onnx", "prompt"), ("onnx", "onnx", "token")]
+    eager, onnx = {r["granularity"]: r for r in rows[:2]}, {r["granularity"]: r for r in rows[2:]}
+    for granularity in ("prompt", "token"):
+        row = onnx[granularity]
+        assert row["decode_path"] == eager[granularity]["decode_path"]
+        assert row["gathered_bytes"] == eager[granularity]["gathered_bytes"]
+        for key in ("decode_amdahl_bound", "sparse_bytes_per_token", "heads_skipped", "neurons_skipped"):
+            assert row[key] == pytest.approx(eager[granularity][key])
+        assert row["dense_decode_step_s"] > 0 and row["decode_step_s"] > 0
+    assert onnx["prompt"]["gathered_bytes"] > 0 and onnx["token"]["predictor_bytes_per_step"] > 0

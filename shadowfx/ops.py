@@ -201,6 +201,9 @@ def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Option
         weight, bias = take_rows(weight, rows), None if bias is None else bias[rows]
     elif weight.dim() == 3 and weight.shape[0] == 1:  # pre-gathered for a batch of one: one matmul, not a batch
         weight, bias = weight[0], None if bias is None else bias[0]
+    if weight.dim() == 2 and x.shape[:-1].numel() == 1 and native.applies(x.reshape(1, 1, -1), weight):
+        # one token (a batch of one's decode step): the native kernel streams the weight faster than F.linear
+        return native.gemv(x.reshape(1, -1), weight, bias).view(*x.shape[:-1], -1)
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     # x @ [B, in, out] is one batched matmul per row; the bias [B, out] is unsqueezed to broadcast over the sequence

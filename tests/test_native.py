@@ -251,6 +251,25 @@ def test_prefill_and_pregathered_steps_take_the_pytorch_path(native_calls: dict[
     assert native_calls == {"gather_rows": 0, "gather_cols": 0}
 
 
+@DTYPES
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_a_step_of_one_token_on_gathered_weights_streams_them_natively(gated: bool, dtype: torch.dtype,
+                                                                       native_calls: dict[str, int]) -> None:
+    """A batch of one's decode step on its gathered weights runs the row projections (up, gate) as native GEMVs,
+    which compute what F.linear does; the output projection stays F.linear."""
+    embed, kept = 48, 24
+    compact = {"up_weight": torch.randn(1, kept, embed).to(dtype), "up_bias": torch.randn(1, kept).to(dtype),
+               "gate_weight": torch.randn(1, kept, embed).to(dtype) if gated else None, "gate_bias": None,
+               "down_weight": torch.randn(1, embed, kept).to(dtype), "down_bias": torch.randn(embed).to(dtype)}
+    x = torch.randn(1, 1, embed).to(dtype)
+    fast = ops.gathered_mlp(x, **compact, neuron_idx=None, activation="silu")
+    assert native_calls == {"gather_rows": 2 if gated else 1, "gather_cols": 0}
+    with native.use_native_kernels(False):
+        reference = ops.gathered_mlp(x, **compact, neuron_idx=None, activation="silu")
+    assert native_calls["gather_rows"] == (2 if gated else 1)
+    close(fast, reference, dtype)
+
+
 def test_without_a_compiler_the_ops_warn_once_and_compute_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     x, up, down = torch.randn(2, 1, 16), torch.randn(32, 16), torch.randn(16, 32)
     call = dict(up_weight=up, up_bias=None, gate_weight=None, gate_bias=None, down_weight=down, down_bias=None,

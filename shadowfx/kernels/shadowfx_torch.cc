@@ -37,6 +37,15 @@ void axpy(float scale, const W* weight, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] += scale * static_cast<float>(weight[i]);
 }
 
+template <typename W>
+void axpy4(const float* scale, const W* w0, const W* w1, const W* w2, const W* w3, float* out, int64_t n) {
+  const float s0 = scale[0], s1 = scale[1], s2 = scale[2], s3 = scale[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    out[i] += s0 * static_cast<float>(w0[i]) + s1 * static_cast<float>(w1[i]) + s2 * static_cast<float>(w2[i]) +
+              s3 * static_cast<float>(w3[i]);
+}
+
 void check_selection(const torch::Tensor& x, const torch::Tensor& index, const char* name) {
   TORCH_CHECK(x.dim() == 2, name, ": the input must be [T, width], got ", x.sizes());
   TORCH_CHECK(index.dim() == 2 && index.size(0) == x.size(0) && index.scalar_type() == torch::kLong, name,
@@ -93,7 +102,19 @@ void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* ou
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(embed, 1));
     at::parallel_for(0, tokens * kept, grain, [&](int64_t begin, int64_t end) {
       float* sum = sums.data() + at::get_thread_num() * tokens * embed;
-      for (int64_t item = begin; item < end; ++item) {
+      // four kept inputs of one token at a time: their rows stream in while the sum is read and written once
+      int64_t item = begin;
+      for (; item + 4 <= end && item / kept == (item + 3) / kept; item += 4) {
+        const int64_t* four = cols + item;
+        if (four[0] < units && four[1] < units && four[2] < units && four[3] < units) {
+          axpy4(h + item, weight + four[0] * embed, weight + four[1] * embed, weight + four[2] * embed,
+                weight + four[3] * embed, sum + (item / kept) * embed, embed);
+          continue;
+        }
+        for (int64_t one = item; one < item + 4; ++one)
+          if (cols[one] < units) axpy(h[one], weight + cols[one] * embed, sum + (one / kept) * embed, embed);
+      }
+      for (; item < end; ++item) {
         const int64_t col = cols[item];
         if (col < units) axpy(h[item], weight + col * embed, sum + (item / kept) * embed, embed);
       }

@@ -102,22 +102,20 @@ void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* ou
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(embed, 1));
     at::parallel_for(0, tokens * kept, grain, [&](int64_t begin, int64_t end) {
       float* sum = sums.data() + at::get_thread_num() * tokens * embed;
+      auto add_one = [&](int64_t item) {
+        if (cols[item] < units) axpy(h[item], weight + cols[item] * embed, sum + (item / kept) * embed, embed);
+      };
       // four kept inputs of one token at a time: their rows stream in while the sum is read and written once
       int64_t item = begin;
       for (; item + 4 <= end && item / kept == (item + 3) / kept; item += 4) {
         const int64_t* four = cols + item;
-        if (four[0] < units && four[1] < units && four[2] < units && four[3] < units) {
+        if (four[0] < units && four[1] < units && four[2] < units && four[3] < units)
           axpy4(h + item, weight + four[0] * embed, weight + four[1] * embed, weight + four[2] * embed,
                 weight + four[3] * embed, sum + (item / kept) * embed, embed);
-          continue;
-        }
-        for (int64_t one = item; one < item + 4; ++one)
-          if (cols[one] < units) axpy(h[one], weight + cols[one] * embed, sum + (one / kept) * embed, embed);
+        else
+          for (int64_t one = item; one < item + 4; ++one) add_one(one);
       }
-      for (; item < end; ++item) {
-        const int64_t col = cols[item];
-        if (col < units) axpy(h[item], weight + col * embed, sum + (item / kept) * embed, embed);
-      }
+      for (; item < end; ++item) add_one(item);
     });
     std::fill(out, out + tokens * embed, 0.0f);
     for (int64_t thread = 0; thread < threads; ++thread) axpy(1.0f, sums.data() + thread * tokens * embed, out,

@@ -8,7 +8,7 @@ import torch
 from torch.fx import GraphModule
 
 from shadowfx.passes.base import GraphPass, PassResult
-from shadowfx.passes.graph import is_call, module_paths
+from shadowfx.passes.graph import is_call, layer_indexer
 from shadowfx.structure import DecoderStructure
 
 # Export's dtype/shape assertions have no users but count as side effects, so they would keep the replaced dense
@@ -62,10 +62,10 @@ class Cleanup(GraphPass):
     name = "cleanup"
 
     def __init__(self, structure: DecoderStructure) -> None:
-        self.layer_of = {layer.module: layer.index for layer in structure.layers}
+        self.layer_of = layer_indexer(structure)
 
     def call(self, gm: GraphModule) -> PassResult:
-        before = {node: self._layer(node) for node in gm.graph.nodes}
+        before = {node: self.layer_of(node) for node in gm.graph.nodes}
         for node in list(gm.graph.nodes):
             if is_call(node, _ASSERTIONS):
                 gm.graph.erase_node(node)
@@ -78,9 +78,3 @@ class Cleanup(GraphPass):
             if node not in remaining:
                 removed[layer] = removed.get(layer, 0) + 1
         return PassResult(gm, bool(removed), removed)
-
-    def _layer(self, node: torch.fx.Node) -> int:
-        for path in module_paths(node):
-            if path in self.layer_of:
-                return self.layer_of[path]
-        return -1

@@ -16,7 +16,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from shadowfx.capture import WRAPPED_MODEL_ATTR
-from shadowfx.structure import Projection
+from shadowfx.structure import DecoderStructure, Projection
 
 aten = torch.ops.aten
 
@@ -51,6 +51,16 @@ def module_paths(node: Node) -> list[str]:
     """Paths of every module enclosing ``node``, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     return [strip_wrapper(path) for path, _ in stack.values() if path != WRAPPED_MODEL_ATTR]
+
+
+def layer_indexer(structure: DecoderStructure) -> Callable[[Node], int]:
+    """node -> the index of the decoder layer whose module computes it, -1 outside the layers."""
+    layer_of = {layer.module: layer.index for layer in structure.layers}
+
+    def index(node: Node) -> int:
+        return next((layer_of[path] for path in module_paths(node) if path in layer_of), -1)
+
+    return index
 
 
 def shape(node: Node) -> tuple:

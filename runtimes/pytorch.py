@@ -1,7 +1,8 @@
 """Run rewritten decoder graphs in PyTorch (eagerly or through ``torch.compile``), with a generation loop.
 
 The module returned by :func:`shadowfx.transform` holds rewritten graphs. The prefill runs layer 0, the shadow
-predictor and the selection, then the sparse layers, and returns the logits, the KV cache and the selection.
+predictor and the selection, then the sparse layers, and returns the logits, the KV cache and the selection; called,
+the module returns every position's logits, and ``start`` (a generation) computes the last position's only.
 
 * Per prompt, the decode step reuses the prompt's selection, and the KV cache of layers >= 1 holds only the kept
   heads. The kept weights are gathered once and every step runs dense matmuls on them. When every row's copy is
@@ -69,7 +70,8 @@ class DecodeState:
 
 @dataclass(frozen=True)
 class SparseGraphs:
-    prefill: torch.fx.GraphModule
+    prefill: torch.fx.GraphModule  # every position's logits
+    prefill_next: torch.fx.GraphModule  # the last position's logits only, for a generation's start
     # per prompt only: the prefill that gathers the kept weights once, computes on them and returns them per row
     prefill_gathering: torch.fx.GraphModule | None
     decode: torch.fx.GraphModule  # per prompt: gathers from the full weights every step; per token: selects too
@@ -244,6 +246,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
                 native.keep_gathered_buffers(self.max_gathered_bytes)
         run = (lambda gm: torch.compile(gm, dynamic=True)) if self.runtime == "compile" else (lambda gm: gm)
         self._prefill: Callable = run(self.graphs.prefill)
+        self._prefill_next: Callable = run(self.graphs.prefill_next)
         self._prefill_gathering: Callable | None = (run(self.graphs.prefill_gathering)
                                                     if self.graphs.prefill_gathering is not None else None)
         self._decode: Callable = run(self.graphs.decode)
@@ -295,7 +298,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
             self.last_gathered_bytes = sum(t.numel() * t.element_size() for t in kept if t.dim() > 1)
             run, inputs = self._decode_pregathered, kept
         else:
-            logits, keys, values, selection = self._unpack(self._prefill(input_ids, attention_mask))
+            logits, keys, values, selection = self._unpack(self._prefill_next(input_ids, attention_mask))
             if decode and self.batch_selection == "union":
                 selection = union_of_neurons(selection, self.structure)  # one copy of the kept weights for all rows
             run, inputs = self._decode_step(selection) if decode else (self._decode, [])

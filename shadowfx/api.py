@@ -13,14 +13,16 @@ import torch
 from torch import nn
 
 from shadowfx.capture import CapturedDecoder, capture, max_positions
-from shadowfx.compact import store_input_major
+from shadowfx.compact import store_input_major, store_whole_weights_on_huge_pages
 from shadowfx.passes.base import run_passes
 from shadowfx.passes.cleanup import Cleanup
+from shadowfx.passes.dense_linears import DenseLinears
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.passes.gathered_weight_outputs import GatheredWeightOutputs
 from shadowfx.passes.graph import editable_module
 from shadowfx.passes.insert_layerwise import InsertLayerwisePredictor
 from shadowfx.passes.insert_shadow import InsertShadowPredictor
+from shadowfx.passes.next_token_logits import NextTokenLogits
 from shadowfx.passes.pregathered_weights import PregatheredWeights
 from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
@@ -155,7 +157,9 @@ def transform(
 
     The later layers' attention-output and MLP-down weights of ``model`` are stored input-major in place (the same
     values, laid out so that a kept input's weights are one contiguous run, as the gathers and decode kernels read
-    them).
+    them). On CPU, the weights every decode step reads whole (layer 0's projections, the LM head, the predictor's
+    matrices) move to memory backed by huge pages, also in place and with the same values, where the native GEMV
+    reads them faster.
     """
     config = SparsityConfig.from_arguments(sparsity, heads_sparsity, neurons_sparsity, scope)
     if granularity not in (*GRANULARITIES, None):
@@ -197,6 +201,7 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
     # every unit kept: no scores can change the selection, so static ones stand in for the predictor, which
     # would cost every decode step its bytes for nothing (the rewritten layers still run)
     scorer = StaticScores.random(structure, seed=0) if config.keeps_every_unit else predictor
+    store_whole_weights_on_huge_pages(model, structure, scorer)
 
     def insert_predictor(graph_structure: DecoderStructure) -> InsertShadowPredictor | InsertLayerwisePredictor:
         # one predictor at layer 0 (ShadowLLM, static scores), or one per later layer (DejaVu-style; its selectors
@@ -233,6 +238,7 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         SparsifyMLP(decode_structure),
         SparsifyAttention(decode_structure, cache=True, per_token=per_token),
         Cleanup(decode_structure),
+        DenseLinears(decode_structure),
     ])
     decode_pregathered = prefill_gathering = None
     if not per_token:
@@ -243,12 +249,17 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
             SparsifyAttention(decode_structure, cache=True),
             PregatheredWeights(decode_structure),
             Cleanup(decode_structure),
+            DenseLinears(decode_structure),
         ])
     for graph, report in reports.items():
         _require_all(report, structure, graph)
+    # the rewritten prefill's graph again, on the same parameters, for a generation's start: the next token's logits
+    prefill_next = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
+    reports["prefill_next"] = run_passes(prefill_next, [NextTokenLogits(structure)])
     if not per_token:
-        # the rewritten prefill's graph again, on the same parameters, made to return the weights it gathers
-        prefill_gathering = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
+        # and one that also returns the weights it gathers
+        prefill_gathering = torch.fx.GraphModule(prefill_next, copy.deepcopy(prefill_next.graph))
         reports["prefill_gathering"] = run_passes(prefill_gathering, [GatheredWeightOutputs(structure),
                                                                       Cleanup(structure)])
-    return RewrittenGraphs(structure, SparseGraphs(prefill, prefill_gathering, decode, decode_pregathered), RewriteReport(reports))
+    graphs = SparseGraphs(prefill, prefill_next, prefill_gathering, decode, decode_pregathered)
+    return RewrittenGraphs(structure, graphs, RewriteReport(reports))

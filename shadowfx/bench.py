@@ -1,9 +1,10 @@
 """``shadowfx bench``: the transformed model's speed against the dense model, measured in the same run.
 
 For every setting (granularity, sparsity, batch size, sparse runtime) the dense model and ``shadowfx.transform``'s
-model run in alternation on the same random prompt: the prefill (logits of the prompt), the time to the first token
-(the dense prefill against :meth:`SparseDecoder.start`, which per prompt also gathers the kept weights) and one
-decode step with the KV cache. A ratio is the median over the alternated pairs; each setting is measured in ``runs``
+model run in alternation on the same random prompt: the prefill (the prompt's pass up to the next token's logits,
+which the PyTorch runtimes compute for the last position only, as generate does), the time to the first token (the
+dense prefill against :meth:`SparseDecoder.start`, which per prompt also gathers the kept weights) and one decode
+step with the KV cache. A ratio is the median over the alternated pairs; each setting is measured in ``runs``
 independent runs, reported as their median with the range. Next to each decode ratio stands its Amdahl bound: batch
 1 decode is bound by the bytes it reads, so the bound is the dense step's bytes over the sparse step's, from the
 weight and KV-cache bytes the selection actually skips, with the predictor's bytes added per token (it runs every
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -117,18 +119,20 @@ class DenseState:
 
 
 class DenseDecoder:
-    """The Hugging Face model (or its compiled forward) with its KV cache, driven as the sparse runtimes are: called
-    for the prompt's logits, ``start`` for the prefill that decoding continues, ``step`` for one token per row."""
+    """The Hugging Face model (or its compiled forward) with its KV cache, driven as the sparse runtimes are:
+    ``start`` for the prefill that decoding continues, ``step`` for one token per row. The prefill computes the
+    last position's logits only, as Hugging Face's generate asks for (``logits_to_keep=1``) where the model takes it."""
 
-    def __init__(self, forward: Callable) -> None:
+    def __init__(self, model: nn.Module, forward: Callable) -> None:
         self.forward = forward
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return self.forward(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=positions_from_mask(attention_mask), cache=DynamicCache(), use_cache=True)
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
+            else {}
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DenseState:
-        return DenseState(self(input_ids, attention_mask).cache, attention_mask)
+        outputs = self.forward(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=positions_from_mask(attention_mask), cache=DynamicCache(), use_cache=True,
+                               **self.last_logits)
+        return DenseState(outputs.cache, attention_mask)
 
     def step(self, state: DenseState, next_token: torch.Tensor) -> None:
         state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
@@ -154,11 +158,13 @@ def _peak_resident_bytes() -> int:
 @torch.inference_mode()
 def _measure_once(dense, sparse, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int) -> dict:
     """One run of one setting: prefill, time to first token and decode step, dense and sparse in alternation. Both
-    are runtimes of one interface: called for the prompt's logits, ``start`` (the prefill decoding continues from;
-    per prompt the sparse one also gathers the kept weights there) and ``step``."""
+    are runtimes of one interface: ``start`` (the prefill decoding continues from; per prompt the sparse one also
+    gathers the kept weights there, unless ``decode=False``) and ``step``. The prefill is the sparse ``start``
+    without the gather; a dense model has none, so its prefill is its first token."""
     few = max(3, repeats // 4)
-    dense_prefill, prefill, prefill_speedup = alternating(lambda: dense(input_ids, attention_mask),
-                                                          lambda: sparse(input_ids, attention_mask), few, warmup=1)
+    dense_prefill, prefill, prefill_speedup = alternating(lambda: dense.start(input_ids, attention_mask),
+                                                          lambda: sparse.start(input_ids, attention_mask, decode=False),
+                                                          few, warmup=1)
     dense_first, first, first_token_ratio = alternating(lambda: dense.start(input_ids, attention_mask),
                                                         lambda: sparse.start(input_ids, attention_mask), few, warmup=1)
     dense_state, state = dense.start(input_ids, attention_mask), sparse.start(input_ids, attention_mask)
@@ -247,7 +253,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
             _export(model, exports / "dense", progress)  # first: transform changes the layout of some weights
         dense_forward = torch.compile(model, dynamic=True) if settings.dense == "compile" else model
         for batch, input_ids in prompts.items():
-            dense = DenseDecoder(dense_forward)
+            dense = DenseDecoder(model, dense_forward)
             for runtime, (granularity, sparsity, kind) in itertools.product(torch_runtimes, cases):
                 chosen, sparse = transformed(granularity, sparsity, kind, runtime, settings.batch_selection)
                 runs = [_measure_once(dense, sparse, input_ids, torch.ones_like(input_ids), settings.repeats)

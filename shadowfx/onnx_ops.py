@@ -23,6 +23,7 @@ import onnxscript
 import torch
 from onnx import TensorProto, helper
 from onnx.defs import OpSchema
+from onnxscript.function_libs.torch_lib.ops.nn import aten_linear
 
 DOMAIN = "shadowfx"
 DOMAIN_VERSION = 1
@@ -178,13 +179,16 @@ def _translate_shadow_mlp(x, w1, b1, w2, b2):
 
 
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: every shadowfx op to its opaque node."""
+    """``custom_translation_table`` for ``torch.onnx.export``: every shadowfx op to its opaque node, except
+    ``dense_linear``."""
     register_schemas()
     translations = {"GatheredMLP": _translate_mlp, "GatheredAttention": _attention_translation("GatheredAttention"),
                     "TokenSparseAttention": _attention_translation("TokenSparseAttention"),
                     "TopkIndices": _translate_topk, "GlobalTopkIndices": _translate_global_topk,
                     "ShadowMLP": _translate_shadow_mlp}
-    return {NODE_TYPES[name].torch_op: fn for name, fn in translations.items()}
+    # dense_linear is aten.linear with a native decode kernel: written as the standard nodes a dense export has
+    return {**{NODE_TYPES[name].torch_op: fn for name, fn in translations.items()},
+            _ops.dense_linear.default: aten_linear}
 
 
 # ---- function bodies -------------------------------------------------------------------------------------------------

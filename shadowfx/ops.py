@@ -49,7 +49,8 @@ from torch.library import CustomOpDef, custom_op
 from shadowfx import native
 
 __all__ = [
-    "ACTIVATIONS", "gathered_attention", "gathered_mlp", "global_topk_indices", "minmax_scale", "shadow_mlp",
+    "ACTIVATIONS", "dense_linear", "gathered_attention", "gathered_mlp", "global_topk_indices", "minmax_scale",
+    "shadow_mlp",
     "token_sparse_attention", "topk_indices",
 ]
 
@@ -788,10 +789,28 @@ def shadow_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Ten
     [R, E] min-max scaled per row (in float32, then cast to the weights' dtype). Returns [R, outputs]."""
     _check_shadow_mlp_args(x, w1, b1, w2, b2)
     scaled = minmax_scale(x.float()).to(w1.dtype)
-    return F.linear(torch.relu(F.linear(scaled, w1, b1)), w2, b2)
+    return _linear_rows(torch.relu(_linear_rows(scaled, w1, b1, None)), w2, b2, None)
 
 
 @shadow_mlp.register_fake
 def _shadow_mlp_fake(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     _check_shadow_mlp_args(x, w1, b1, w2, b2)
     return x.new_empty((x.shape[0], w2.shape[0]), dtype=w1.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- dense linear
+
+
+@custom_op("shadowfx::dense_linear", mutates_args=())
+def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a projection that no selection touches (layer 0's, the LM head): with one
+    token in all, a batch of one's decode step, it runs on the native kernel, which reads the weight faster than
+    F.linear does (:func:`shadowfx.native.gemv`)."""
+    _check(weight.dim() == 2, lambda: f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    return _linear_rows(x, weight, bias, None)
+
+
+@dense_linear.register_fake
+def _dense_linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _check(weight.dim() == 2, lambda: f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

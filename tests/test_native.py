@@ -270,6 +270,31 @@ def test_a_step_of_one_token_on_gathered_weights_streams_them_natively(gated: bo
     close(fast, reference, dtype)
 
 
+@DTYPES
+@pytest.mark.parametrize("lead", [(1, 1), (1,), (2, 1), (1, 5)], ids=["step", "row", "batch2", "prompt5"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_dense_linear_streams_one_token_natively_and_equals_f_linear(lead: tuple, bias: bool, dtype: torch.dtype,
+                                                                      native_calls: dict[str, int]) -> None:
+    """``dense_linear`` (layer 0, the LM head) computes F.linear; with one token in all it runs the native GEMV."""
+    weight = torch.randn(40, 24).to(dtype)
+    b = torch.randn(40).to(dtype) if bias else None
+    x = torch.randn(*lead, 24).to(dtype)
+    out = ops.dense_linear(x, weight, b)
+    assert native_calls["gather_rows"] == (1 if x[..., 0].numel() == 1 else 0)
+    assert out.shape == (*lead, 40) and out.dtype == dtype
+    close(out, torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double()), dtype)
+
+
+def test_shadow_predictor_of_one_token_streams_its_layers_natively(native_calls: dict[str, int]) -> None:
+    """The per-token predictor of a batch of one reads both its layers through the native GEMV."""
+    x, w1, b1, w2, b2 = torch.randn(1, 32), torch.randn(16, 32), torch.randn(16), torch.randn(50, 16), torch.randn(50)
+    fast = ops.shadow_mlp(x, w1, b1, w2, b2)
+    assert native_calls["gather_rows"] == 2
+    with native.use_native_kernels(False):
+        reference = ops.shadow_mlp(x, w1, b1, w2, b2)
+    close(fast, reference, torch.float32)
+
+
 def test_without_a_compiler_the_ops_warn_once_and_compute_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     x, up, down = torch.randn(2, 1, 16), torch.randn(32, 16), torch.randn(16, 32)
     call = dict(up_weight=up, up_bias=None, gate_weight=None, gate_bias=None, down_weight=down, down_bias=None,

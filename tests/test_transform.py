@@ -147,6 +147,19 @@ def test_rewrite_counts_are_exact(family):
     assert len(output_node(sparse.graphs.prefill).args[0]) == 1 + 2 * structure(family).num_layers + 2 * later
     assert counts["prefill_gathering"]["gathered_weight_outputs"] == 2 * later  # both sparse ops of a layer
     assert counts["decode_pregathered"]["pregathered_weights"] == 2 * later
+    assert counts["prefill_next"]["next_token_logits"] == 1
+    # the decode steps' dense projections (layer 0's nn.Linear ones, the LM head) run as dense_linear; GPT-2's
+    # Conv1D ones stay addmm
+    first = structure(family).layers[0]
+    linear = {p.node for p in (first.attention.q, first.attention.k, first.attention.v, first.attention.o,
+                               first.mlp.up, first.mlp.gate, first.mlp.down)
+              if p is not None and p.weight_layout == "out_in"}
+    routed = {0: len(linear), -1: 1} if linear else {-1: 1}
+    for graph in ("decode", "decode_pregathered"):
+        assert sparse.rewrites.graphs[graph]["dense_linears"].per_layer == routed
+        targets = [n.target for n in getattr(sparse.graphs, graph).graph.nodes]
+        assert targets.count(torch.ops.shadowfx.dense_linear.default) == sum(routed.values())
+        assert torch.ops.aten.linear.default not in targets
 
 
 def test_prefill_gathers_the_decode_weights_once(family, monkeypatch):
@@ -155,9 +168,15 @@ def test_prefill_gathers_the_decode_weights_once(family, monkeypatch):
     sparse = transformed(family, 0.5)
     model, later = small_model(family), structure(family).num_layers - 1
     input_ids, attention_mask = padded_batch(1, 9, 512, seed=41)
-    plain = sparse.graphs.prefill(input_ids, attention_mask)
+    every = sparse.graphs.prefill(input_ids, attention_mask)
+    plain = sparse.graphs.prefill_next(input_ids, attention_mask)
     outputs = sparse.graphs.prefill_gathering(input_ids, attention_mask)
     settled = 1 + 2 * structure(family).num_layers + 2 * later  # logits, cache, selection
+    # the start's graphs compute the last position's logits only, and everything else as the full prefill does
+    assert plain[0].shape == (1, 1, every[0].shape[-1])
+    torch.testing.assert_close(plain[0], every[0][:, -1:], rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(plain[1:], every[1:], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(outputs[:settled], plain, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     sparse.start(input_ids, attention_mask, decode=False)
@@ -439,6 +458,30 @@ def test_token_decode_reads_the_kept_weights_natively(family, native_calls):
                      "gather_cols": steps * (len(layers) - 1) * 2}
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(native.kernels() is None, reason="no native kernels to copy with")
+def test_whole_weights_move_to_huge_pages_with_their_values(family):
+    """The weights a decode step reads whole (layer 0's nn.Linear projections, the LM head, the predictor's
+    matrices) get new storage with the same values; nothing else moves."""
+    model, found = build_small(family), structure(family)
+    shadow = ShadowPredictor.for_structure(found, hidden=32, seed=1)
+    named = [*model.named_parameters(), *(("predictor." + n, p) for n, p in shadow.named_parameters())]
+    values = {name: p.detach().clone() for name, p in named}
+    storage = {name: p.data_ptr() for name, p in named}
+    moved = shadowfx.compact.store_whole_weights_on_huge_pages(model, found, shadow)
+    first = found.layers[0]
+    expected = {p.weight for p in (first.attention.q, first.attention.k, first.attention.v, first.attention.o,
+                                   first.mlp.up, first.mlp.gate, first.mlp.down)
+                if p is not None and p.weight_layout == "out_in"}
+    expected |= {found.lm_head.weight} | {"predictor." + n for n, p in shadow.named_parameters() if p.dim() == 2}
+    assert set(moved) == expected and len(moved) == len(expected)
+    every = {**dict(model.named_parameters(remove_duplicate=False)),
+             **{"predictor." + n: p for n, p in shadow.named_parameters()}}
+    moved_ids = {id(every[name]) for name in moved}  # a tied LM head moves its embedding with it
+    for name, p in named:
+        assert torch.equal(p, values[name]), name
+        assert (p.data_ptr() != storage[name]) == (id(p) in moved_ids), name
 
 
 def test_union_batch_selection_shares_the_heads_and_decodes_on_the_union_of_neurons(family):

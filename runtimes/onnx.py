@@ -146,7 +146,9 @@ class OnnxDecoder(GenerationLoop):
     the ``shadowfx`` domain, registered in every session: onnxruntime then runs its kernel for each node type it
     implements, the function bodies for the rest. ``"auto"``: the library :func:`shadowfx.ort_kernels.kernel_library`
     builds, or, where it cannot be built, the function bodies alone (with a logged warning saying why).
-    ``self.kernels`` is the library in use, or None.
+    ``self.kernels`` is the library in use, or None. The gather graph of a per-prompt export, which only copies a
+    prompt's kept weights (``KeptRows``, ``KeptCols``), gets the library even without ``kernels``: the built one, as
+    ``"auto"`` would (``self.gather_kernels``; None: the bodies).
     """
 
     def __init__(self, directory: str | Path, *, structure: DecoderStructure | None = None,
@@ -176,14 +178,19 @@ class OnnxDecoder(GenerationLoop):
         self.config = SparsityConfig(**sparsity) if sparsity is not None else None  # None: a dense export
         self.max_positions = json.loads(metadata["max_positions"])
         self.generation_config = generation_config
-        if kernels is not None:
-            options = _with_library(session_options, kernels)
-        else:
-            options = session_options or ort.SessionOptions()
+        options = _with_library(session_options, kernels) if kernels is not None else (
+            session_options or ort.SessionOptions())
+        graph_options = dict.fromkeys(graphs, options)
+        self.gather_kernels = kernels
+        if kernels is None and "gather" in graphs:
+            # the gather graph holds only the kept-weight copies, whose kernels are always the faster path
+            self.gather_kernels = _kernel_library("auto")
+            if self.gather_kernels is not None:
+                graph_options["gather"] = _with_library(session_options, self.gather_kernels)
         self.sessions = {}
         for name in graphs:
             try:
-                self.sessions[name] = ort.InferenceSession(str(self.directory / f"{name}.onnx"), options,
+                self.sessions[name] = ort.InferenceSession(str(self.directory / f"{name}.onnx"), graph_options[name],
                                                            providers=providers or ["CPUExecutionProvider"])
             except Exception as error:  # onnxruntime raises its own exception types, not one base class
                 raise OnnxLoadError(f"onnxruntime cannot load {self.directory / name}.onnx: {error}") from error

@@ -17,7 +17,7 @@ from torch import nn
 
 from shadowfx import native
 from shadowfx.native import input_major
-from shadowfx.ops import contiguous_run, take_cols, take_rows, unit_rows
+from shadowfx.ops import contiguous_run, kept_cols, kept_rows, unit_rows
 from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure, LayerStructure, Projection
 
@@ -81,12 +81,13 @@ def gather_kept(source: torch.Tensor, rows: torch.Tensor, output: bool) -> torch
     """The kept ``rows`` ([n], or per batch row [B, n]) of ``source``, or its kept columns for an output projection
     (``output``: ``source`` is its ``[out, in]`` weight, gathered into the op's ``[.., out, kept]`` layout).
 
-    A row index past the end of ``source`` is an empty slot's: it gathers the last row instead, and an output
-    projection's column for it is zeroed, so that it adds nothing to the layer's output.
+    A row index past the end of ``source`` is an empty slot's, and gathers zeros, so that it adds nothing to the
+    layer's output. One ``kept_rows`` / ``kept_cols`` op per tensor, which an exported gather graph keeps as one node.
     """
-    if not output:
-        return take_rows(source, rows.clamp(max=source.shape[0] - 1))
-    return take_cols(source, rows, empty_slot=True)
+    shared = rows.dim() == 1
+    per_row = rows.unsqueeze(0) if shared else rows
+    kept = kept_cols(source, per_row) if output else kept_rows(source, per_row)
+    return kept.squeeze(0) if shared else kept
 
 
 def gather_units(source: torch.Tensor, units: torch.Tensor, unit_width: int, output: bool) -> torch.Tensor:

@@ -114,6 +114,12 @@ NODE_TYPES: dict[str, NodeType] = {t.name: t for t in (
              referenced=("budget", "minimum"), variadic=True),
     NodeType("ShadowMLP", _ops.shadow_mlp.default, _inputs("x:T", "w1:T", "b1:T", "w2:T", "b2:T"), ("y",), {},
              "shadowfx::shadow_mlp: a shadow predictor's MLP on the min-max scaled input"),
+    NodeType("KeptRows", _ops.kept_rows.default, _inputs("source:T", "rows:I"), ("kept",), {},
+             "shadowfx::kept_rows: source [N, ...] at rows [B, n], the index N giving zeros (a prompt's kept "
+             "weight rows, gathered once)"),
+    NodeType("KeptCols", _ops.kept_cols.default, _inputs("source:T", "cols:I"), ("kept",), {},
+             "shadowfx::kept_cols: the columns cols [B, n] of source [M, N] as [B, M, n], the index N giving zeros "
+             "(an output projection's kept inputs, gathered once)"),
 )}
 
 
@@ -178,6 +184,14 @@ def _translate_shadow_mlp(x, w1, b1, w2, b2):
     return _OPSET.ShadowMLP(x, w1, b1, w2, b2)
 
 
+def _translate_kept_rows(source, rows):
+    return _OPSET.KeptRows(source, rows)
+
+
+def _translate_kept_cols(source, cols):
+    return _OPSET.KeptCols(source, cols)
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: every shadowfx op to its opaque node, except
     ``dense_linear``."""
@@ -185,7 +199,8 @@ def translation_table() -> dict:
     translations = {"GatheredMLP": _translate_mlp, "GatheredAttention": _attention_translation("GatheredAttention"),
                     "TokenSparseAttention": _attention_translation("TokenSparseAttention"),
                     "TopkIndices": _translate_topk, "GlobalTopkIndices": _translate_global_topk,
-                    "ShadowMLP": _translate_shadow_mlp}
+                    "ShadowMLP": _translate_shadow_mlp, "KeptRows": _translate_kept_rows,
+                    "KeptCols": _translate_kept_cols}
     # dense_linear is aten.linear with a native decode kernel: written as the standard nodes a dense export has
     return {**{NODE_TYPES[name].torch_op: fn for name, fn in translations.items()},
             _ops.dense_linear.default: aten_linear}
@@ -454,9 +469,26 @@ def _shadow_mlp_body(body: _Body, present: set[str], attributes: dict) -> list[s
     return [body("Add", body("MatMul", hidden, body("Transpose", "w2", perm=[1, 0])), "b2")]
 
 
+def _kept_rows_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
+    units = body.dims("source", 0, 1)
+    flat = body("Reshape", "source", body.ints(0, -1))  # [N, W]: a bias gathers as rows of one
+    taken = body("Gather", flat, body("Min", "rows", body("Sub", units, body.ints(1))), axis=0)  # [B, n, W]
+    empty = body("Unsqueeze", body("Equal", "rows", units), body.ints(2))
+    zeroed = body("Where", empty, body.scalar(0.0, "source"), taken)
+    return [body("Reshape", zeroed, body("Concat", body("Shape", "rows"), body("Shape", "source", start=1), axis=0))]
+
+
+def _kept_cols_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
+    units = body.dims("source", 1, 2)
+    taken = body("Gather", "source", body("Min", "cols", body("Sub", units, body.ints(1))), axis=1)  # [M, B, n]
+    empty = body("Unsqueeze", body("Equal", "cols", units), body.ints(1))  # [B, 1, n]
+    return [body("Where", empty, body.scalar(0.0, "source"), body("Transpose", taken, perm=[1, 0, 2]))]
+
+
 _BODIES: dict[str, Callable[[_Body, set[str], dict], list[str]]] = {
     "GatheredMLP": _mlp_body, "GatheredAttention": _attention_body, "TokenSparseAttention": _attention_body,
     "TopkIndices": _topk_body, "GlobalTopkIndices": _global_topk_body, "ShadowMLP": _shadow_mlp_body,
+    "KeptRows": _kept_rows_body, "KeptCols": _kept_cols_body,
 }
 
 

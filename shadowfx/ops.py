@@ -49,8 +49,8 @@ from torch.library import CustomOpDef, custom_op
 from shadowfx import native
 
 __all__ = [
-    "ACTIVATIONS", "dense_linear", "gathered_attention", "gathered_mlp", "global_topk_indices", "minmax_scale",
-    "shadow_mlp",
+    "ACTIVATIONS", "dense_linear", "gathered_attention", "gathered_mlp", "global_topk_indices", "kept_cols",
+    "kept_rows", "minmax_scale", "shadow_mlp",
     "token_sparse_attention", "topk_indices",
 ]
 
@@ -171,7 +171,8 @@ def take_rows(weight: Tensor, rows: Tensor, empty_slot: bool = False) -> Tensor:
         return native.copy_rows(weight, flat).unflatten(0, rows.shape)
     size = weight.shape[0]
     taken = weight.index_select(0, flat.clamp(max=size - 1) if empty_slot else flat).unflatten(0, rows.shape)
-    return taken.masked_fill((rows == size).unsqueeze(-1), 0) if empty_slot else taken
+    # the empty slot's mask broadcast over the rows' other dims (none for a bias)
+    return taken.masked_fill((rows == size).view(*rows.shape, *[1] * (weight.dim() - 1)), 0) if empty_slot else taken
 
 
 def take_cols(weight: Tensor, cols: Tensor, empty_slot: bool = False) -> Tensor:
@@ -814,3 +815,49 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Te
 def _dense_linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     _check(weight.dim() == 2, lambda: f"weight must be [out, in], got shape {tuple(weight.shape)}")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------- kept weights
+
+
+def _check_kept(source: Tensor, units: Tensor, what: str, axis: int) -> None:
+    _check(units.dim() == 2 and units.dtype == torch.int64,
+           lambda: f"{what} must be int64 [B, n], got {units.dtype} of shape {tuple(units.shape)}")
+    _check(source.dim() > axis, lambda: f"source has no axis {axis}: shape {tuple(source.shape)}")
+
+
+@custom_op("shadowfx::kept_rows", mutates_args=())
+def kept_rows(source: Tensor, rows: Tensor) -> Tensor:
+    """``source[rows]`` for source [N, ...] and rows [B, n]: [B, n, ...], where the index N (the empty slot) gives
+    zeros. The one-time gather of a prompt's kept weight rows and biases; one node in an exported graph, which a
+    native onnxruntime kernel copies."""
+    _check_kept(source, rows, "rows", 0)
+    return take_rows(source, rows, empty_slot=True)
+
+
+@kept_rows.register_fake
+def _kept_rows_fake(source: Tensor, rows: Tensor) -> Tensor:
+    _check_kept(source, rows, "rows", 0)
+    return source.new_empty((*rows.shape, *source.shape[1:]))
+
+
+def _input_major(weight: Tensor) -> bool:
+    return not weight.is_contiguous() and weight.t().is_contiguous()
+
+
+@custom_op("shadowfx::kept_cols", mutates_args=())
+def kept_cols(source: Tensor, cols: Tensor) -> Tensor:
+    """The columns ``cols`` [B, n] of source [M, N]: [B, M, n], where the index N gives a column of zeros (an output
+    projection's kept inputs). From an input-major source they are copied as its transpose's rows, and the result
+    is the transpose of a contiguous [B, n, M]; otherwise it is contiguous."""
+    _check_kept(source, cols, "cols", 1)
+    taken = take_cols(source, cols, empty_slot=True)
+    return taken if _input_major(source) else taken.contiguous()
+
+
+@kept_cols.register_fake
+def _kept_cols_fake(source: Tensor, cols: Tensor) -> Tensor:
+    _check_kept(source, cols, "cols", 1)
+    if _input_major(source):
+        return source.new_empty((*cols.shape, source.shape[0])).transpose(-1, -2)
+    return source.new_empty((cols.shape[0], source.shape[0], cols.shape[1]))

@@ -146,6 +146,44 @@ def test_kernel_refuses_an_index_past_the_empty_slot(library, tmp_path):
         run_once(model, feeds, tmp_path, library)
 
 
+# ---- KeptRows and KeptCols: a prompt's one-time gather ------------------------------------------------------------
+
+def kept_model(op_type: str, source_shape: list[int], elem_type: int):
+    node = helper.make_node(op_type, ["source", "indices"], ["kept"], domain=DOMAIN)
+    graph = helper.make_graph([node], op_type, [helper.make_tensor_value_info("source", elem_type, source_shape),
+                                                helper.make_tensor_value_info("indices", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("kept", elem_type, None)])
+    return helper.make_model(graph, functions=[function_for([node])],
+                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op_type, source_shape", [("KeptRows", [12, 5]), ("KeptRows", [12]), ("KeptCols", [5, 12])],
+                         ids=["rows", "bias", "cols"])
+def test_kept_weight_kernels_run_instead_of_the_bodies_and_match_them(library, tmp_path, op_type, source_shape,
+                                                                       elem_type):
+    """Runs of consecutive indices (a neuron block), scattered ones and empty slots (index 12: zeros), per batch row."""
+    rng = np.random.default_rng(1)
+    source = rng.standard_normal(source_shape).astype(helper.tensor_dtype_to_np_dtype(elem_type))
+    indices = np.array([[0, 1, 2, 3, 7, 12, 12], [11, 4, 5, 6, 9, 10, 12]], dtype=np.int64)
+    feeds = {"source": source, "indices": indices}
+    model = kept_model(op_type, source_shape, elem_type)
+    (native,), native_ops = run_once(model, feeds, tmp_path, library)
+    (body,), body_ops = run_once(model, feeds, tmp_path, None)
+    padded = np.concatenate([source, np.zeros_like(source[:1] if op_type == "KeptRows" else source[:, :1])],
+                            axis=0 if op_type == "KeptRows" else 1)
+    want = padded[indices] if op_type == "KeptRows" else np.moveaxis(padded[:, indices], 0, 1)
+    assert native_ops == {op_type: 1} and op_type not in body_ops and body_ops
+    np.testing.assert_array_equal(native, want)
+    np.testing.assert_array_equal(body, want)
+
+
+def test_kept_weight_kernels_refuse_an_index_past_the_empty_slot(library, tmp_path):
+    feeds = {"source": np.zeros((4, 3), np.float32), "indices": np.array([[0, 5]], dtype=np.int64)}
+    with pytest.raises(InvalidArgument, match=r"shadowfx KeptRows: index 5 is outside \[0, 4\]"):
+        run_once(kept_model("KeptRows", [4, 3], TensorProto.FLOAT), feeds, tmp_path, library)
+
+
 # ---- an exported model: with the library, without it, and "auto" ---------------------------------------------------
 
 # per prompt: rows in prefill, pregathered in decode (opt: relu, plain); per token: tokens (llama: silu, gated)
@@ -162,9 +200,13 @@ def exported(family: str, granularity: str):
     return sparse, directory
 
 
-def mlp_nodes(directory: Path, graph: str) -> int:
+def graph_nodes(directory: Path, graph: str, *op_types: str) -> int:
     proto = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
-    return sum(node.op_type == "GatheredMLP" for node in proto.graph.node)
+    return sum(node.op_type in op_types for node in proto.graph.node)
+
+
+def mlp_nodes(directory: Path, graph: str) -> int:
+    return graph_nodes(directory, graph, "GatheredMLP")
 
 
 @pytest.mark.parametrize("family, granularity", CASES)
@@ -180,6 +222,8 @@ def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(libr
         onnx_model = OnnxDecoder(directory, session_options=session_options(tmp_path / str(kernels is None)),
                                  kernels=kernels)
         assert onnx_model.kernels == kernels
+        # the gather graph copies natively either way
+        assert onnx_model.gather_kernels == (library if granularity == "prompt" else kernels)
         logits = onnx_model(input_ids, attention_mask)
         tokens, generated = onnx_model.generate(input_ids, attention_mask, max_new_tokens=3, return_logits=True)
         torch.testing.assert_close(logits[real], want[real], rtol=1e-4, atol=1e-4)
@@ -191,6 +235,9 @@ def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(libr
             # prefill runs twice (the call and generate's start), decode once per new token after the first
             runs = {"prefill": 2, "decode": 2}.get(graph, 0)
             assert ran["GatheredMLP"] == (mlp_nodes(directory, graph) * runs if kernels else 0), graph
+            if graph == "gather":  # once, in generate's start
+                copies = graph_nodes(directory, graph, "KeptRows", "KeptCols")
+                assert copies and ran["KeptRows"] + ran["KeptCols"] == copies
     (native_logits, native_generated), (body_logits, body_generated) = results.values()
     torch.testing.assert_close(native_logits[real], body_logits[real], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(native_generated, body_generated, rtol=1e-4, atol=1e-4)
@@ -242,7 +289,7 @@ def test_auto_falls_back_to_the_bodies_when_the_library_cannot_be_built(monkeypa
     monkeypatch.setattr(onnx_runtime, "kernel_library", unbuildable)
     with caplog.at_level(logging.WARNING, logger=onnx_runtime.__name__):
         onnx_model = OnnxDecoder(directory, session_options=session_options(), kernels="auto")
-    assert onnx_model.kernels is None
+    assert onnx_model.kernels is None and onnx_model.gather_kernels is None
     assert "no shadowfx kernel library (g++ is not on PATH); onnxruntime runs the function bodies" in caplog.text
     input_ids, attention_mask = padded_batch(1, 5, 512, seed=4)
     torch.testing.assert_close(onnx_model(input_ids, attention_mask), sparse(input_ids, attention_mask),

@@ -7,8 +7,9 @@
 // onnxruntime whose C API is at least ORT_API_VERSION of the headers.
 //
 // Implemented: GatheredMLP in float32, every activation and selection mode of its bodies (see GatheredMlpOp for the
-// other element types). The node types not implemented here keep their function bodies: registering the domain does
-// not hide them. A straightforward loop implementation: correctness first.
+// other element types), a straightforward loop implementation; KeptRows and KeptCols (a prompt's one-time gather of
+// its kept weights) in every element type, as row copies on the session's intra-op threads. The node types not
+// implemented here keep their function bodies: registering the domain does not hide them.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
@@ -25,8 +27,8 @@ namespace {
 
 constexpr const char* kDomain = "shadowfx";
 
-[[noreturn]] void Fail(const std::string& message) {
-  throw Ort::Exception("shadowfx GatheredMLP: " + message, ORT_INVALID_ARGUMENT);
+[[noreturn]] void Fail(const std::string& message, const char* op = "GatheredMLP") {
+  throw Ort::Exception(std::string("shadowfx ") + op + ": " + message, ORT_INVALID_ARGUMENT);
 }
 
 std::string ShapeText(const std::vector<int64_t>& shape) {
@@ -266,6 +268,183 @@ struct GatheredMlpOp : Ort::CustomOpBase<GatheredMlpOp<kType>, MlpKernel, /*With
   ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 };
 
+// ---- KeptRows, KeptCols --------------------------------------------------------------------------------------------
+// The one-time gather of a prompt's kept weights (onnx_ops.NODE_TYPES): copies of whole elements, the same for every
+// element type. An index equal to the gathered axis's size is an empty slot and gives zeros.
+
+size_t ElementBytes(ONNXTensorElementDataType type, const char* op) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+      return 2;
+    default:
+      Fail("source must be float32, float16 or bfloat16", op);
+  }
+}
+
+// The kept indices [B, n], each checked to lie in [0, size].
+const int64_t* ReadIndices(const Ort::KernelContext& context, int64_t size, const char* op,
+                           std::vector<int64_t>& shape) {
+  Ort::ConstValue indices = context.GetInput(1);
+  shape = indices.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.size() != 2) Fail("the indices must be [B, n], got " + ShapeText(shape), op);
+  const int64_t* data = indices.GetTensorData<int64_t>();
+  for (int64_t i = 0; i < shape[0] * shape[1]; ++i)
+    if (data[i] < 0 || data[i] > size)
+      Fail("index " + std::to_string(data[i]) + " is outside [0, " + std::to_string(size) + "] (" +
+               std::to_string(size) + " is the empty slot)", op);
+  return data;
+}
+
+// Runs copy(first, end) over [0, total) in chunks of `chunk` on the session's intra-op threads.
+template <typename Copy>
+void InChunks(const Ort::KernelContext& context, int64_t total, int64_t chunk, const Copy& copy) {
+  struct Work {
+    const Copy* copy;
+    int64_t total, chunk;
+  } work{&copy, total, chunk};
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  if (chunks == 0) return;
+  context.ParallelFor(
+      [](void* data, size_t index) {
+        const Work& w = *static_cast<const Work*>(data);
+        const int64_t first = static_cast<int64_t>(index) * w.chunk;
+        (*w.copy)(first, std::min(first + w.chunk, w.total));
+      },
+      static_cast<size_t>(chunks), 0, &work);
+}
+
+constexpr int64_t kChunkBytes = 1 << 18;  // per task: large enough that scheduling costs little
+
+// source [N, ...] at rows [B, n] -> [B, n, ...].
+class KeptRowsKernel {
+ public:
+  explicit KeptRowsKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    return AsStatus([&] { Compute(Ort::KernelContext(raw_context)); });
+  }
+
+ private:
+  static void Compute(const Ort::KernelContext& context) {
+    Ort::ConstValue source = context.GetInput(0);
+    const auto info = source.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = info.GetShape();
+    if (shape.empty()) Fail("source must have at least one axis", "KeptRows");
+    const size_t element = ElementBytes(info.GetElementType(), "KeptRows");
+    std::vector<int64_t> rows_shape;
+    const int64_t* rows = ReadIndices(context, shape[0], "KeptRows", rows_shape);
+    int64_t width = 1;
+    for (size_t i = 1; i < shape.size(); ++i) width *= shape[i];
+    const size_t row_bytes = static_cast<size_t>(width) * element;
+    std::vector<int64_t> out_shape = rows_shape;
+    out_shape.insert(out_shape.end(), shape.begin() + 1, shape.end());
+    char* out = static_cast<char*>(context.GetOutput(0, out_shape).GetTensorMutableRawData());
+    const char* from = static_cast<const char*>(source.GetTensorRawData());
+    const int64_t size = shape[0];
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(std::max<size_t>(row_bytes, 1)));
+    InChunks(context, rows_shape[0] * rows_shape[1], chunk, [&](int64_t first, int64_t end) {
+      for (int64_t i = first; i < end; ++i) {
+        char* to = out + static_cast<size_t>(i) * row_bytes;
+        if (rows[i] == size)
+          std::memset(to, 0, row_bytes);
+        else
+          std::memcpy(to, from + static_cast<size_t>(rows[i]) * row_bytes, row_bytes);
+      }
+    });
+  }
+};
+
+// The columns cols [B, n] of source [M, N] -> [B, M, n]. Consecutive kept columns (a neuron block) are one copy.
+class KeptColsKernel {
+ public:
+  explicit KeptColsKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    return AsStatus([&] { Compute(Ort::KernelContext(raw_context)); });
+  }
+
+ private:
+  struct Run {
+    int64_t slot, column, length;  // column == -1: empty slots, zeros
+  };
+
+  static void Compute(const Ort::KernelContext& context) {
+    Ort::ConstValue source = context.GetInput(0);
+    const auto info = source.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = info.GetShape();
+    if (shape.size() != 2) Fail("source must be [M, N], got " + ShapeText(shape), "KeptCols");
+    const size_t element = ElementBytes(info.GetElementType(), "KeptCols");
+    const int64_t out_rows = shape[0], size = shape[1];
+    std::vector<int64_t> cols_shape;
+    const int64_t* cols = ReadIndices(context, size, "KeptCols", cols_shape);
+    const int64_t batch = cols_shape[0], kept = cols_shape[1];
+    std::vector<std::vector<Run>> runs(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t* row = cols + b * kept;
+      for (int64_t j = 0; j < kept; ++j) {
+        const int64_t column = row[j] == size ? -1 : row[j];
+        std::vector<Run>& mine = runs[static_cast<size_t>(b)];
+        if (!mine.empty()) {
+          Run& last = mine.back();
+          const bool follows = column == -1 ? last.column == -1 : last.column != -1 && last.column + last.length == column;
+          if (follows) {
+            ++last.length;
+            continue;
+          }
+        }
+        mine.push_back({j, column, 1});
+      }
+    }
+    char* out = static_cast<char*>(context.GetOutput(0, {batch, out_rows, kept}).GetTensorMutableRawData());
+    const char* from = static_cast<const char*>(source.GetTensorRawData());
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, kept * static_cast<int64_t>(element)));
+    InChunks(context, batch * out_rows, chunk, [&](int64_t first, int64_t end) {
+      for (int64_t i = first; i < end; ++i) {  // i: output row (b, m)
+        const int64_t b = i / out_rows, m = i % out_rows;
+        char* to = out + static_cast<size_t>(i * kept) * element;
+        const char* source_row = from + static_cast<size_t>(m * size) * element;
+        for (const Run& run : runs[static_cast<size_t>(b)]) {
+          char* slots = to + static_cast<size_t>(run.slot) * element;
+          const size_t bytes = static_cast<size_t>(run.length) * element;
+          if (run.column == -1)
+            std::memset(slots, 0, bytes);
+          else
+            std::memcpy(slots, source_row + static_cast<size_t>(run.column) * element, bytes);
+        }
+      }
+    });
+  }
+};
+
+// One registration per element type: the copies are the same for all of them.
+template <typename Kernel, ONNXTensorElementDataType kType>
+struct KeptOp : Ort::CustomOpBase<KeptOp<Kernel, kType>, Kernel, /*WithStatus=*/true> {
+  explicit KeptOp(const char* name) : name_(name) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return AsStatus([&] { *kernel = new Kernel(info); });
+  }
+  const char* GetName() const { return name_; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : kType;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
+
+ private:
+  const char* name_;
+};
+
+template <typename Kernel>
+void AddKept(Ort::CustomOpDomain* domain, const char* name) {
+  domain->Add(new KeptOp<Kernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(name));
+  domain->Add(new KeptOp<Kernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(name));
+  domain->Add(new KeptOp<Kernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(name));
+}
+
 }  // namespace
 
 // Called by onnxruntime once per SessionOptions.register_custom_ops_library: adds the shadowfx domain to the options.
@@ -285,6 +464,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>());
       made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>());
       made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>());
+      AddKept<KeptRowsKernel>(made, "KeptRows");
+      AddKept<KeptColsKernel>(made, "KeptCols");
       return made;
     }();
     Ort::UnownedSessionOptions(options).Add(*domain);

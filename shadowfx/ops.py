@@ -175,13 +175,18 @@ def take_rows(weight: Tensor, rows: Tensor, empty_slot: bool = False) -> Tensor:
     return taken.masked_fill((rows == size).view(*rows.shape, *[1] * (weight.dim() - 1)), 0) if empty_slot else taken
 
 
+def _input_major(weight: Tensor) -> bool:
+    """Whether ``weight`` [out, in] is the transpose of a contiguous [in, out]."""
+    return not weight.is_contiguous() and weight.t().is_contiguous()
+
+
 def take_cols(weight: Tensor, cols: Tensor, empty_slot: bool = False) -> Tensor:
     """The columns ``cols`` [n] or [B, n] of weight [out, in]: [out, n], or per batch row [B, out, n] (a view whose
     rows are contiguous runs of n); with ``empty_slot``, the column index ``in`` gives a column of zeros. Columns
     are gathered in the order the weight is stored: along its rows, or, for an input-major weight (the transpose of
     a contiguous [in, out]), as rows of that transpose; the other way round reads it with a stride, several times
     slower. The result keeps the weight's layout."""
-    if not weight.is_contiguous() and weight.t().is_contiguous():
+    if _input_major(weight):
         return take_rows(weight.t(), cols, empty_slot).transpose(-1, -2)  # [.., n, out] -> [.., out, n]
     size = weight.shape[1]
     flat = cols.flatten()
@@ -839,10 +844,6 @@ def kept_rows(source: Tensor, rows: Tensor) -> Tensor:
 def _kept_rows_fake(source: Tensor, rows: Tensor) -> Tensor:
     _check_kept(source, rows, "rows", 0)
     return source.new_empty((*rows.shape, *source.shape[1:]))
-
-
-def _input_major(weight: Tensor) -> bool:
-    return not weight.is_contiguous() and weight.t().is_contiguous()
 
 
 @custom_op("shadowfx::kept_cols", mutates_args=())

@@ -24,12 +24,17 @@ class DenseLinears(GraphPass):
 
     name = "dense_linears"
 
-    def __init__(self, structure: DecoderStructure) -> None:
+    def __init__(self, structure: DecoderStructure, only: set[str] | None = None) -> None:
+        """``only``: the names of the nodes to route, if not every one (a prefill's other projections see many
+        tokens, where the op would only add its dispatch to F.linear's)."""
         self.layer_of = layer_indexer(structure)
+        self.only = only
 
     def call(self, gm: GraphModule) -> PassResult:
         routed: dict[int, int] = {}
         for node in gm.graph.nodes:
+            if self.only is not None and node.name not in self.only:
+                continue
             # a weight held by the module (a parameter), 2-D; a weight computed in the graph stays with aten
             if is_call(node, {aten.linear.default}) and node.args[1].op == "get_attr" and len(shape(node.args[1])) == 2:
                 node.target = torch.ops.shadowfx.dense_linear.default

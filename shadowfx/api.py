@@ -255,7 +255,8 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         _require_all(report, structure, graph)
     # the rewritten prefill's graph again, on the same parameters, for a generation's start: the next token's logits
     prefill_next = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
-    reports["prefill_next"] = run_passes(prefill_next, [NextTokenLogits(structure), DenseLinears(structure)])
+    reports["prefill_next"] = run_passes(prefill_next, [NextTokenLogits(structure),
+                                                        DenseLinears(structure, only={structure.lm_head.node})])
     if not per_token:
         # and one that also returns the weights it gathers
         prefill_gathering = torch.fx.GraphModule(prefill_next, copy.deepcopy(prefill_next.graph))

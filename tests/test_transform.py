@@ -155,7 +155,8 @@ def test_rewrite_counts_are_exact(family):
                                first.mlp.up, first.mlp.gate, first.mlp.down)
               if p is not None and p.weight_layout == "out_in"}
     routed = {0: len(linear), -1: 1} if linear else {-1: 1}
-    for graph in ("prefill_next", "decode", "decode_pregathered"):
+    assert sparse.rewrites.graphs["prefill_next"]["dense_linears"].per_layer == {-1: 1}  # its one-position LM head
+    for graph in ("decode", "decode_pregathered"):
         assert sparse.rewrites.graphs[graph]["dense_linears"].per_layer == routed
         targets = [n.target for n in getattr(sparse.graphs, graph).graph.nodes]
         assert targets.count(torch.ops.shadowfx.dense_linear.default) == sum(routed.values())

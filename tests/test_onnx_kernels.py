@@ -176,6 +176,12 @@ def test_kept_weight_kernels_run_instead_of_the_bodies_and_match_them(library, t
     assert native_ops == {op_type: 1} and op_type not in body_ops and body_ops
     np.testing.assert_array_equal(native, want)
     np.testing.assert_array_equal(body, want)
+    # the empty slots are written, not left as the buffer was: a second run reuses the first one's output memory
+    options = session_options()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"source": source, "indices": np.minimum(indices, 11)})
+    np.testing.assert_array_equal(session.run(None, feeds)[0], want)
 
 
 def test_kept_weight_kernels_refuse_an_index_past_the_empty_slot(library, tmp_path):

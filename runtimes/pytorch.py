@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shadowfx import native
-from shadowfx.compact import compact_weights
+from shadowfx.compact import CompactWeights, compact_weights
 from shadowfx.passes.base import PassResult
 from shadowfx.selection import (
     BatchSelection,
@@ -35,10 +35,14 @@ from shadowfx.selection import (
     union_of_neurons,
 )
 from shadowfx.structure import DecoderStructure
+from shadowfx.timing import alternating
 
 Granularity = Literal["prompt", "token"]
-Runtime = Literal["eager", "compile"]
+Runtime = Literal["eager", "compile", "auto"]
 DecodePath = Literal["pregathered", "gather_per_call", "per_token"]
+PROBE_TOKENS, PROBE_REPEATS = 64, 5
+"""``runtime="auto"``'s probe: the prompt's length and the timed calls of each graph and runtime (after three, the
+first of which compiles)."""
 
 
 class InputError(ValueError):
@@ -76,6 +80,18 @@ class SparseGraphs:
     prefill_gathering: torch.fx.GraphModule | None
     decode: torch.fx.GraphModule  # per prompt: gathers from the full weights every step; per token: selects too
     decode_pregathered: torch.fx.GraphModule | None  # per prompt only: reads the prompt's compact weights
+
+
+@dataclass(frozen=True)
+class RuntimeTiming:
+    """One graph timed by ``runtime="auto"``: median seconds per call, eager and ``torch.compile``d, on the probe."""
+
+    eager_s: float
+    compile_s: float
+
+    @property
+    def chosen(self) -> str:
+        return "compile" if self.compile_s < self.eager_s else "eager"
 
 
 @dataclass(frozen=True)
@@ -244,17 +260,20 @@ class SparseDecoder(GenerationLoop, nn.Module):
             native.kernels()  # built here on first use, rather than in the first decode step
             if self.granularity == "prompt":
                 native.keep_gathered_buffers(self.max_gathered_bytes)
-        run = (lambda gm: torch.compile(gm, dynamic=True)) if self.runtime == "compile" else (lambda gm: gm)
-        self._prefill: Callable = run(self.graphs.prefill)
-        self._prefill_next: Callable = run(self.graphs.prefill_next)
-        self._prefill_gathering: Callable | None = (run(self.graphs.prefill_gathering)
-                                                    if self.graphs.prefill_gathering is not None else None)
-        self._decode: Callable = run(self.graphs.decode)
-        self._decode_pregathered: Callable | None = (run(self.graphs.decode_pregathered)
-                                                     if self.graphs.decode_pregathered is not None else None)
+        graphs = {name: graph for name, graph in vars(self.graphs).items() if graph is not None}
+        self._runs: dict[str, Callable] = (
+            {name: torch.compile(graph, dynamic=True) for name, graph in graphs.items()}
+            if self.runtime == "compile" else dict(graphs))
+        self._every_unit_weights: CompactWeights | None = None
         self.last_selection: Selection | None = None
         self.last_decode_path: DecodePath | None = None
         self.last_gathered_bytes = 0
+        self.runtime_timings: dict[str, RuntimeTiming] = {}
+        if self.runtime == "auto":
+            self.runtime_timings = self._time_runtimes(graphs)
+        self.graph_runtimes: dict[str, str] = {
+            name: self.runtime_timings[name].chosen if name in self.runtime_timings
+            else "compile" if self.runtime == "compile" else "eager" for name in graphs}
 
     def _apply(self, fn: Callable, recurse: bool = True) -> SparseDecoder:
         super()._apply(fn, recurse)
@@ -277,7 +296,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         attention_mask = self._check(input_ids, attention_mask)
-        logits, _, _, self.last_selection = self._unpack(self._prefill(input_ids, attention_mask))
+        logits, _, _, self.last_selection = self._unpack(self._runs["prefill"](input_ids, attention_mask))
         return logits
 
     @torch.inference_mode()
@@ -290,25 +309,25 @@ class SparseDecoder(GenerationLoop, nn.Module):
         """
         attention_mask = self._check(input_ids, attention_mask, new_tokens)
         if decode and self._gathers_in_prefill(input_ids.shape[0]):
-            outputs = self._prefill_gathering(input_ids, attention_mask)
+            outputs = self._runs["prefill_gathering"](input_ids, attention_mask)
             logits, keys, values, selection = self._unpack(outputs)
             kept = list(outputs[1 + 2 * self.structure.num_layers + 2 * (self.structure.num_layers - 1):])
             # every gathered tensor leads with the batch axis; the output biases, kept whole, are the 1-D ones
             self.last_decode_path = "pregathered"
             self.last_gathered_bytes = sum(t.numel() * t.element_size() for t in kept if t.dim() > 1)
-            run, inputs = self._decode_pregathered, kept
+            run, inputs = self._runs["decode_pregathered"], kept
         else:
-            logits, keys, values, selection = self._unpack(self._prefill_next(input_ids, attention_mask))
+            logits, keys, values, selection = self._unpack(self._runs["prefill_next"](input_ids, attention_mask))
             if decode and self.batch_selection == "union":
                 selection = union_of_neurons(selection, self.structure)  # one copy of the kept weights for all rows
-            run, inputs = self._decode_step(selection) if decode else (self._decode, [])
+            run, inputs = self._decode_step(selection) if decode else (self._runs["decode"], [])
         self.last_selection = selection
         return DecodeState(logits[:, -1], keys, values, attention_mask, run, inputs)
 
     def _gathers_in_prefill(self, batch: int) -> bool:
         """Whether the prefill gathers the kept weights itself: per row, so only where ``batch`` copies of every
         later layer's weights would fit ``max_gathered_bytes`` (the kept ones are known only after the prefill)."""
-        return (self._prefill_gathering is not None and self._decode_pregathered is not None
+        return ("prefill_gathering" in self._runs and "decode_pregathered" in self._runs
                 and not self.config.keeps_every_unit  # then the decode reads the model's own weights, uncopied
                 and batch * self._layer_weight_bytes <= self.max_gathered_bytes
                 and (batch == 1 or self.batch_selection == "per_row"))  # a union is known after the prefill
@@ -330,11 +349,58 @@ class SparseDecoder(GenerationLoop, nn.Module):
         """The decode graph for this generation and the inputs it takes besides the token, mask and cache."""
         if self.granularity == "token":
             self.last_decode_path, self.last_gathered_bytes = "per_token", 0
-            return self._decode, []
-        if self._decode_pregathered is not None:
-            compact = compact_weights(self.model, self.structure, selection, max_bytes=self.max_gathered_bytes)
+            return self._runs["decode"], []
+        if "decode_pregathered" in self._runs:
+            compact = self._kept_weights(selection)
             if compact is not None:
                 self.last_decode_path, self.last_gathered_bytes = "pregathered", compact.gathered_bytes
-                return self._decode_pregathered, compact.tensors
+                return self._runs["decode_pregathered"], compact.tensors
         self.last_decode_path, self.last_gathered_bytes = "gather_per_call", 0
-        return self._decode, [*selection.kv_heads, *selection.neurons]
+        return self._runs["decode"], [*selection.kv_heads, *selection.neurons]
+
+    def _kept_weights(self, selection: Selection) -> CompactWeights | None:
+        """The kept weights a per-prompt decode reads. With every unit kept they are views of the model's own
+        weights, the same for every generation and batch: planned once (a few milliseconds of a small model's first
+        token), until a conversion rebuilds the graphs."""
+        if not self.config.keeps_every_unit:
+            return compact_weights(self.model, self.structure, selection, max_bytes=self.max_gathered_bytes)
+        if self._every_unit_weights is None:
+            self._every_unit_weights = compact_weights(self.model, self.structure, selection,
+                                                       max_bytes=self.max_gathered_bytes)
+        return self._every_unit_weights
+
+    @torch.inference_mode()
+    def _time_runtimes(self, graphs: dict[str, torch.fx.GraphModule]) -> dict[str, RuntimeTiming]:
+        """``runtime="auto"``: the forward and every graph a generation of a batch of one runs, each eager and
+        through ``torch.compile``, timed in alternation on a probe (a random prompt of :data:`PROBE_TOKENS` tokens,
+        fewer where the model has fewer positions, then its decode step); the faster one runs from then on, and a
+        graph no such generation runs stays eager. The pre-gathered decode is timed where the probe's generation
+        takes it (not when ``max_gathered_bytes`` is too small for a batch of one's copy)."""
+        tokens = PROBE_TOKENS if self.max_positions is None else max(1, min(PROBE_TOKENS, self.max_positions - 1))
+        vocab = self.model.get_input_embeddings().num_embeddings
+        input_ids = torch.randint(vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(self._device)
+        mask = torch.ones_like(input_ids)
+        synchronize = torch.cuda.synchronize if self._device.type == "cuda" else (lambda: None)
+        timings = {}
+
+        def time_graph(name: str, *args: torch.Tensor) -> None:
+            eager, compiled = graphs[name], torch.compile(graphs[name], dynamic=True)
+            eager_s, compile_s, _ = alternating(lambda: (eager(*args), synchronize()),
+                                                lambda: (compiled(*args), synchronize()), PROBE_REPEATS, warmup=3)
+            timings[name] = RuntimeTiming(eager_s, compile_s)
+            if timings[name].chosen == "compile":
+                self._runs[name] = compiled
+
+        starts = "prefill_gathering" if self._gathers_in_prefill(1) else "prefill_next"
+        for name in ("prefill", starts):
+            time_graph(name, input_ids, mask)
+        state = self.start(input_ids, mask)  # on the prefill graphs just chosen
+        step = (input_ids[:, -1:], torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), *state.keys,
+                *state.values)
+        if self.last_decode_path == "pregathered":
+            time_graph("decode_pregathered", *step, *state.inputs)
+        selection = self.last_selection
+        time_graph("decode", *step, *([] if self.granularity == "token" else [*selection.kv_heads,
+                                                                               *selection.neurons]))
+        self.last_selection, self.last_decode_path, self.last_gathered_bytes = None, None, 0
+        return timings

@@ -152,6 +152,11 @@ def transform(
     predictor saved next to the checkpoint is loaded. ``verify`` (on by default; a prefill on a 2 x 9 probe batch)
     checks that the rewrite with every unit kept equals the model, and raises :class:`RewriteMismatch` if not.
 
+    ``runtime`` "eager" runs the rewritten graphs as they are, "compile" through ``torch.compile``, and "auto" times
+    each graph a generation of a batch of one runs both ways on a probe (a random 64-token prompt and its decode
+    step, after compiling each: tens of seconds on a small model, minutes on a large one) and runs the faster; the
+    module's ``graph_runtimes`` says which each graph runs, and ``runtime_timings`` what the probe measured.
+
     With every unit kept (sparsity 0 for heads and neurons) the predictor does not run, since no score could change
     the selection; the rewritten layers still do, reading the model's own weights without a copy.
 

@@ -34,7 +34,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,6 +52,7 @@ from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, load_predict
 from shadowfx.runtimes.onnx import OnnxDecoder
 from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
 from shadowfx.structure import DecoderStructure
+from shadowfx.timing import alternating
 
 SHAPES: dict[str, Callable[[], object]] = {
     "opt-1.3b": lambda: OPTConfig(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
@@ -70,7 +70,7 @@ class BenchSettings:
     sparsities: tuple[float, ...] = (0.5,)
     granularities: tuple[str, ...] = ("prompt", "token")
     batches: tuple[int, ...] = (1,)
-    runtimes: tuple[str, ...] = ("eager",)  # of the sparse model: "eager", "compile", "onnx" (onnxruntime)
+    runtimes: tuple[str, ...] = ("eager",)  # of the sparse model: "eager", "compile", "auto", "onnx" (onnxruntime)
     dense: str = "eager"
     prompt_tokens: int = 128
     repeats: int = 16
@@ -95,21 +95,6 @@ def shape_model(name: str, layers: int | None = None, seed: int = 0) -> nn.Modul
     model_class = OPTForCausalLM if isinstance(config, OPTConfig) else LlamaForCausalLM
     torch.manual_seed(seed)
     return model_class(config).eval()
-
-
-def alternating(first: Callable[[], object], second: Callable[[], object], repeats: int,
-                warmup: int = 2) -> tuple[float, float, float]:
-    """Median seconds of ``first`` and of ``second``, called in alternation so that drift hits both alike, and the
-    median ratio first / second over the alternated pairs."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for index in range(repeats + warmup):
-        for run, store in ((first, times[0]), (second, times[1])):
-            started = time.perf_counter()
-            run()
-            if index >= warmup:
-                store.append(time.perf_counter() - started)
-    ratio = statistics.median(a / b for a, b in zip(*times))
-    return statistics.median(times[0]), statistics.median(times[1]), ratio
 
 
 @dataclass
@@ -227,7 +212,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
     cases = list(itertools.product(settings.granularities, settings.sparsities, kinds))
 
     def record(runs: list[dict], sparse, chosen: nn.Module, batch: int, runtime: str, granularity: str,
-               sparsity: float) -> None:
+               sparsity: float, **details: object) -> None:
         # a per-prompt selection is made once in the prefill; per token the predictor runs every step (none at
         # sparsity 0, where no score changes what is kept)
         predictor_bytes = sum(p.numel() * p.element_size() for p in chosen.parameters())
@@ -235,7 +220,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity, sparsity=sparsity,
                          prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes[batch], predictor_bytes=per_step)
         row.update(dense="onnx" if runtime == "onnx" else settings.dense, predictor=_kind(chosen),
-                   predictor_bytes=predictor_bytes)
+                   predictor_bytes=predictor_bytes, **details)
         results["rows"].append(row)
         if progress:
             print(_line(row), file=sys.stderr, flush=True)
@@ -258,7 +243,9 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
                 chosen, sparse = transformed(granularity, sparsity, kind, runtime, settings.batch_selection)
                 runs = [_measure_once(dense, sparse, input_ids, torch.ones_like(input_ids), settings.repeats)
                         for _ in range(settings.runs)]
-                record(runs, sparse, chosen, batch, runtime, granularity, sparsity)
+                # which runtime ran each graph ("auto" chooses per graph)
+                record(runs, sparse, chosen, batch, runtime, granularity, sparsity,
+                       graph_runtimes=sparse.graph_runtimes)
                 del sparse
         if exports is None:
             return _finish(results)
@@ -341,7 +328,9 @@ def _line(row: dict) -> str:
             f"{row['decode_speedup']:.2f}x ({low:.2f}-{high:.2f}; bound {row['decode_amdahl_bound']:.2f}x, "
             f"path {row['decode_path']}), prefill {row['prefill_speedup']:.2f}x, first token "
             f"{row['first_token_vs_dense']:.2f}x dense's time, {row['tokens_per_s']:.1f} tokens/s vs "
-            f"{row['dense_tokens_per_s']:.1f}")
+            f"{row['dense_tokens_per_s']:.1f}"
+            + (f"; compiled: {', '.join(n for n, r in row['graph_runtimes'].items() if r == 'compile') or 'none'}"
+               if row["runtime"] == "auto" else ""))
 
 
 def write(results: dict, out: str | Path) -> tuple[Path, Path]:

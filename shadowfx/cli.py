@@ -454,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
     bench_command.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES))
     bench_command.add_argument("--batch", type=_at_least_one, nargs="+", default=[1])
-    bench_command.add_argument("--runtime", nargs="+", choices=["eager", "compile", "onnx"], default=["eager"],
-                               help="the sparse model's runtime(s); onnx: the sparse and the dense export in "
-                               "onnxruntime")
+    bench_command.add_argument("--runtime", nargs="+", choices=["eager", "compile", "auto", "onnx"],
+                               default=["eager"], help="the sparse model's runtime(s); auto: each graph eager or "
+                               "compiled, whichever a probe at transform times faster; onnx: the sparse and the dense "
+                               "export in onnxruntime")
     bench_command.add_argument("--dense", choices=["eager", "compile"], default="eager",
                                help="the dense baseline: the Hugging Face model eager or under torch.compile")
     bench_command.add_argument("--scope", choices=SCOPES, default="per_layer")

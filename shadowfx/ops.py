@@ -119,17 +119,22 @@ def _check_lead(weight: Tensor, name: str, shapes: str, batch: int) -> tuple[int
     return (batch,)
 
 
-def _check_selection_values(idx: Tensor, name: str, size: int) -> None:
-    """Data-dependent checks: eager only (a fake tensor has no values)."""
+def _check_selection_values(idx: Tensor, name: str, size: int) -> bool:
+    """Data-dependent checks: eager only (a fake tensor has no values). Returns whether ``idx`` keeps every one of
+    the ``size`` units in every row (and token): ``size`` distinct indices, none of them the empty slot."""
     if idx.numel() == 0:
-        return
-    low, high = int(idx.min()), int(idx.max())
+        return False
+    low, high = (int(v) for v in idx.aminmax())
     if low < 0 or high > size:
         raise IndexError(f"{name} out of range: values must be in [0, {size}) or the empty slot {size}, got values "
                          f"in [{low}, {high}]")
-    ordered = idx.sort(dim=-1).values
-    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < size)).any():
+    # how often each unit (and the empty slot, last) is selected: one pass, where a sort of a prefill's per-token
+    # selections [B, S, k] costs more than the layer's projections
+    ones = torch.ones((), dtype=torch.int32, device=idx.device).expand(idx.shape)
+    counts = torch.zeros((*idx.shape[:-1], size + 1), dtype=torch.int32, device=idx.device).scatter_add_(-1, idx, ones)
+    if (counts[..., :size] > 1).any():
         raise ValueError(f"{name} has repeated indices; a selection must be distinct")
+    return idx.shape[-1] == size and high < size
 
 
 def _keep_mask(idx: Tensor, size: int) -> Tensor:
@@ -337,8 +342,7 @@ def _check_mlp_args(a: _MLPArgs) -> None:
 def _gathered_mlp(a: _MLPArgs) -> Tensor:
     _check_mlp_args(a)
     neuron_idx, ffn = a.neuron_idx, a.up_weight.shape[0]
-    if neuron_idx is not None:
-        _check_selection_values(neuron_idx, "neuron_idx", ffn)
+    keeps_every_neuron = neuron_idx is not None and _check_selection_values(neuron_idx, "neuron_idx", ffn)
     act = ACTIVATIONS[a.activation]
     per_token = neuron_idx is not None and neuron_idx.dim() == 3
     # a decode step reads its selection's rows/cols natively (the kernels skip the empty slot); otherwise a [k] /
@@ -356,10 +360,11 @@ def _gathered_mlp(a: _MLPArgs) -> Tensor:
     h = act(up) if a.gate_weight is None else act(project(a.x, a.gate_weight, a.gate_bias, rows)) * up
     if empty is not None:
         h = h.where(~empty.unsqueeze(-2), 0)  # [k] or [B, k] over the sequence dim
-    if per_token and not fused:
+    if per_token and not fused and not keeps_every_neuron:
         # The dense intermediate times each token's 0/1 keep mask (as a where, so that an inf in a dropped neuron
         # cannot become NaN). Exact, and for prefill-sized S cheaper than per-token weight gathers, which would copy
-        # [B, S, k, E] per projection; a decode step reads the kept rows/cols natively instead.
+        # [B, S, k, E] per projection; a decode step reads the kept rows/cols natively instead. A selection of
+        # every neuron has nothing to mask.
         h = h.where(_keep_mask(neuron_idx, ffn), 0)
     finish = _native_cols if fused else _linear_cols
     return finish(h, a.down_weight, a.down_bias, rows)
@@ -599,8 +604,9 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     # a decode step with a selection reads the kept q rows and o columns natively (and, per prompt, the kept k/v
     # rows); per token, K/V are computed for every head, and the kept groups' cache is taken for the attention
     fused = kv_head_idx is not None and native.applies(a.hidden, a.q_weight, a.k_weight, a.v_weight, a.o_weight)
+    keeps_every_head = False
     if kv_head_idx is not None:
-        _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
+        keeps_every_head = _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
         if fused or not per_token:
             selection = _decode_selection(kv_head_idx, a.hidden.shape[0]) if fused else kv_head_idx
             kept, empty = _empty_slots(selection, a.num_kv_heads)
@@ -629,7 +635,7 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
         if kv_head_idx is not None and (fused or not per_token):
             slopes = slopes[kept]
     context = _attend(q, attended_key, attended_value, a.attention_mask, a.scaling, group, slopes, a.softcap)
-    if per_token and not fused:
+    if per_token and not fused and not keeps_every_head:
         # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
         # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
         keep = _keep_mask(kv_head_idx, a.num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D

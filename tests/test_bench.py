@@ -38,6 +38,7 @@ def test_bench_measures_every_setting_against_dense():
         assert row["decode_amdahl_bound"] == pytest.approx(bound)
         assert row["heads_skipped"] > 0 and row["neurons_skipped"] > 0
         assert row["peak_resident_bytes"] > 0
+        assert set(row["graph_runtimes"].values()) == {"eager"} and "prefill" in row["graph_runtimes"]
     by_path = {(r["batch"], r["granularity"]): r["decode_path"] for r in rows}  # two rows fit max_gathered_bytes
     assert by_path == {(1, "prompt"): "pregathered", (1, "token"): "per_token", (2, "prompt"): "pregathered",
                        (2, "token"): "per_token"}

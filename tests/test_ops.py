@@ -719,6 +719,25 @@ def test_token_sparse_attention_all_groups_equals_dense() -> None:
     torch.testing.assert_close(value, v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [(4, 4, 4), (8, 2, 2)], ids=["mha", "gqa"])
+def test_per_token_selection_as_wide_as_the_layer_with_an_empty_slot_still_masks(heads: tuple[int, int, int]) -> None:
+    """Per token, a selection of every unit skips the keep masks; one as wide as the layer with an empty slot keeps
+    fewer units, and must be masked like any other."""
+    batch, seq, embed, ffn = 3, 4, 16, 12
+    weights = random_mlp(embed, ffn, gated=True, bias=True, dtype=torch.float32)
+    x = torch.randn(batch, seq, embed)
+    every_neuron = token_selection(ffn, ffn, batch, seq)  # each token's own order
+    token = token_case(heads, batch, seq, HEAD_DIM, True, torch.float32)
+    every_group = token.idx
+    for neurons, groups in ((every_neuron, every_group),
+                            (with_empty_slots(every_neuron, ffn), with_empty_slots(every_group, heads[1]))):
+        close(ops.gathered_mlp(x, **weights, neuron_idx=neurons, activation="silu"),
+              dense_mlp_reference(x, **weights, neuron_idx=neurons, activation="silu"), torch.float32)
+        token.idx = groups
+        close(run_token_op(token, token.hidden, token.rope)[0], run_reference(token, token.hidden, token.rope)[0],
+              torch.float32)
+
+
 def test_token_sparse_attention_same_selection_for_every_token_equals_gathered() -> None:
     batch, seq, past = 3, 5, 2
     c = attention_case((8, 4, 2), batch, seq, HEAD_DIM, bias=True, per_row=True, dtype=torch.float32, start=past)

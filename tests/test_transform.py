@@ -12,6 +12,7 @@ import shadowfx
 from shadowfx import native
 import shadowfx.compact
 import shadowfx.onnx_export
+import shadowfx.runtimes.pytorch
 from shadowfx.capture import PrefillStep
 from shadowfx.families import build_small
 from shadowfx.passes.graph import output_node
@@ -253,6 +254,53 @@ def test_compile_runtime_equals_eager():
     assert "shadowfx.gathered_mlp" in generated and "shadowfx.gathered_attention" in generated
     assert torch.equal(compiled.generate(input_ids, attention_mask, max_new_tokens=3),
                        eager.generate(input_ids, attention_mask, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("granularity", ["prompt", "token"])
+def test_auto_runtime_times_what_a_generation_runs_and_keeps_the_faster(granularity, monkeypatch):
+    monkeypatch.setattr(shadowfx.runtimes.pytorch, "PROBE_REPEATS", 1)  # the choice, not its precision, is tested
+    eager = shadowfx.transform(small_model("llama"), predictor("llama"), sparsity=0.5, scope="per_layer",
+                               granularity=granularity)
+    auto = shadowfx.transform(small_model("llama"), predictor("llama"), sparsity=0.5, scope="per_layer",
+                              granularity=granularity, runtime="auto")
+    # a batch of one's generation: per prompt, the prefill gathers (the default bound fits one copy)
+    timed = ({"prefill", "prefill_gathering", "decode_pregathered", "decode"} if granularity == "prompt"
+             else {"prefill", "prefill_next", "decode"})
+    assert set(auto.runtime_timings) == timed
+    assert set(auto.graph_runtimes) == {name for name, graph in vars(auto.graphs).items() if graph is not None}
+    for name, chosen in auto.graph_runtimes.items():
+        timing = auto.runtime_timings.get(name)
+        assert chosen == ("eager" if timing is None else "compile" if timing.compile_s < timing.eager_s else "eager")
+        assert timing is None or min(timing.eager_s, timing.compile_s) > 0
+        assert isinstance(auto._runs[name], torch._dynamo.eval_frame.OptimizedModule) == (chosen == "compile")
+    assert set(eager.graph_runtimes.values()) == {"eager"} and eager.runtime_timings == {}
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=4)
+    torch.testing.assert_close(auto(input_ids, attention_mask), eager(input_ids, attention_mask), rtol=1e-5,
+                               atol=1e-5)
+    assert torch.equal(auto.generate(input_ids, attention_mask, max_new_tokens=3),
+                       eager.generate(input_ids, attention_mask, max_new_tokens=3))
+
+
+def test_every_unit_kept_plans_the_views_of_the_weights_once():
+    model = copy.deepcopy(small_model("llama"))  # .to() converts in place
+    sparse = shadowfx.transform(model, predictor("llama"), sparsity=0.0)
+    input_ids, attention_mask = padded_batch(1, 5, 512, seed=3)
+
+    def kept_weights() -> list[torch.Tensor]:
+        state = sparse.start(input_ids, attention_mask)
+        assert sparse.last_decode_path == "pregathered" and sparse.last_gathered_bytes == 0
+        return state.inputs
+
+    def storages() -> set[int]:
+        return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    first = kept_weights()
+    assert kept_weights() is first  # the same views, not planned again
+    assert {t.untyped_storage().data_ptr() for t in first} <= storages()  # of the model's own weights
+    sparse.double()
+    converted = kept_weights()
+    assert converted is not first and {t.dtype for t in converted} == {torch.float64}
+    assert {t.untyped_storage().data_ptr() for t in converted} <= storages()
 
 
 def test_sampling_is_reproducible_and_within_top_k():

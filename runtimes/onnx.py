@@ -154,7 +154,8 @@ class OnnxDecoder(GenerationLoop):
     def __init__(self, directory: str | Path, *, structure: DecoderStructure | None = None,
                  session_options: ort.SessionOptions | None = None, providers: list | None = None,
                  kernels: str | Path | None = None, generation_config: object = None) -> None:
-        kernels = self.kernels = _kernel_library(kernels)
+        requested, kernels = kernels, _kernel_library(kernels)
+        self.kernels = kernels
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise OnnxLoadError(f"{self.directory} is not a directory; give the folder shadowfx export wrote")
@@ -182,8 +183,9 @@ class OnnxDecoder(GenerationLoop):
             session_options or ort.SessionOptions())
         graph_options = dict.fromkeys(graphs, options)
         self.gather_kernels = kernels
-        if kernels is None and "gather" in graphs:
-            # the gather graph holds only the kept-weight copies, whose kernels are always the faster path
+        if requested is None and "gather" in graphs:
+            # the gather graph holds only the kept-weight copies, whose kernels are always the faster path ("auto"
+            # has looked for the library already)
             self.gather_kernels = _kernel_library("auto")
             if self.gather_kernels is not None:
                 graph_options["gather"] = _with_library(session_options, self.gather_kernels)

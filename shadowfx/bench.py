@@ -18,7 +18,8 @@ The predictors: ShadowLLM's one predictor at layer 0, DejaVu's one per later lay
 per token as a ratio measured in the same run.
 The dense baseline is the Hugging Face model eager, or compiled with ``torch.compile`` (``dense="compile"``). The
 sparse runtime ``"onnx"`` runs the export of each setting in onnxruntime against the dense export in onnxruntime,
-each row naming the dense baseline it was measured against.
+each row naming the dense baseline it was measured against; its time to the first token is also measured with one
+export loaded at a time (``first_token_alone``), since the alternation holds two copies of the weights.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -140,13 +142,22 @@ def _peak_resident_bytes() -> int:
     return peak if platform.system() == "Darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+PREFILL_SECONDS = 3.0
+
+
 @torch.inference_mode()
 def _measure_once(dense, sparse, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int) -> dict:
     """One run of one setting: prefill, time to first token and decode step, dense and sparse in alternation. Both
     are runtimes of one interface: ``start`` (the prefill decoding continues from; per prompt the sparse one also
     gathers the kept weights there, unless ``decode=False``) and ``step``. The prefill is the sparse ``start``
     without the gather; a dense model has none, so its prefill is its first token."""
-    few = max(3, repeats // 4)
+    dense.start(input_ids, attention_mask)  # a first call may compile or allocate
+    started = time.perf_counter()
+    dense.start(input_ids, attention_mask)
+    prefill_time = time.perf_counter() - started
+    # as many prefill pairs as fit in about PREFILL_SECONDS per quantity (a small model's prefill is short and its
+    # ratio noisy), at least a quarter of the decode's repeats and at most four times as many
+    few = min(4 * repeats, max(3, repeats // 4, int(PREFILL_SECONDS / max(prefill_time, 1e-6))))
     dense_prefill, prefill, prefill_speedup = alternating(lambda: dense.start(input_ids, attention_mask),
                                                           lambda: sparse.start(input_ids, attention_mask, decode=False),
                                                           few, warmup=1)
@@ -212,7 +223,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
     cases = list(itertools.product(settings.granularities, settings.sparsities, kinds))
 
     def record(runs: list[dict], sparse, chosen: nn.Module, batch: int, runtime: str, granularity: str,
-               sparsity: float, **details: object) -> None:
+               sparsity: float, **details: object) -> dict:
         # a per-prompt selection is made once in the prefill; per token the predictor runs every step (none at
         # sparsity 0, where no score changes what is kept)
         predictor_bytes = sum(p.numel() * p.element_size() for p in chosen.parameters())
@@ -224,6 +235,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         results["rows"].append(row)
         if progress:
             print(_line(row), file=sys.stderr, flush=True)
+        return row
 
     def transformed(granularity: str, sparsity: float, kind: str, runtime: str, batch_selection: str):
         chosen = predictor or _predictor_for(model, structure, settings, kind, granularity)
@@ -262,14 +274,48 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
         dense_onnx = OnnxDecoder(exports / "dense", structure=structure, session_options=options)
+        measured = []
         for (chosen, directory), (granularity, sparsity, _) in zip(exported, cases):
             sparse_onnx = OnnxDecoder(directory, structure=structure, session_options=options)
             for batch, input_ids in prompts.items():
                 runs = [_measure_once(dense_onnx, sparse_onnx, input_ids, torch.ones_like(input_ids),
                                       settings.repeats) for _ in range(settings.runs)]
-                record(runs, sparse_onnx, chosen, batch, "onnx", granularity, sparsity)
+                measured.append((record(runs, sparse_onnx, chosen, batch, "onnx", granularity, sparsity),
+                                 directory, input_ids))
             del sparse_onnx
+        del dense_onnx
+        for row, directory, input_ids in measured:
+            row["first_token_alone"] = _first_token_alone(exports / "dense", directory, input_ids, structure, options,
+                                                          max(3, settings.repeats // 4))
+            if progress:
+                alone = row["first_token_alone"]
+                print(f"batch {row['batch']} onnx {row['granularity']:6s} {row['sparsity']:.2f}: first token with "
+                      f"one export loaded at a time {alone['first_token_s']:.3f} s against dense "
+                      f"{alone['dense_first_token_s']:.3f} s ({alone['first_token_vs_dense']:.2f}x dense's time)",
+                      file=sys.stderr, flush=True)
     return _finish(results)
+
+
+def _first_token_alone(dense: Path, sparse: Path, input_ids: torch.Tensor, structure: DecoderStructure,
+                       options: onnxruntime.SessionOptions, repeats: int) -> dict:
+    """onnxruntime's time to the first token with one export's sessions loaded at a time: dense, sparse, then dense
+    again, so that drift over the three shows in the dense range. The alternated measurement holds both exports at
+    once, and a model near the machine's memory then reads weight pages the system evicted back from disk."""
+    mask = torch.ones_like(input_ids)
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for name, directory in (("dense", dense), ("sparse", sparse), ("dense", dense)):
+        gc.collect()  # the decoder before this one is gone: one export's sessions in memory
+        decoder = OnnxDecoder(directory, structure=structure, session_options=options)
+        decoder.start(input_ids, mask)  # the first run of a session allocates and plans
+        for _ in range(repeats):
+            started = time.perf_counter()
+            decoder.start(input_ids, mask)
+            times[name].append(time.perf_counter() - started)
+        del decoder
+    dense_s, sparse_s = statistics.median(times["dense"]), statistics.median(times["sparse"])
+    return {"dense_first_token_s": dense_s, "dense_first_token_s_range": [min(times["dense"]), max(times["dense"])],
+            "first_token_s": sparse_s, "first_token_s_range": [min(times["sparse"]), max(times["sparse"])],
+            "first_token_vs_dense": sparse_s / dense_s}
 
 
 def _finish(results: dict) -> dict:

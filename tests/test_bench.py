@@ -141,18 +141,24 @@ def test_bench_in_onnxruntime_against_the_dense_export(monkeypatch):
     before onnxruntime loads its own copy of the weights."""
     model = build_small("llama")
     weight = weakref.ref(model.lm_head.weight)
-    alive_at_load = []
+    alive_at_load, loaded_beside = [], []
+    live = weakref.WeakSet()
 
     def decoder(*args, **kwargs):
         alive_at_load.append(weight() is not None)
-        return OnnxDecoder(*args, **kwargs)
+        loaded_beside.append(len(live))
+        made = OnnxDecoder(*args, **kwargs)
+        live.add(made)
+        return made
 
     monkeypatch.setattr(bench, "OnnxDecoder", decoder)
     settings = bench.BenchSettings(granularities=("prompt", "token"), runtimes=("eager", "onnx"), **QUICK)
     arguments = [model]
     del model  # bench then holds the only reference, as in the CLI
     rows = bench.bench(arguments.pop(), settings, progress=False)["rows"]
-    assert alive_at_load == [False] * 3  # the dense export, then each setting's
+    # the dense export, then each setting's beside it; then, for the first token alone, dense, sparse, dense
+    assert alive_at_load == [False] * 9
+    assert loaded_beside[6:] == [0] * 3 and loaded_beside[3:6] == [0] * 3
     assert [(r["runtime"], r["dense"], r["granularity"]) for r in rows] == [
         ("eager", "eager", "prompt"), ("eager", "eager", "token"), ("onnx", "onnx", "prompt"), ("onnx", "onnx", "token")]
     eager, onnx = {r["granularity"]: r for r in rows[:2]}, {r["granularity"]: r for r in rows[2:]}
@@ -163,4 +169,8 @@ def test_bench_in_onnxruntime_against_the_dense_export(monkeypatch):
         for key in ("decode_amdahl_bound", "sparse_bytes_per_token", "heads_skipped", "neurons_skipped"):
             assert row[key] == pytest.approx(eager[granularity][key])
         assert row["dense_decode_step_s"] > 0 and row["decode_step_s"] > 0
+        alone = row["first_token_alone"]
+        assert alone["first_token_vs_dense"] == pytest.approx(alone["first_token_s"] / alone["dense_first_token_s"])
+        assert 0 < alone["first_token_s_range"][0] <= alone["first_token_s"] <= alone["first_token_s_range"][1]
+    assert "first_token_alone" not in eager["prompt"]
     assert onnx["prompt"]["gathered_bytes"] > 0 and onnx["token"]["predictor_bytes_per_step"] > 0

@@ -50,6 +50,15 @@ OrtStatusPtr AsStatus(Body&& body) {
   }
 }
 
+// What every kernel class shares: onnxruntime calls ComputeV2, which runs the class's Compute(context) with its
+// exceptions turned into a status.
+template <typename Kernel>
+struct StatusKernel {
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    return AsStatus([&] { static_cast<Kernel*>(this)->Compute(Ort::KernelContext(raw_context)); });
+  }
+};
+
 // ---- GatheredMLP ---------------------------------------------------------------------------------------------------
 
 enum class Selection { kRows, kTokens, kPregathered };
@@ -130,7 +139,7 @@ float Dot(const float* a, const float* b, int64_t n) {
 //   tokens       neuron_idx [B, S, k] (the same, per token; a unit given twice counts once), full weights
 //   pregathered  no neuron_idx; the weights are each batch row's kept units: up/gate [B, F, E], down [B, E, F]
 // Biases: up/gate [F] ([B, F] pregathered), down [E].
-class MlpKernel {
+class MlpKernel : public StatusKernel<MlpKernel> {
  public:
   explicit MlpKernel(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -138,11 +147,6 @@ class MlpKernel {
     selection_ = ParseSelection(kernel_info.GetAttribute<std::string>("selection"));
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
-    return AsStatus([&] { Compute(Ort::KernelContext(raw_context)); });
-  }
-
- private:
   void Compute(const Ort::KernelContext& context) {
     const Input x = ReadInput(context, kX), up = ReadInput(context, kUpWeight), up_bias = ReadInput(context, kUpBias),
                 gate = ReadInput(context, kGateWeight), gate_bias = ReadInput(context, kGateBias),
@@ -232,6 +236,7 @@ class MlpKernel {
     }
   }
 
+ private:
   Activation activation_;
   Selection selection_;
 };
@@ -319,15 +324,9 @@ void InChunks(const Ort::KernelContext& context, int64_t total, int64_t chunk, c
 constexpr int64_t kChunkBytes = 1 << 18;  // per task: large enough that scheduling costs little
 
 // source [N, ...] at rows [B, n] -> [B, n, ...].
-class KeptRowsKernel {
- public:
+struct KeptRowsKernel : StatusKernel<KeptRowsKernel> {
   explicit KeptRowsKernel(const OrtKernelInfo*) {}
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
-    return AsStatus([&] { Compute(Ort::KernelContext(raw_context)); });
-  }
-
- private:
   static void Compute(const Ort::KernelContext& context) {
     Ort::ConstValue source = context.GetInput(0);
     const auto info = source.GetTensorTypeAndShapeInfo();
@@ -358,15 +357,9 @@ class KeptRowsKernel {
 };
 
 // The columns cols [B, n] of source [M, N] -> [B, M, n]. Consecutive kept columns (a neuron block) are one copy.
-class KeptColsKernel {
- public:
+struct KeptColsKernel : StatusKernel<KeptColsKernel> {
   explicit KeptColsKernel(const OrtKernelInfo*) {}
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
-    return AsStatus([&] { Compute(Ort::KernelContext(raw_context)); });
-  }
-
- private:
   struct Run {
     int64_t slot, column, length;  // column == -1: empty slots, zeros
   };

@@ -30,8 +30,8 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from shadowfx.onnx_export import FORMAT, GRAPH_FILES, METADATA_PREFIX
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.ort_kernels import KernelBuildError, kernel_library
-from shadowfx.runtimes.pytorch import DecodePath, Granularity, GenerationLoop
-from shadowfx.selection import Selection, SparsityConfig
+from shadowfx.runtimes.pytorch import DecodePath, GenerationLoop, Granularity, InputError
+from shadowfx.selection import Selection, SparsityConfig, attention_and_mlp_bytes, per_row_copy_bytes
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -148,12 +148,16 @@ class OnnxDecoder(GenerationLoop):
     builds, or, where it cannot be built, the function bodies alone (with a logged warning saying why).
     ``self.kernels`` is the library in use, or None. The gather graph of a per-prompt export, which only copies a
     prompt's kept weights (``KeptRows``, ``KeptCols``), gets the library even without ``kernels``: the built one, as
-    ``"auto"`` would (``self.gather_kernels``; None: the bodies).
+    ``"auto"`` would (``self.gather_kernels``; None: the bodies). ``max_gathered_bytes`` bounds a per-prompt
+    generation's copies of the kept weights, one per batch row (default: twice the size of the later layers'
+    weights, so that two rows fit at any sparsity); a batch beyond it is refused, since the export has no decode
+    that reads the full weights instead.
     """
 
     def __init__(self, directory: str | Path, *, structure: DecoderStructure | None = None,
                  session_options: ort.SessionOptions | None = None, providers: list | None = None,
-                 kernels: str | Path | None = None, generation_config: object = None) -> None:
+                 kernels: str | Path | None = None, generation_config: object = None,
+                 max_gathered_bytes: int | None = None) -> None:
         requested, kernels = kernels, _kernel_library(kernels)
         self.kernels = kernels
         self.directory = Path(directory)
@@ -197,6 +201,11 @@ class OnnxDecoder(GenerationLoop):
             except Exception as error:  # onnxruntime raises its own exception types, not one base class
                 raise OnnxLoadError(f"onnxruntime cannot load {self.directory / name}.onnx: {error}") from error
         self.element_bytes = ELEMENT_BYTES[self.sessions["prefill"].get_outputs()[0].type]  # logits: the model's dtype
+        if max_gathered_bytes is not None and max_gathered_bytes < 0:
+            raise ValueError(f"max_gathered_bytes must be >= 0, got {max_gathered_bytes}")
+        later_layers = sum(sum(attention_and_mlp_bytes(self.structure, layer, self.element_bytes))
+                           for layer in self.structure.layers[1:])
+        self.max_gathered_bytes = max_gathered_bytes if max_gathered_bytes is not None else 2 * later_layers
         self.batch_selection = "per_row"  # the only one exported
         self.last_selection: Selection | None = None
         self.last_decode_path: DecodePath | None = None
@@ -238,6 +247,14 @@ class OnnxDecoder(GenerationLoop):
         logits, cache, chosen = self._prefill(input_ids, mask)
         kept = []
         if decode and self.granularity == "prompt":
+            # one copy per row, and no decode graph that reads the full weights to fall back on: refused up front
+            needed = per_row_copy_bytes(self.structure, self.last_selection, self.element_bytes)
+            if needed > self.max_gathered_bytes:
+                raise InputError(f"a batch of {input_ids.shape[0]} rows would gather {needed / 1e9:.3g} GB of kept "
+                                 f"weights (one copy per row), more than max_gathered_bytes "
+                                 f"({self.max_gathered_bytes / 1e9:.3g} GB; by default twice the later layers' "
+                                 "weights): decode fewer rows at a time, or give OnnxDecoder a larger "
+                                 "max_gathered_bytes")
             names = [i.name for i in self.sessions["gather"].get_inputs()]
             kept = self._run("gather", {}, dict(zip(names, chosen)))
             self.last_decode_path = "pregathered"

@@ -1,4 +1,5 @@
-"""Run rewritten decoder graphs in PyTorch (eagerly or through ``torch.compile``), with a generation loop.
+"""Run rewritten decoder graphs in PyTorch (eagerly, through ``torch.compile``, or each graph whichever of the two a
+probe times faster), with a generation loop.
 
 The module returned by :func:`shadowfx.transform` holds rewritten graphs. The prefill runs layer 0, the shadow
 predictor and the selection, then the sparse layers, and returns the logits, the KV cache and the selection; called,

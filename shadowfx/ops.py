@@ -534,7 +534,8 @@ def _rope(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
         turned = torch.stack((-t_rot[..., 1::2], t_rot[..., ::2]), dim=-1).flatten(-2)
     else:
         turned = torch.cat((-t_rot[..., rot // 2 :], t_rot[..., : rot // 2]), dim=-1)
-    return torch.cat((t_rot * cos + turned * sin, t_pass), dim=-1)
+    rotated = t_rot * cos + turned * sin
+    return rotated if rot == t.shape[-1] else torch.cat((rotated, t_pass), dim=-1)  # no copy for full rotary
 
 
 def _additive_mask(attention_mask: Optional[Tensor], seq: int, total: int, device: torch.device) -> Tensor:

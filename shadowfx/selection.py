@@ -21,7 +21,7 @@ import torch
 
 from shadowfx.ops import global_topk_indices, topk_indices, unit_rows
 from shadowfx.predictor import Scores
-from shadowfx.structure import DecoderStructure
+from shadowfx.structure import DecoderStructure, LayerStructure
 
 BatchSelection = Literal["per_row", "union"]
 BATCH_SELECTIONS: tuple[BatchSelection, ...] = get_args(BatchSelection)
@@ -239,6 +239,27 @@ class EffectiveSparsity:
         }
 
 
+def attention_and_mlp_bytes(structure: DecoderStructure, layer: LayerStructure,
+                            element_bytes: int) -> tuple[int, int]:
+    """Bytes of ``layer``'s attention weights (q, k, v, o) and of its MLP weights (up, gate, down), biases aside."""
+    attention, mlp = layer.attention, layer.mlp
+    attention_bytes = (2 * attention.num_heads + 2 * attention.num_kv_heads) * attention.head_dim
+    mlp_bytes = (3 if mlp.gate else 2) * mlp.intermediate_size
+    return attention_bytes * structure.hidden_size * element_bytes, mlp_bytes * structure.hidden_size * element_bytes
+
+
+def per_row_copy_bytes(structure: DecoderStructure, selection: Selection, element_bytes: int) -> int:
+    """Bytes of the copies of the kept weights that a gather per batch row makes for ``selection``: every row's
+    slots of every later layer, empty slots included (copied as zeros), biases aside."""
+    total = 0
+    for layer, heads, neurons in zip(structure.layers[1:], selection.kv_heads, selection.neurons):
+        attention_bytes, mlp_bytes = attention_and_mlp_bytes(structure, layer, element_bytes)
+        rows = heads.shape[0] if heads.dim() > 1 else 1
+        total += rows * (heads.shape[-1] * attention_bytes // layer.attention.num_kv_heads
+                         + neurons.shape[-1] * mlp_bytes // layer.mlp.intermediate_size)
+    return total
+
+
 def effective_sparsity(structure: DecoderStructure, selection: Selection, config: SparsityConfig, *,
                        element_bytes: int, kv_cache_shrinks: bool) -> EffectiveSparsity:
     """Fractions of heads, neurons, layer weight bytes and KV-cache bytes that ``selection`` skips.
@@ -261,9 +282,7 @@ def effective_sparsity(structure: DecoderStructure, selection: Selection, config
             cached = kv_index.shape[-1] if kv_cache_shrinks else attention.num_kv_heads
             slots += kv_index.numel() + neuron_index.numel()
             empty += kv_index.numel() + neuron_index.numel() - int(group_counts.sum()) - int(neuron_counts.sum())
-        attention_bytes = (2 * attention.num_heads + 2 * attention.num_kv_heads) * attention.head_dim
-        attention_bytes *= structure.hidden_size * element_bytes
-        mlp_bytes = (3 if mlp.gate else 2) * mlp.intermediate_size * structure.hidden_size * element_bytes
+        attention_bytes, mlp_bytes = attention_and_mlp_bytes(structure, layer, element_bytes)
         kept = attention_bytes * groups / attention.num_kv_heads + mlp_bytes * neurons / mlp.intermediate_size
         rows.append(LayerSparsity(
             layer=layer.index, kv_heads_kept=groups, kv_heads=attention.num_kv_heads,

@@ -25,6 +25,8 @@ from shadowfx.capture import positions_from_mask
 from shadowfx.cli import main
 from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, StaticScores, load_predictor, save_predictor
 from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
+from shadowfx.runtimes.pytorch import InputError, layer_weight_bytes
+from shadowfx.selection import per_row_copy_bytes
 from shadowfx.structure import FingerprintMismatch
 
 from conftest import padded_batch, small_model, structure
@@ -144,6 +146,25 @@ def test_weights_are_stored_once():
     # size of one model (plus the predictor and the weights the exporter folded into another layout)
     assert stored < 0.7 * referenced
     assert stored < 1.5 * parameter_bytes
+
+
+def test_a_batch_whose_copies_exceed_max_gathered_bytes_is_refused_up_front():
+    sparse, directory = exported("llama", "prompt", 0.5, "shadowllm")
+    input_ids, attention_mask = padded_batch(2, 6, 512, seed=8)
+    onnx_model = runtime(directory)
+    onnx_model.start(input_ids, attention_mask)  # by default, two rows fit
+    # no biases in a Llama: what the gather wrote is what the selection's slots come to
+    needed = per_row_copy_bytes(onnx_model.structure, onnx_model.last_selection, onnx_model.element_bytes)
+    assert onnx_model.last_gathered_bytes == needed > 0
+    assert onnx_model.max_gathered_bytes == 2 * layer_weight_bytes(sparse.structure, sparse.model) >= needed
+    bounded = runtime(directory, max_gathered_bytes=needed - 1)
+    with pytest.raises(InputError, match=r"a batch of 2 rows would gather .* more than max_gathered_bytes"):
+        bounded.start(input_ids, attention_mask)
+    assert bounded.last_decode_path is None
+    bounded.start(input_ids[1:], attention_mask[1:])  # one row fits
+    assert bounded.last_decode_path == "pregathered"
+    with pytest.raises(ValueError, match="max_gathered_bytes must be >= 0"):
+        runtime(directory, max_gathered_bytes=-1)
 
 
 def test_sampling_and_eos_follow_the_pytorch_runtime():

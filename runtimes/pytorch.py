@@ -363,12 +363,12 @@ class SparseDecoder(GenerationLoop, nn.Module):
         """The kept weights a per-prompt decode reads. With every unit kept they are views of the model's own
         weights, the same for every generation and batch: planned once (a few milliseconds of a small model's first
         token), until a conversion rebuilds the graphs."""
-        if not self.config.keeps_every_unit:
-            return compact_weights(self.model, self.structure, selection, max_bytes=self.max_gathered_bytes)
-        if self._every_unit_weights is None:
-            self._every_unit_weights = compact_weights(self.model, self.structure, selection,
-                                                       max_bytes=self.max_gathered_bytes)
-        return self._every_unit_weights
+        if self._every_unit_weights is not None:
+            return self._every_unit_weights
+        compact = compact_weights(self.model, self.structure, selection, max_bytes=self.max_gathered_bytes)
+        if self.config.keeps_every_unit:
+            self._every_unit_weights = compact
+        return compact
 
     @torch.inference_mode()
     def _time_runtimes(self, graphs: dict[str, torch.fx.GraphModule]) -> dict[str, RuntimeTiming]:

@@ -36,14 +36,16 @@ from shadowfx.selection import (
     union_of_neurons,
 )
 from shadowfx.structure import DecoderStructure
-from shadowfx.timing import alternating
+from shadowfx.timing import alternating_within
 
 Granularity = Literal["prompt", "token"]
 Runtime = Literal["eager", "compile", "auto"]
 DecodePath = Literal["pregathered", "gather_per_call", "per_token"]
-PROBE_TOKENS, PROBE_REPEATS = 64, 5
-"""``runtime="auto"``'s probe: the prompt's length and the timed calls of each graph and runtime (after three, the
-first of which compiles)."""
+PROBE_TOKENS, PROBE_SECONDS, PROBE_PAIRS = 64, 2.0, (5, 50)
+"""``runtime="auto"``'s probe: the prompt's length, and for each graph the alternated eager and compiled calls, as
+many pairs as fit in about PROBE_SECONDS within PROBE_PAIRS (after three, the first of which compiles)."""
+COMPILE_MARGIN = 0.03
+"""How much faster than eager a compiled graph must be for ``runtime="auto"`` to run it."""
 
 
 class InputError(ValueError):
@@ -85,14 +87,18 @@ class SparseGraphs:
 
 @dataclass(frozen=True)
 class RuntimeTiming:
-    """One graph timed by ``runtime="auto"``: median seconds per call, eager and ``torch.compile``d, on the probe."""
+    """One graph timed by ``runtime="auto"`` on the probe: median seconds per call, eager and ``torch.compile``d,
+    and the median over the alternated pairs of eager's time over compiled's."""
 
     eager_s: float
     compile_s: float
+    speedup: float
 
     @property
     def chosen(self) -> str:
-        return "compile" if self.compile_s < self.eager_s else "eager"
+        """Compiled where it beats eager by more than :data:`COMPILE_MARGIN`: a tie within the noise goes to eager,
+        which has nothing to recompile when the shapes change."""
+        return "compile" if self.speedup > 1 + COMPILE_MARGIN else "eager"
 
 
 @dataclass(frozen=True)
@@ -386,9 +392,9 @@ class SparseDecoder(GenerationLoop, nn.Module):
 
         def time_graph(name: str, *args: torch.Tensor) -> None:
             eager, compiled = graphs[name], torch.compile(graphs[name], dynamic=True)
-            eager_s, compile_s, _ = alternating(lambda: (eager(*args), synchronize()),
-                                                lambda: (compiled(*args), synchronize()), PROBE_REPEATS, warmup=3)
-            timings[name] = RuntimeTiming(eager_s, compile_s)
+            timings[name] = RuntimeTiming(*alternating_within(
+                lambda: (eager(*args), synchronize()), lambda: (compiled(*args), synchronize()), PROBE_SECONDS,
+                *PROBE_PAIRS, warmup=3))
             if timings[name].chosen == "compile":
                 self._runs[name] = compiled
 

@@ -154,7 +154,8 @@ def transform(
 
     ``runtime`` "eager" runs the rewritten graphs as they are, "compile" through ``torch.compile``, and "auto" times
     each graph a generation of a batch of one runs both ways on a probe (a random 64-token prompt and its decode
-    step, after compiling each: tens of seconds on a small model, minutes on a large one) and runs the faster; the
+    step, after compiling each: tens of seconds on a small model, minutes on a large one) and runs the compiled one
+    where it is faster by more than 3% (``COMPILE_MARGIN``; a tie goes to eager, which never recompiles); the
     module's ``graph_runtimes`` says which each graph runs, and ``runtime_timings`` what the probe measured.
 
     With every unit kept (sparsity 0 for heads and neurons) the predictor does not run, since no score could change

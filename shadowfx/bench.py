@@ -54,7 +54,7 @@ from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, load_predict
 from shadowfx.runtimes.onnx import OnnxDecoder
 from shadowfx.selection import SparsityConfig, effective_sparsity, full_selection
 from shadowfx.structure import DecoderStructure
-from shadowfx.timing import alternating
+from shadowfx.timing import alternating, alternating_within
 
 SHAPES: dict[str, Callable[[], object]] = {
     "opt-1.3b": lambda: OPTConfig(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
@@ -151,18 +151,15 @@ def _measure_once(dense, sparse, input_ids: torch.Tensor, attention_mask: torch.
     are runtimes of one interface: ``start`` (the prefill decoding continues from; per prompt the sparse one also
     gathers the kept weights there, unless ``decode=False``) and ``step``. The prefill is the sparse ``start``
     without the gather; a dense model has none, so its prefill is its first token."""
-    dense.start(input_ids, attention_mask)  # a first call may compile or allocate
-    started = time.perf_counter()
-    dense.start(input_ids, attention_mask)
-    prefill_time = time.perf_counter() - started
-    # as many prefill pairs as fit in about PREFILL_SECONDS per quantity (a small model's prefill is short and its
-    # ratio noisy), at least a quarter of the decode's repeats and at most four times as many
-    few = min(4 * repeats, max(3, repeats // 4, int(PREFILL_SECONDS / max(prefill_time, 1e-6))))
-    dense_prefill, prefill, prefill_speedup = alternating(lambda: dense.start(input_ids, attention_mask),
-                                                          lambda: sparse.start(input_ids, attention_mask, decode=False),
-                                                          few, warmup=1)
-    dense_first, first, first_token_ratio = alternating(lambda: dense.start(input_ids, attention_mask),
-                                                        lambda: sparse.start(input_ids, attention_mask), few, warmup=1)
+    # the prefill and the first token get as many pairs as fit in about PREFILL_SECONDS each (a small model's prefill
+    # is short and its ratio noisy), at least a quarter of the decode's repeats (3 at least) and at most four times
+    least, most = max(3, repeats // 4), 4 * repeats
+    dense_prefill, prefill, prefill_speedup = alternating_within(
+        lambda: dense.start(input_ids, attention_mask), lambda: sparse.start(input_ids, attention_mask, decode=False),
+        PREFILL_SECONDS, least, most, warmup=2)  # the first pair may compile or allocate
+    dense_first, first, first_token_ratio = alternating_within(
+        lambda: dense.start(input_ids, attention_mask), lambda: sparse.start(input_ids, attention_mask),
+        PREFILL_SECONDS, least, most, warmup=1)
     dense_state, state = dense.start(input_ids, attention_mask), sparse.start(input_ids, attention_mask)
     token = input_ids[:, -1]
     dense_step, step, decode_speedup = alternating(lambda: dense.step(dense_state, token),

@@ -4,7 +4,8 @@ extension machinery on first use.
 A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attention`` with a selection and
 ``token_sparse_attention`` reads the kept rows and kept input features of each weight straight from the full weight
 (:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
-every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights. The kernels are threaded over
+every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights, and
+:func:`inspect_selection` checks a selection's values for every op call in one pass. The kernels are threaded over
 torch's intra-op threads and vectorised for the CPU they are built on, in float32 and bfloat16 (other dtypes take
 the PyTorch path).
 
@@ -126,6 +127,16 @@ def applies(x: Tensor, *weights: Tensor) -> bool:
     if any(w.device.type != "cpu" or w.dtype != x.dtype or w.dim() != 2 for w in weights):
         return False
     return kernels() is not None
+
+
+def inspect_selection(selection: Tensor, size: int) -> Optional[tuple[int, int, bool, bool, int]]:
+    """One pass over a selection [..., k] of ``size`` units on the CPU: (lowest index, highest index, whether a row
+    repeats a unit, whether every row keeps every unit, the first unit of a one-row selection's ascending run or
+    -1). None where the kernels do not run (another device, switched off, not built)."""
+    if selection.device.type != "cpu":
+        return None
+    module = kernels()
+    return None if module is None else module.inspect_selection(selection, size)
 
 
 def gather_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:

@@ -119,22 +119,44 @@ def _check_lead(weight: Tensor, name: str, shapes: str, batch: int) -> tuple[int
     return (batch,)
 
 
-def _check_selection_values(idx: Tensor, name: str, size: int) -> bool:
-    """Data-dependent checks: eager only (a fake tensor has no values). Returns whether ``idx`` keeps every one of
-    the ``size`` units in every row (and token): ``size`` distinct indices, none of them the empty slot."""
+class _SelectionFacts(NamedTuple):
+    """What an op reads from a checked selection's values."""
+
+    every: bool  # every row (and token) keeps every unit
+    run: Optional[slice]  # the ascending run of units that every row keeps, whose weights are a view
+    empty: bool  # some slot is the empty slot
+
+
+def _check_selection_values(idx: Tensor, name: str, size: int) -> _SelectionFacts:
+    """Data-dependent checks: eager only (a fake tensor has no values). Values must lie in [0, size] (``size`` is the
+    empty slot) and be distinct within each row (and token)."""
     if idx.numel() == 0:
-        return False
-    low, high = (int(v) for v in idx.aminmax())
+        return _SelectionFacts(every=False, run=None, empty=False)
+    # rows repeated by broadcasting (a stride of 0: every row or token given the same units) are looked at once, and
+    # a run shared by every row is a view for all of them
+    idx = idx[tuple(slice(0, 1) if idx.stride(dim) == 0 else slice(None) for dim in range(idx.dim() - 1))]
+    low, high, repeated, every, run_start = native.inspect_selection(idx, size) or _inspect_selection(idx, size)
     if low < 0 or high > size:
         raise IndexError(f"{name} out of range: values must be in [0, {size}) or the empty slot {size}, got values "
                          f"in [{low}, {high}]")
+    if repeated:
+        raise ValueError(f"{name} has repeated indices; a selection must be distinct")
+    run = None if run_start < 0 else slice(run_start, run_start + idx.shape[-1])
+    return _SelectionFacts(every=every, run=run, empty=high == size)
+
+
+def _inspect_selection(idx: Tensor, size: int) -> tuple[int, int, bool, bool, int]:
+    """native.inspect_selection with tensor ops, for where the kernels do not run."""
+    low, high = (int(v) for v in idx.aminmax())
+    if low < 0 or high > size:
+        return low, high, False, False, -1
     # how often each unit (and the empty slot, last) is selected: one pass, where a sort of a prefill's per-token
     # selections [B, S, k] costs more than the layer's projections
     ones = torch.ones((), dtype=torch.int32, device=idx.device).expand(idx.shape)
     counts = torch.zeros((*idx.shape[:-1], size + 1), dtype=torch.int32, device=idx.device).scatter_add_(-1, idx, ones)
-    if (counts[..., :size] > 1).any():
-        raise ValueError(f"{name} has repeated indices; a selection must be distinct")
-    return idx.shape[-1] == size and high < size
+    repeated = bool((counts[..., :size] > 1).any())
+    run = contiguous_run(idx.flatten(), size) if idx.numel() == idx.shape[-1] and high < size else None
+    return low, high, repeated, not repeated and idx.shape[-1] == size and high < size, -1 if run is None else run[0]
 
 
 def _keep_mask(idx: Tensor, size: int) -> Tensor:
@@ -142,12 +164,12 @@ def _keep_mask(idx: Tensor, size: int) -> Tensor:
     return idx.new_zeros((*idx.shape[:-1], size + 1), dtype=torch.bool).scatter(-1, idx, True)[..., :size]
 
 
-def _empty_slots(idx: Tensor, size: int) -> tuple[Tensor, Optional[Tensor]]:
-    """A gathering selection with its empty slots pointed at a real unit, and where they are (None when none).
+def _empty_slots(idx: Tensor, size: int, has_empty: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """A gathering selection with its empty slots pointed at a real unit, and where they are (None when it
+    ``has_empty`` none).
 
     The pointed-at unit is computed in the empty slot, and the caller zeroes that slot's contribution."""
-    empty = idx == size
-    return (idx.clamp(max=size - 1), empty) if bool(empty.any()) else (idx, None)
+    return (idx.clamp(max=size - 1), idx == size) if has_empty else (idx, None)
 
 
 def _shared(units: Optional[Tensor]) -> Optional[Tensor]:
@@ -200,16 +222,21 @@ def take_cols(weight: Tensor, cols: Tensor, empty_slot: bool = False) -> Tensor:
     return taken.masked_fill((cols == size).unsqueeze(-2), 0) if empty_slot else taken
 
 
-def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
-    """``x @ weight[rows].T + bias[rows]``: only the selected output features; rows [n] or per batch row [B, n].
+def _unit_slice(units: slice, width: int) -> slice:
+    """The rows owned by a run of units of ``width`` consecutive rows each (``unit_rows`` of a run)."""
+    return slice(units.start * width, units.stop * width)
+
+
+def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor | slice | None) -> Tensor:
+    """``x @ weight[rows].T + bias[rows]``: only the selected output features; rows [n] or per batch row [B, n], or
+    a run of rows (a view of the weight).
 
     rows None: every row of weight [out, in] or per batch row [B, out, in], bias [out] or [B, out].
     """
-    rows = _shared(rows)
-    run = None if rows is None else contiguous_run(rows, weight.shape[0])
-    if run is not None:
-        weight, bias = weight.narrow(0, *run), None if bias is None else bias.narrow(0, *run)
+    if isinstance(rows, slice):
+        weight, bias = weight[rows], None if bias is None else bias[rows]
     elif rows is not None:
+        rows = _shared(rows)
         weight, bias = take_rows(weight, rows), None if bias is None else bias[rows]
     elif weight.dim() == 3 and weight.shape[0] == 1:  # pre-gathered for a batch of one: one matmul, not a batch
         weight, bias = weight[0], None if bias is None else bias[0]
@@ -223,17 +250,15 @@ def _linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Option
     return y if bias is None else y + bias.unsqueeze(-2)
 
 
-def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
-    """``x @ weight[:, cols].T + bias``: x holds only the selected input features.
+def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor | slice | None) -> Tensor:
+    """``x @ weight[:, cols].T + bias``: x holds only the selected input features (cols as in ``_linear_rows``).
 
     cols None: x holds every input feature of weight [out, in] or per batch row [B, out, in]; bias is [out].
     """
-    cols = _shared(cols)
-    run = None if cols is None else contiguous_run(cols, weight.shape[1])
-    if run is not None:
-        weight = weight.narrow(1, *run)
+    if isinstance(cols, slice):
+        weight = weight[:, cols]
     elif cols is not None:
-        weight = take_cols(weight, cols)
+        weight = take_cols(weight, _shared(cols))
     elif weight.dim() == 3 and weight.shape[0] == 1:
         weight = weight[0]
     if weight.dim() == 2:
@@ -342,25 +367,25 @@ def _check_mlp_args(a: _MLPArgs) -> None:
 def _gathered_mlp(a: _MLPArgs) -> Tensor:
     _check_mlp_args(a)
     neuron_idx, ffn = a.neuron_idx, a.up_weight.shape[0]
-    keeps_every_neuron = neuron_idx is not None and _check_selection_values(neuron_idx, "neuron_idx", ffn)
+    facts = None if neuron_idx is None else _check_selection_values(neuron_idx, "neuron_idx", ffn)
     act = ACTIVATIONS[a.activation]
     per_token = neuron_idx is not None and neuron_idx.dim() == 3
     # a decode step reads its selection's rows/cols natively (the kernels skip the empty slot); otherwise a [k] /
     # [B, k] selection gathers weight rows/cols, and pre-gathered weights (None) and per token use them whole
     weights = [w for w in (a.up_weight, a.gate_weight, a.down_weight) if w is not None]
     fused = neuron_idx is not None and native.applies(a.x, *weights)
-    rows: Optional[Tensor] = None
+    rows: Tensor | slice | None = None
     empty: Optional[Tensor] = None
     if fused:
         rows = _decode_selection(neuron_idx, a.x.shape[0])
-    elif not per_token and neuron_idx is not None:
-        rows, empty = _empty_slots(neuron_idx, ffn)
+    elif not per_token and neuron_idx is not None and facts is not None:
+        rows, empty = (facts.run, None) if facts.run is not None else _empty_slots(neuron_idx, ffn, facts.empty)
     project = _native_rows if fused else _linear_rows
     up = project(a.x, a.up_weight, a.up_bias, rows)
     h = act(up) if a.gate_weight is None else act(project(a.x, a.gate_weight, a.gate_bias, rows)) * up
     if empty is not None:
         h = h.where(~empty.unsqueeze(-2), 0)  # [k] or [B, k] over the sequence dim
-    if per_token and not fused and not keeps_every_neuron:
+    if per_token and not fused and facts is not None and not facts.every:
         # The dense intermediate times each token's 0/1 keep mask (as a where, so that an inf in a dropped neuron
         # cannot become NaN). Exact, and for prefill-sized S cheaper than per-token weight gathers, which would copy
         # [B, S, k, E] per projection; a decode step reads the kept rows/cols natively instead. A selection of
@@ -599,19 +624,23 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     """The eager implementation of both attention ops."""
     _check_attention_args(a, per_token)
     group, head_dim, kv_head_idx = a.num_heads // a.num_kv_heads, a.head_dim, a.kv_head_idx
-    q_rows: Optional[Tensor] = None  # pre-gathered or per token: every row
-    kv_rows: Optional[Tensor] = None
+    q_rows: Tensor | slice | None = None  # pre-gathered or per token: every row
+    kv_rows: Tensor | slice | None = None
     empty: Optional[Tensor] = None
     # a decode step with a selection reads the kept q rows and o columns natively (and, per prompt, the kept k/v
     # rows); per token, K/V are computed for every head, and the kept groups' cache is taken for the attention
     fused = kv_head_idx is not None and native.applies(a.hidden, a.q_weight, a.k_weight, a.v_weight, a.o_weight)
     keeps_every_head = False
     if kv_head_idx is not None:
-        keeps_every_head = _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
-        if fused or not per_token:
+        facts = _check_selection_values(kv_head_idx, "kv_head_idx", a.num_kv_heads)
+        keeps_every_head = facts.every
+        # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
+        if not fused and not per_token and facts.run is not None:
+            kept = facts.run
+            q_rows, kv_rows = _unit_slice(kept, group * head_dim), _unit_slice(kept, head_dim)
+        elif fused or not per_token:
             selection = _decode_selection(kv_head_idx, a.hidden.shape[0]) if fused else kv_head_idx
-            kept, empty = _empty_slots(selection, a.num_kv_heads)
-            # a KV head j owns query heads j*r .. j*r + r-1, whose q rows are one block of r * head_dim
+            kept, empty = _empty_slots(selection, a.num_kv_heads, facts.empty)
             q_rows = unit_rows(kept, group * head_dim)
             kv_rows = None if per_token else unit_rows(kept, head_dim)
     project = _native_rows if fused else _linear_rows

@@ -154,6 +154,8 @@ def kept_neurons(neuron_scores: torch.Tensor, config: SparsityConfig) -> tuple[t
     """Neuron scores ``[..., L', F]`` -> per layer the kept neurons ``[..., k_l]``, whole blocks of
     ``config.neuron_block`` (a block scores the mean of its neurons)."""
     block = config.neuron_block
+    if config.neurons == 0.0:  # every neuron: no block scores, and no copy of the indices per token
+        return _select_units(neuron_scores, 0.0, config.scope, 0)
     blocks = neuron_scores.unflatten(-1, (-1, block)).mean(-1) if block > 1 else neuron_scores
     kept_blocks = _select_units(blocks, config.neurons, config.scope, _min_blocks(config, blocks.shape[-1]))
     if block == 1:

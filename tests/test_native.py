@@ -140,6 +140,31 @@ def test_kernels_name_a_bad_selection() -> None:
         module.gather_cols(torch.randn(1, 2), torch.randn(8, 10)[:, ::2], None, torch.zeros(1, 2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("case", ["run", "run_to_the_empty_slot", "per_row", "per_token", "every_unit",
+                                  "every_unit_per_token", "repeated", "repeated_in_one_token", "above", "negative"])
+def test_selection_inspection_is_the_same_on_both_paths(case: str) -> None:
+    units = 12
+    index = {
+        "run": torch.arange(3, 9)[None],
+        "run_to_the_empty_slot": torch.tensor([9, 10, 11, 12]),
+        "per_row": selection(units, 5, 3),
+        "per_token": torch.stack([selection(units, 5, 4), selection(units, 5, 4)]),
+        "every_unit": torch.randperm(units)[None],
+        "every_unit_per_token": torch.stack([torch.randperm(units) for _ in range(6)])[None],
+        "repeated": torch.tensor([[1, 2, 3], [4, 5, 4]]),
+        "repeated_in_one_token": torch.tensor([[[1, 2], [3, 4]], [[5, 6], [7, 7]]]),
+        "above": torch.tensor([[0, 13]]),
+        "negative": torch.tensor([[-1, 2]]),
+    }[case]
+    inspected = native.inspect_selection(index, units)
+    assert inspected == ops._inspect_selection(index, units)
+    low, high, repeated, every, run_start = inspected
+    assert (low, high) == (int(index.min()), int(index.max()))
+    assert repeated == case.startswith("repeated")
+    assert every == case.startswith("every_unit")
+    assert run_start == (3 if case == "run" else -1)
+
+
 # ------------------------------------------------------------------------------------------ ops, native vs PyTorch
 
 

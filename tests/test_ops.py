@@ -152,6 +152,38 @@ def test_gathered_mlp_matches_masked_dense(
         close(out, dense_mlp_reference(x, **weights, neuron_idx=idx, activation=activation), dtype)
 
 
+RUNS = pytest.mark.parametrize("batch, expanded", [(1, False), (1, True), (3, True)],
+                               ids=["one_row", "one_row_expanded", "batch_expanded"])
+
+
+def no_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a gather of weight rows or columns fail the test: a run of kept units is read as a view."""
+    def copied(*args: object) -> None:
+        raise AssertionError("a run of kept units was copied out of the weights")
+
+    monkeypatch.setattr(ops, "take_rows", copied)
+    monkeypatch.setattr(ops, "take_cols", copied)
+
+
+def kept_run(start: int, length: int, batch: int, expanded: bool) -> Tensor:
+    """The units start..start+length-1 for every row: [1, k], or [batch, k] expanded from one row (stride 0)."""
+    run = torch.arange(start, start + length)[None]
+    return run.expand(batch, -1) if expanded else run
+
+
+@RUNS
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gathered_mlp_reads_a_run_kept_by_every_row_as_a_view(batch: int, expanded: bool, bias: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = random_mlp(8, 32, gated=True, bias=bias, dtype=torch.float32)
+    x = torch.randn(batch, 5, 8)
+    no_copies(monkeypatch)
+    for start, length in ((0, 32), (5, 11)):  # every neuron, and a run inside the layer
+        idx = kept_run(start, length, batch, expanded)
+        out = ops.gathered_mlp(x, **weights, neuron_idx=idx, activation="silu")
+        close(out, dense_mlp_reference(x, **weights, neuron_idx=idx, activation="silu"), torch.float32)
+
+
 def test_gathered_mlp_all_neurons_equals_dense_and_none_keeps_bias() -> None:
     weights = random_mlp(8, 16, gated=True, bias=True, dtype=torch.float32)
     x = torch.randn(2, 3, 8)
@@ -580,6 +612,21 @@ def test_gathered_attention_pregathered_equals_gathered(
             close(g, w, dtype)
         ref_out, _, _ = run_reference(c, c.hidden, c.rope, mask, dense_past if past else None)
         close(got[0], ref_out, dtype)
+
+
+@RUNS
+@pytest.mark.parametrize("heads", [(8, 4, 2), (6, 3, 3)], ids=["gqa_half", "gqa_all"])
+def test_gathered_attention_reads_a_run_kept_by_every_row_as_a_view(heads: tuple[int, int, int], batch: int,
+                                                                    expanded: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    c = attention_case(heads, batch, 6, HEAD_DIM, bias=True, per_row=True, dtype=torch.float32)
+    c.idx = kept_run(heads[1] - heads[2], heads[2], batch, expanded)  # the last kept groups, every group for gqa_all
+    no_copies(monkeypatch)
+    out, key, value = run_op(c, c.hidden, c.rope)
+    ref_out, ref_key, ref_value = run_reference(c, c.hidden, c.rope)
+    close(out, ref_out, torch.float32)
+    close(key, kept_heads(ref_key, c.idx), torch.float32)
+    close(value, kept_heads(ref_value, c.idx), torch.float32)
 
 
 def test_gathered_attention_empty_selection_gives_o_bias() -> None:

@@ -1,6 +1,7 @@
 // Native gather-GEMV kernels for the shadowfx:: ops' decode steps (one token per batch row), built on first use by
 // shadowfx/native.py. Each reads only the kept rows (or kept input features) of a weight, straight from the full
 // weight, with float accumulation; no gathered copy is made. The index equal to the unit count is the empty slot.
+// Besides them: the one-pass check of a selection's values that every op call makes, and the copies of kept weights.
 
 #include <torch/extension.h>
 
@@ -17,6 +18,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -52,21 +54,47 @@ void check_selection(const torch::Tensor& x, const torch::Tensor& index, const c
               ": the selection must be int64 [T, k] with T = ", x.size(0), ", got ", index.sizes());
 }
 
+// The slots of a selection [T, k] grouped by unit (a counting sort): the slots of unit u are slot[start[u]] ..
+// slot[start[u + 1] - 1], in token order; the empty slot N and anything above it are left out. With several tokens
+// (a batch's decode step, each row keeping its own units) the kernels walk the units instead of the slots, so that
+// a weight row two tokens keep is read from memory once, not once per token.
+struct SlotsByUnit {
+  std::vector<int64_t> start, slot;
+  SlotsByUnit(const int64_t* units_of, int64_t slots, int64_t units) : start(units + 1, 0), slot(slots) {
+    for (int64_t i = 0; i < slots; ++i)
+      if (units_of[i] >= 0 && units_of[i] < units) ++start[units_of[i] + 1];
+    for (int64_t u = 0; u < units; ++u) start[u + 1] += start[u];
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < slots; ++i)
+      if (units_of[i] >= 0 && units_of[i] < units) slot[next[units_of[i]]++] = i;
+  }
+};
+
 // out[t, i] = weight[rows[t, i]] . x[t] + bias[rows[t, i]], 0 where rows[t, i] is the empty slot N.
 // x [T, E]; weight [N, E] row-contiguous; bias [N] or undefined; rows [T, k]. Returns [T, k] in float32.
 template <typename W>
 void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* rows, float* out, int64_t tokens,
                  int64_t kept, int64_t units, int64_t width) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
-  at::parallel_for(0, tokens * kept, grain, [&](int64_t begin, int64_t end) {
+  auto one_slot = [&](int64_t item, int64_t row) {
+    const float b = bias ? static_cast<float>(bias[row]) : 0.0f;
+    out[item] = dot(weight + row * width, x + (item / kept) * width, width) + b;
+  };
+  if (tokens > 1) {
+    std::fill(out, out + tokens * kept, 0.0f);  // the empty slots
+    const SlotsByUnit by_unit(rows, tokens * kept, units);
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        for (int64_t j = by_unit.start[row]; j < by_unit.start[row + 1]; ++j) one_slot(by_unit.slot[j], row);
+    });
+    return;
+  }
+  at::parallel_for(0, kept, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = rows[item];
-      if (row >= units) {
+      if (rows[item] >= units)
         out[item] = 0.0f;
-        continue;
-      }
-      const float b = bias ? static_cast<float>(bias[row]) : 0.0f;
-      out[item] = dot(weight + row * width, x + (item / kept) * width, width) + b;
+      else
+        one_slot(item, rows[item]);
     }
   });
 }
@@ -95,28 +123,41 @@ template <typename W>
 void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* out, int64_t tokens, int64_t kept,
                  int64_t units, int64_t embed, bool transposed) {
   if (transposed) {
-    // each thread takes a range of (token, kept input) pairs and adds whole contiguous weight rows into its own
-    // [T, E] sum, so the weight streams in order; the per-thread sums are added at the end
+    // each thread adds whole contiguous weight rows into its own [T, E] sum, so the weight streams in order; the
+    // per-thread sums are added at the end. One token takes its kept inputs in their order, several take them by
+    // unit: a kept input's weights are then read once for all the tokens that keep it
     const int64_t threads = at::get_num_threads();
     std::vector<float> sums(static_cast<size_t>(threads * tokens * embed), 0.0f);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(embed, 1));
-    at::parallel_for(0, tokens * kept, grain, [&](int64_t begin, int64_t end) {
-      float* sum = sums.data() + at::get_thread_num() * tokens * embed;
-      auto add_one = [&](int64_t item) {
-        if (cols[item] < units) axpy(h[item], weight + cols[item] * embed, sum + (item / kept) * embed, embed);
-      };
-      // four kept inputs of one token at a time: their rows stream in while the sum is read and written once
-      int64_t item = begin;
-      for (; item + 4 <= end && item / kept == (item + 3) / kept; item += 4) {
-        const int64_t* four = cols + item;
-        if (four[0] < units && four[1] < units && four[2] < units && four[3] < units)
-          axpy4(h + item, weight + four[0] * embed, weight + four[1] * embed, weight + four[2] * embed,
-                weight + four[3] * embed, sum + (item / kept) * embed, embed);
-        else
-          for (int64_t one = item; one < item + 4; ++one) add_one(one);
-      }
-      for (; item < end; ++item) add_one(item);
-    });
+    if (tokens > 1) {
+      const SlotsByUnit by_unit(cols, tokens * kept, units);
+      at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+        float* sum = sums.data() + at::get_thread_num() * tokens * embed;
+        for (int64_t unit = begin; unit < end; ++unit)
+          for (int64_t j = by_unit.start[unit]; j < by_unit.start[unit + 1]; ++j) {
+            const int64_t item = by_unit.slot[j];
+            axpy(h[item], weight + unit * embed, sum + (item / kept) * embed, embed);
+          }
+      });
+    } else {
+      at::parallel_for(0, kept, grain, [&](int64_t begin, int64_t end) {
+        float* sum = sums.data() + at::get_thread_num() * embed;
+        auto add_one = [&](int64_t item) {
+          if (cols[item] < units) axpy(h[item], weight + cols[item] * embed, sum, embed);
+        };
+        // four kept inputs at a time: their rows stream in while the sum is read and written once
+        int64_t item = begin;
+        for (; item + 4 <= end; item += 4) {
+          const int64_t* four = cols + item;
+          if (four[0] < units && four[1] < units && four[2] < units && four[3] < units)
+            axpy4(h + item, weight + four[0] * embed, weight + four[1] * embed, weight + four[2] * embed,
+                  weight + four[3] * embed, sum, embed);
+          else
+            for (int64_t one = item; one < item + 4; ++one) add_one(one);
+        }
+        for (; item < end; ++item) add_one(item);
+      });
+    }
     std::fill(out, out + tokens * embed, 0.0f);
     for (int64_t thread = 0; thread < threads; ++thread) axpy(1.0f, sums.data() + thread * tokens * embed, out,
                                                              tokens * embed);
@@ -273,6 +314,41 @@ torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) 
   return out;
 }
 
+// What the sparse ops need to know of a selection [..., k] of `size` units (the index `size` is the empty slot), in
+// one pass instead of a dozen small tensor ops per op call: the lowest and highest index, whether some row (or token)
+// repeats a unit, whether every row keeps every unit, and, for a selection of one row, the first unit of the
+// ascending run it forms (its weights are then a view), or -1.
+std::tuple<int64_t, int64_t, bool, bool, int64_t> inspect_selection(const torch::Tensor& selection, int64_t size) {
+  TORCH_CHECK(selection.scalar_type() == torch::kLong && selection.dim() >= 1 && selection.numel() > 0,
+              "inspect_selection: the selection must be a non-empty int64 [..., k], got ", selection.sizes());
+  const auto index = selection.contiguous();
+  const int64_t kept = index.size(-1), rows = index.numel() / kept;
+  const int64_t* values = index.data_ptr<int64_t>();
+  const auto [low, high] = std::minmax_element(values, values + index.numel());
+  if (*low < 0 || *high > size) return {*low, *high, false, false, -1};
+  // a unit is seen in the current row when its stamp is that row's number: nothing to clear between rows
+  std::vector<int64_t> seen(size + 1, -1);
+  bool repeated = false;
+  for (int64_t row = 0; row < rows && !repeated; ++row) {
+    for (int64_t i = 0; i < kept; ++i) {
+      const int64_t unit = values[row * kept + i];
+      if (unit < size && seen[unit] == row) {
+        repeated = true;
+        break;
+      }
+      seen[unit] = row;
+    }
+  }
+  const bool every = !repeated && kept == size && *high < size;
+  int64_t run_start = -1;
+  if (rows == 1 && *high < size && values[0] + kept <= size) {
+    run_start = values[0];
+    for (int64_t i = 1; i < kept && run_start >= 0; ++i)
+      if (values[i] != values[0] + i) run_start = -1;
+  }
+  return {*low, *high, repeated, every, run_start};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -280,5 +356,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W], threaded");
   module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
   module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
+  module.def("inspect_selection", &inspect_selection,
+             "(lowest, highest, a row repeats a unit, every row keeps every unit, first unit of a one-row run or -1)");
   module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]");
 }

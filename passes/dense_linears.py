@@ -3,7 +3,7 @@
 The op computes what ``aten.linear`` does. A batch of one's decode step reads each of these weights once for one
 token, which the native kernel streams faster than ``F.linear`` does (:func:`shadowfx.native.gemv`); on a
 per-token decode step the LM head alone is a fifth of the bytes read. So does the LM head of a prefill that computes
-the next token's logits only (``next_token_logits``). An ONNX export writes the op as the standard
+the next token's logits only (``logit_positions``). An ONNX export writes the op as the standard
 ops of ``aten.linear``, the same nodes a dense export has.
 """
 

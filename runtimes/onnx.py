@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from shadowfx.onnx_export import FORMAT, GRAPH_FILES, METADATA_PREFIX
+from shadowfx.onnx_export import FORMAT, GRAPH_FILES, LOGIT_POSITIONS, METADATA_PREFIX
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.ort_kernels import KernelBuildError, kernel_library
 from shadowfx.runtimes.pytorch import DecodePath, GenerationLoop, Granularity, InputError
@@ -201,6 +201,7 @@ class OnnxDecoder(GenerationLoop):
             except Exception as error:  # onnxruntime raises its own exception types, not one base class
                 raise OnnxLoadError(f"onnxruntime cannot load {self.directory / name}.onnx: {error}") from error
         self.element_bytes = ELEMENT_BYTES[self.sessions["prefill"].get_outputs()[0].type]  # logits: the model's dtype
+        self._takes_positions = LOGIT_POSITIONS in {i.name for i in self.sessions["prefill"].get_inputs()}
         if max_gathered_bytes is not None and max_gathered_bytes < 0:
             raise ValueError(f"max_gathered_bytes must be >= 0, got {max_gathered_bytes}")
         later_layers = sum(sum(attention_and_mlp_bytes(self.structure, layer, self.element_bytes))
@@ -230,11 +231,17 @@ class OnnxDecoder(GenerationLoop):
         return Selection(kv_heads=tensors[:later], neurons=tensors[later:])
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._prefill(input_ids, self._check(input_ids, attention_mask))[0]
+        return self._prefill(input_ids, self._check(input_ids, attention_mask), every_position=True)[0]
 
-    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list, list]:
-        outputs = self._run("prefill", {"input_ids": input_ids.long().numpy(), "attention_mask": mask.long().numpy()},
-                            {})
+    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                 every_position: bool) -> tuple[torch.Tensor, list, list]:
+        """The prefill's logits (of every position, or of the last where the export takes ``logit_positions``),
+        KV cache and selection."""
+        arrays = {"input_ids": input_ids.long().numpy(), "attention_mask": mask.long().numpy()}
+        if self._takes_positions:
+            seq = input_ids.shape[1]
+            arrays[LOGIT_POSITIONS] = np.arange(0 if every_position else seq - 1, seq, dtype=np.int64)
+        outputs = self._run("prefill", arrays, {})
         layers = self.structure.num_layers
         cache, chosen = outputs[1:1 + 2 * layers], outputs[1 + 2 * layers:]
         self.last_selection = self._selection(chosen) if chosen else None
@@ -244,7 +251,7 @@ class OnnxDecoder(GenerationLoop):
               new_tokens: int = 0) -> OnnxDecodeState:
         """Prefill the prompt; per prompt (and ``decode``) also gather its kept weights once."""
         mask = self._check(input_ids, attention_mask, new_tokens)
-        logits, cache, chosen = self._prefill(input_ids, mask)
+        logits, cache, chosen = self._prefill(input_ids, mask, every_position=False)
         kept = []
         if decode and self.granularity == "prompt":
             # one copy per row, and no decode graph that reads the full weights to fall back on: refused up front

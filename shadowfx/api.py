@@ -22,7 +22,7 @@ from shadowfx.passes.gathered_weight_outputs import GatheredWeightOutputs
 from shadowfx.passes.graph import editable_module
 from shadowfx.passes.insert_layerwise import InsertLayerwisePredictor
 from shadowfx.passes.insert_shadow import InsertShadowPredictor
-from shadowfx.passes.next_token_logits import NextTokenLogits
+from shadowfx.passes.logit_positions import LogitPositions
 from shadowfx.passes.pregathered_weights import PregatheredWeights
 from shadowfx.passes.selection_inputs import AddSelectionInputs
 from shadowfx.passes.sparsify_attention import SparsifyAttention
@@ -261,7 +261,7 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         _require_all(report, structure, graph)
     # the rewritten prefill's graph again, on the same parameters, for a generation's start: the next token's logits
     prefill_next = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
-    reports["prefill_next"] = run_passes(prefill_next, [NextTokenLogits(structure),
+    reports["prefill_next"] = run_passes(prefill_next, [LogitPositions(structure, "last"),
                                                         DenseLinears(structure, only={structure.lm_head.node})])
     if not per_token:
         # and one that also returns the weights it gathers

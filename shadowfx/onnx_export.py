@@ -3,12 +3,17 @@ runs.
 
 A directory holds, per granularity:
 
-* prompt: ``prefill.onnx`` (ids, mask -> logits, KV cache, selection), ``gather.onnx`` (selection -> the prompt's
-  kept weights, per batch row, in the order :func:`shadowfx.compact.compact_weights` gives them) and
-  ``decode.onnx`` (one token, mask, cache, kept weights -> logits, cache): the kept weights are gathered once per
-  prompt and become state that every decode step reads, as in the PyTorch runtime.
+* prompt: ``prefill.onnx`` (ids, mask, logit positions -> logits, KV cache, selection), ``gather.onnx``
+  (selection -> the prompt's kept weights, per batch row, in the order :func:`shadowfx.compact.compact_weights`
+  gives them) and ``decode.onnx`` (one token, mask, cache, kept weights -> logits, cache): the kept weights are
+  gathered once per prompt and become state that every decode step reads, as in the PyTorch runtime.
 * token: ``prefill.onnx`` and ``decode.onnx`` (one token, mask, complete cache -> logits, cache, its selection).
 * dense (a model that was not transformed, the baseline): ``prefill.onnx`` and ``decode.onnx`` as captured.
+
+Every prefill takes ``logit_positions`` (int64 ``[P]``, :mod:`shadowfx.passes.logit_positions`) and returns those
+positions' logits, ``[B, P, V]``: all of them for a forward, the last for a generation's start, from one session.
+(A model whose LM head reads its input flattened to ``[B*T, E]`` would take no such input, and its prefill would
+return every position's logits; the families the tests build all take it.)
 
 Each graph is the rewritten FX graph re-exported with ``torch.export`` (dynamic batch, sequence and past length)
 and translated by ``torch.onnx``; the shadowfx ops, the predictor's MLPs and the selection's top-k become nodes of
@@ -20,6 +25,7 @@ version, the sparsity settings and the structure in ``metadata_props``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import json
@@ -43,13 +49,18 @@ from shadowfx.capture import capture, max_positions
 from shadowfx.compact import CompactTensor, CompactWeights, compact_weights
 from shadowfx.files import atomic_write_directory
 from shadowfx.onnx_ops import DOMAIN, NODE_TYPES, OnnxExportError, function_for, translation_table
+from shadowfx.passes.base import run_passes
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.passes.graph import editable_module
+from shadowfx.passes.logit_positions import INPUT_NAME as LOGIT_POSITIONS
+from shadowfx.passes.logit_positions import LogitPositions
 from shadowfx.predictor import ScaledMLP
 from shadowfx.runtimes.pytorch import SparseDecoder
 from shadowfx.selection import Selection
+from shadowfx.structure import DecoderStructure
 
-FORMAT = 1  # the layout of an export directory and its metadata; a reader refuses any other
+FORMAT = 2  # the layout of an export directory and its metadata; a reader refuses any other
+# (2: the prefill's logit_positions input)
 WEIGHTS_FILE = "weights.bin"
 DENSE = "dense"  # the granularity an export of the model as it is names
 GRAPH_FILES = {"prompt": ("prefill", "gather", "decode"), "token": ("prefill", "decode"), DENSE: ("prefill", "decode")}
@@ -123,14 +134,30 @@ class _Dense:
         prefill = editable_module(self.prefill.program)
         with torch.inference_mode(False), torch.no_grad():
             cache = list(prefill(input_ids, attention_mask)[1:])
-            yield "prefill", _to_onnx(progress, prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
-                                      ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers)])
+            exported = _prefill_with_positions(prefill, self.structure, input_ids, attention_mask, batch, seq)
             del prefill
+            yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers)])
+            del exported
             decode = editable_module(capture(self.model, step="decode").program)
             step, step_shapes = _step_example(input_ids, attention_mask, cache, batch, past)
             yield "decode", _to_onnx(progress, decode, step, tuple(step_shapes),
                                      ["input_ids", "attention_mask", *_cache_names("past", layers)],
                                      ["logits", *_cache_names("present", layers)])
+
+
+def _prefill_with_positions(prefill: torch.fx.GraphModule, structure: DecoderStructure, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor, batch: Dim, seq: Dim,
+                            ) -> tuple[torch.fx.GraphModule, tuple, tuple, list[str]]:
+    """A copy of ``prefill`` with the ``logit_positions`` input where its LM head allows, and what exporting it
+    takes: the example inputs, their dynamic shapes and their names."""
+    prefill = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
+    args, shapes, names = (input_ids, attention_mask), ({0: batch, 1: seq},) * 2, ["input_ids", "attention_mask"]
+    if run_passes(prefill, [LogitPositions(structure, "input")])["logit_positions"].total:
+        # three positions: a size that no other example dim has (1 and 2 would be specialised or tied to the batch)
+        args += (torch.arange(input_ids.shape[1] - 3, input_ids.shape[1]),)
+        shapes += ({0: Dim("positions", min=1)},)
+        names.append(LOGIT_POSITIONS)
+    return prefill, args, shapes, names
 
 
 def _length_dims(model: nn.Module) -> tuple[Dim, Dim, Dim]:
@@ -286,9 +313,10 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
     chosen = [*selection.kv_heads, *selection.neurons]
     selection_out = _selection_names(layers)
     with torch.inference_mode(False), torch.no_grad(), _predictor_as_nodes(sparse.predictor):
-        yield "prefill", _to_onnx(
-            progress, sparse.graphs.prefill, (input_ids, attention_mask), ({0: batch, 1: seq},) * 2,
-            ["input_ids", "attention_mask"], ["logits", *_cache_names("present", layers), *selection_out])
+        exported = _prefill_with_positions(sparse.graphs.prefill, sparse.structure, input_ids, attention_mask, batch,
+                                           seq)
+        yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers), *selection_out])
+        del exported
         cache = [*state.keys, *state.values]
         decode_in = ["input_ids", "attention_mask", *_cache_names("past", layers)]
         decode_out = ["logits", *_cache_names("present", layers)]

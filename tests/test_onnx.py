@@ -11,6 +11,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -19,7 +20,7 @@ import torch
 
 import shadowfx
 from shadowfx.families import FAMILIES, build_small
-from shadowfx.onnx_export import GRAPH_FILES, WEIGHTS_FILE, export_onnx
+from shadowfx.onnx_export import GRAPH_FILES, LOGIT_POSITIONS, WEIGHTS_FILE, export_onnx
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.capture import positions_from_mask
 from shadowfx.cli import main
@@ -100,8 +101,29 @@ def kept_flags(indices: torch.Tensor, units: int) -> torch.Tensor:
     return flags.scatter_(-1, indices, True)[..., :units]
 
 
+def assert_logit_positions(onnx_model: OnnxDecoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill session computes the logits of the positions it is given, and a generation's start gives it the
+    last one only."""
+    session = onnx_model.sessions["prefill"]
+    assert LOGIT_POSITIONS in [i.name for i in session.get_inputs()]
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=5)
+    feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    every = session.run(["logits"], {**feeds, LOGIT_POSITIONS: np.arange(7)})[0]
+    some = session.run(["logits"], {**feeds, LOGIT_POSITIONS: np.array([6, 2])})[0]
+    assert every.shape[:2] == (2, 7) and some.shape[:2] == (2, 2)
+    np.testing.assert_allclose(some, every[:, [6, 2]], rtol=1e-5, atol=1e-5)
+    calls = []
+    run = onnx_model._run
+    monkeypatch.setattr(onnx_model, "_run", lambda graph, arrays, values: calls.append(arrays) or run(graph, arrays,
+                                                                                                      values))
+    state = onnx_model.start(input_ids, attention_mask, decode=False)
+    monkeypatch.undo()
+    assert [call[LOGIT_POSITIONS].tolist() for call in calls] == [[6]]
+    np.testing.assert_allclose(state.logits.numpy(), every[:, 6], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family, granularity, sparsity, kind, scope", CASES)
-def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind, scope):
+def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind, scope, monkeypatch):
     sparse, directory = exported(family, granularity, sparsity, kind, scope)
     for graph in GRAPH_FILES[granularity]:
         path = directory / f"{graph}.onnx"
@@ -115,6 +137,7 @@ def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind, scope)
             assert counts.pop("KeptRows") >= sum(4 + (layer.mlp.gate is not None) for layer in sparse.structure.layers[1:])
         assert counts == expected_nodes(sparse.structure.num_layers, granularity, kind, scope, graph, sparsity), graph
     onnx_model = runtime(directory, structure=sparse.structure)
+    assert_logit_positions(onnx_model, monkeypatch)
     for batch in (1, 2):
         input_ids, attention_mask = padded_batch(batch, 7, 512, seed=batch)
         real = attention_mask.bool()  # padding positions attend to nothing; their values are arbitrary
@@ -255,7 +278,7 @@ def test_the_export_command_writes_what_the_runtime_loads(tmp_path, capsys):
     assert "sparsity" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
-def test_dense_export_equals_the_model(tmp_path, capsys):
+def test_dense_export_equals_the_model(tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "llama"
     model = small_model("llama")
     model.save_pretrained(model_dir)
@@ -268,6 +291,7 @@ def test_dense_export_equals_the_model(tmp_path, capsys):
         assert not [node for node in proto.graph.node if node.domain == DOMAIN]
     dense = runtime(out, structure=structure("llama"))
     assert dense.granularity == "dense" and dense.config is None
+    assert_logit_positions(dense, monkeypatch)
     input_ids, attention_mask = padded_batch(2, 7, 512, seed=3)
     real = attention_mask.bool()
     with torch.no_grad():

@@ -148,7 +148,7 @@ def test_rewrite_counts_are_exact(family):
     assert len(output_node(sparse.graphs.prefill).args[0]) == 1 + 2 * structure(family).num_layers + 2 * later
     assert counts["prefill_gathering"]["gathered_weight_outputs"] == 2 * later  # both sparse ops of a layer
     assert counts["decode_pregathered"]["pregathered_weights"] == 2 * later
-    assert counts["prefill_next"]["next_token_logits"] == 1
+    assert counts["prefill_next"]["logit_positions"] == 1
     # the decode steps' dense projections (layer 0's nn.Linear ones, the LM head) run as dense_linear; GPT-2's
     # Conv1D ones stay addmm
     first = structure(family).layers[0]

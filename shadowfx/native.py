@@ -5,9 +5,10 @@ A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attentio
 ``token_sparse_attention`` reads the kept rows and kept input features of each weight straight from the full weight
 (:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
 every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights, and
-:func:`inspect_selection` checks a selection's values for every op call in one pass. The kernels are threaded over
-torch's intra-op threads and vectorised for the CPU they are built on, in float32 and bfloat16 (other dtypes take
-the PyTorch path).
+:func:`inspect_selection` checks a selection's values for every op call in one pass; :func:`topk_indices` ranks
+scores into a selection. The kernels are vectorised for the CPU they are built on, in float32 and bfloat16 (other
+dtypes take the PyTorch path). They run on one thread: the extension is built without OpenMP, and then
+``at::parallel_for`` runs its range serially (torch's OpenMP build inlines the parallel region into the caller).
 
 The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else ``~/.cache/shadowfx/torch-kernels``), one folder per source,
 flags, torch version and CPU, and is reused from there. When it cannot be built (no C++ compiler, no ninja, a
@@ -35,6 +36,7 @@ SOURCE = Path(__file__).with_name("kernels") / "shadowfx_torch.cc"
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp-simd")
 SWITCH_ENV = "SHADOWFX_NATIVE_KERNELS"
 DTYPES = (torch.float32, torch.bfloat16)
+RANKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _enabled = os.environ.get(SWITCH_ENV, "1") != "0"
 _module: Optional[ModuleType] = None
@@ -139,6 +141,20 @@ def inspect_selection(selection: Tensor, size: int) -> Optional[tuple[int, int, 
     return None if module is None else module.inspect_selection(selection, size)
 
 
+def topk_indices(scores: Tensor, k: int) -> Optional[Tensor]:
+    """int64 ``[..., k]``: the indices of the k largest ``scores`` along the last dim, ascending, ties to the lower
+    index and NaN above every number (``shadowfx::topk_indices``), by one selection per row; None where the kernels
+    do not run (another device or dtype, switched off, not built, or traced)."""
+    # the kernel ranks float32; half types convert to it exactly, float64 would not
+    if scores.device.type != "cpu" or scores.dtype not in RANKED_DTYPES or torch.compiler.is_compiling():
+        return None
+    module = kernels()
+    if module is None:
+        return None
+    rows = scores.float().reshape(-1, scores.shape[-1])
+    return module.topk_indices(rows, k).view(*scores.shape[:-1], k)
+
+
 def gather_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
     """``x [T, E] . weight[rows[t]]^T + bias[rows[t]]`` for rows [T, k]: [T, k] in x's dtype, 0 at the empty slot."""
     module = kernels()
@@ -175,8 +191,8 @@ def copies(source: Tensor, rows: Tensor) -> bool:
 
 
 def copy_rows(source: Tensor, rows: Tensor) -> Tensor:
-    """``source[rows]`` for rows [n] in [0, N], N the empty slot, which gives a row of zeros: a new [n, W], copied on
-    torch's threads into memory backed by huge pages where the system allows (a fresh gathered copy of weights
+    """``source[rows]`` for rows [n] in [0, N], N the empty slot, which gives a row of zeros: a new [n, W], copied into
+    memory backed by huge pages where the system allows (a fresh gathered copy of weights
     otherwise costs more in page faults than in copying)."""
     module = kernels()
     assert module is not None, "copy_rows needs the native kernels: check copies() first"

@@ -752,6 +752,9 @@ def _check_topk_args(scores: Tensor, k: int) -> None:
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """int64 [..., k] indices of the k largest scores along the last dim, ascending; ties go to the lower index."""
     _check_topk_args(scores, k)
+    ranked = native.topk_indices(scores, k)
+    if ranked is not None:
+        return ranked
     # a stable descending sort keeps equal scores in index order, which makes the tie-break deterministic
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[..., :k].sort(dim=-1).values

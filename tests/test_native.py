@@ -165,6 +165,20 @@ def test_selection_inspection_is_the_same_on_both_paths(case: str) -> None:
     assert run_start == (3 if case == "run" else -1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, k", [((1, 10), 3), ((5, 64), 32), ((2, 3, 100), 99), ((4, 7), 7)])
+def test_topk_indices_are_the_same_on_both_paths(shape: tuple[int, ...], k: int, dtype: torch.dtype,
+                                                 threads: int) -> None:
+    scores = torch.randn(*shape)
+    scores[..., ::3] = scores[..., :1]  # ties, which go to the lower index
+    scores.view(-1)[::5] = torch.randint(-2, 3, scores.view(-1)[::5].shape).float()  # more ties, among them +0
+    scores.view(-1)[1::11] = -0.0  # equal to +0
+    scores.view(-1)[2::13] = float("nan")  # above every number
+    fast, reference = both_paths(ops.topk_indices, scores.to(dtype), k)
+    assert fast.shape == (*shape[:-1], k) and fast.dtype == torch.int64
+    assert torch.equal(fast, reference)
+
+
 # ------------------------------------------------------------------------------------------ ops, native vs PyTorch
 
 

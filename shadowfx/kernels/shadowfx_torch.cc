@@ -1,7 +1,8 @@
 // Native gather-GEMV kernels for the shadowfx:: ops' decode steps (one token per batch row), built on first use by
 // shadowfx/native.py. Each reads only the kept rows (or kept input features) of a weight, straight from the full
 // weight, with float accumulation; no gathered copy is made. The index equal to the unit count is the empty slot.
-// Besides them: the one-pass check of a selection's values that every op call makes, and the copies of kept weights.
+// Besides them: the one-pass check of a selection's values that every op call makes, the ranking of scores into a
+// selection, and the copies of kept weights.
 
 #include <torch/extension.h>
 
@@ -11,10 +12,12 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <mutex>
@@ -280,7 +283,7 @@ size_t set_pool_limit(int64_t limit) {
 }
 
 // source[rows] for a contiguous source [N, W] (any dtype) and rows int64 [n] in [0, N]: [n, W], copied row by row
-// on torch's threads into a new buffer; a row N (the empty slot) gives zeros.
+// into a new buffer; a row N (the empty slot) gives zeros.
 torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) {
   TORCH_CHECK(source.dim() == 2 && source.is_contiguous(), "copy_rows: the source must be a contiguous [N, W], got ",
               source.sizes());
@@ -349,6 +352,45 @@ std::tuple<int64_t, int64_t, bool, bool, int64_t> inspect_selection(const torch:
   return {*low, *high, repeated, every, run_start};
 }
 
+// The k largest scores of each row of scores [R, N] (float32): their indices, ascending, [R, k]. Ties go to the
+// lower index, and NaN ranks above every number, as in a stable descending sort (shadowfx::topk_indices's PyTorch
+// path). Each row is one selection (nth_element, O(N)) of its k-th largest score, then one pass in index order that
+// keeps the scores above it and, of those equal to it, the first: a full sort of every row costs more than a small
+// model's layer.
+uint32_t score_key(float score) {
+  if (std::isnan(score)) return 0xFFFFFFFFu;
+  score += 0.0f;  // -0 and +0 are equal scores
+  uint32_t bits;
+  std::memcpy(&bits, &score, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ordered as unsigned integers
+}
+
+torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat,
+              "topk_indices: the scores must be float32 [R, N], got ", scores.scalar_type(), " ", scores.sizes());
+  const int64_t rows = scores.size(0), units = scores.size(1);
+  TORCH_CHECK(k >= 0 && k <= units, "topk_indices: k must be in [0, ", units, "], got ", k);
+  const auto contiguous = scores.contiguous();
+  auto out = torch::empty({rows, k}, scores.options().dtype(torch::kLong));
+  const float* all_scores = contiguous.data_ptr<float>();
+  int64_t* all_kept = out.data_ptr<int64_t>();
+  if (k == 0) return out;
+  std::vector<uint32_t> keys(units), work(units);
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* score = all_scores + row * units;
+    for (int64_t i = 0; i < units; ++i) keys[i] = score_key(score[i]);
+    work = keys;
+    std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), std::greater<uint32_t>());
+    const uint32_t threshold = work[k - 1];
+    int64_t at_threshold = k;  // how many of the scores equal to the threshold are kept: k minus those above it
+    for (int64_t i = 0; i < units; ++i) at_threshold -= keys[i] > threshold;
+    int64_t* kept = all_kept + row * k;
+    for (int64_t i = 0, n = 0; i < units; ++i)
+      if (keys[i] > threshold || (keys[i] == threshold && at_threshold-- > 0)) kept[n++] = i;
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -356,6 +398,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W], threaded");
   module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
   module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
+  module.def("topk_indices", &topk_indices, "indices of the k largest of each row of float32 [R, N], ascending");
   module.def("inspect_selection", &inspect_selection,
              "(lowest, highest, a row repeats a unit, every row keeps every unit, first unit of a one-row run or -1)");
   module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]");

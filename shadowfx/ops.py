@@ -165,8 +165,8 @@ def _keep_mask(idx: Tensor, size: int) -> Tensor:
 
 
 def _empty_slots(idx: Tensor, size: int, has_empty: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """A gathering selection with its empty slots pointed at a real unit, and where they are (None when it
-    ``has_empty`` none).
+    """A gathering selection with its empty slots pointed at a real unit, and where they are (None unless
+    ``has_empty``: the selection has some).
 
     The pointed-at unit is computed in the empty slot, and the caller zeroes that slot's contribution."""
     return (idx.clamp(max=size - 1), idx == size) if has_empty else (idx, None)
@@ -191,7 +191,7 @@ def contiguous_run(rows: Tensor, size: int) -> Optional[tuple[int, int]]:
 
 def take_rows(weight: Tensor, rows: Tensor, empty_slot: bool = False) -> Tensor:
     """``weight[rows]`` for rows [n] or [B, n] of weight [out, in]: one contiguous copy per row (index_select),
-    where advanced indexing of a 2-D index copies element by element; natively where it can (threaded, into huge
+    where advanced indexing of a 2-D index copies element by element; natively where it can (into huge
     pages). ``empty_slot``: the row index ``out`` is the empty slot, and gives a row of zeros."""
     flat = rows.flatten()
     if native.copies(weight, flat):
@@ -378,7 +378,7 @@ def _gathered_mlp(a: _MLPArgs) -> Tensor:
     empty: Optional[Tensor] = None
     if fused:
         rows = _decode_selection(neuron_idx, a.x.shape[0])
-    elif not per_token and neuron_idx is not None and facts is not None:
+    elif not per_token and facts is not None:
         rows, empty = (facts.run, None) if facts.run is not None else _empty_slots(neuron_idx, ffn, facts.empty)
     project = _native_rows if fused else _linear_rows
     up = project(a.x, a.up_weight, a.up_bias, rows)

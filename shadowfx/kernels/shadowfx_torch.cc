@@ -395,7 +395,7 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k]");
-  module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W], threaded");
+  module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W]");
   module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
   module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
   module.def("topk_indices", &topk_indices, "indices of the k largest of each row of float32 [R, N], ascending");

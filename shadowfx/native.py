@@ -6,9 +6,11 @@ A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attentio
 (:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
 every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights, and
 :func:`inspect_selection` checks a selection's values for every op call in one pass; :func:`topk_indices` ranks
-scores into a selection. The kernels are vectorised for the CPU they are built on, in float32 and bfloat16 (other
-dtypes take the PyTorch path). They run on one thread: the extension is built without OpenMP, and then
-``at::parallel_for`` runs its range serially (torch's OpenMP build inlines the parallel region into the caller).
+scores into a selection. The kernels are threaded over torch's intra-op threads and vectorised for the CPU they are
+built on, in float32 and bfloat16 (other dtypes take the PyTorch path). The extension is built with OpenMP: torch's
+OpenMP build inlines ``at::parallel_for``'s parallel region from its header into the caller, which without
+``-fopenmp`` runs the whole range on one thread (as these kernels did until it was found). It shares torch's OpenMP
+runtime, so ``torch.set_num_threads`` sets their threads too.
 
 The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else ``~/.cache/shadowfx/torch-kernels``), one folder per source,
 flags, torch version and CPU, and is reused from there. When it cannot be built (no C++ compiler, no ninja, a
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("kernels") / "shadowfx_torch.cc"
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp-simd")
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp")
 SWITCH_ENV = "SHADOWFX_NATIVE_KERNELS"
 DTYPES = (torch.float32, torch.bfloat16)
 RANKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,6 +85,7 @@ def kernels() -> Optional[ModuleType]:
         try:
             _module = cpp_extension.load(
                 name="shadowfx_native", sources=[str(SOURCE)], extra_cflags=list(COMPILE_FLAGS),
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(folder), verbose=False)
         except (OSError, RuntimeError, ImportError) as error:  # a failed compile or link is a RuntimeError
             _unavailable = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

@@ -26,7 +26,7 @@
 
 namespace {
 
-// dot products and axpys over one contiguous run, vectorised by the compiler (-fopenmp-simd: the reduction may be
+// dot products and axpys over one contiguous run, vectorised by the compiler (-fopenmp's simd: the reduction may be
 // reordered without -ffast-math's other licences)
 template <typename W>
 float dot(const W* weight, const float* x, int64_t n) {

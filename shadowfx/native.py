@@ -134,10 +134,23 @@ def applies(x: Tensor, *weights: Tensor) -> bool:
     return kernels() is not None
 
 
-def inspect_selection(selection: Tensor, size: int) -> Optional[tuple[int, int, bool, bool, int]]:
+def tiles(x: Tensor, *weights: Tensor) -> bool:
+    """Whether per-token selections over the tokens of ``x`` [B, S, E] (more than one) with these full weights run
+    natively: :func:`gather_rows` and :func:`gather_cols` of several tokens take float32 weights by register tiles
+    (in bfloat16 they take one token at a time, slower than the PyTorch path's dense products); CPU tensors, the
+    switch on and the kernels built."""
+    if x.dim() != 3 or x.shape[0] * x.shape[1] < 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if any(w.device.type != "cpu" or w.dtype != x.dtype or w.dim() != 2 for w in weights):
+        return False
+    return kernels() is not None
+
+
+def inspect_selection(selection: Tensor, size: int) -> Optional[tuple[int, int, bool, bool, int, int]]:
     """One pass over a selection [..., k] of ``size`` units on the CPU: (lowest index, highest index, whether a row
     repeats a unit, whether every row keeps every unit, the first unit of a one-row selection's ascending run or
-    -1). None where the kernels do not run (another device, switched off, not built)."""
+    -1, how many runs of consecutive units the rows hold, 0 if a row repeats a unit). None where the kernels do not
+    run (another device, switched off, not built)."""
     if selection.device.type != "cpu":
         return None
     module = kernels()

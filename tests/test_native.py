@@ -81,6 +81,36 @@ def test_gather_cols_equals_float64(tokens: int, embed: int, units: int, kept: i
     close(out, expected + bias.to(dtype).double(), dtype)
 
 
+def block_selection(units: int, block: int, kept_blocks: int, tokens: int) -> Tensor:
+    """[tokens, kept_blocks * block]: each token keeps its own ``kept_blocks`` blocks of ``block`` consecutive units
+    (a block-scoring predictor's neurons), ascending; the last block may be cut short by ``units``, its missing units
+    given as the empty slot."""
+    blocks = torch.stack([torch.randperm(-(-units // block))[:kept_blocks].sort().values for _ in range(tokens)])
+    rows = (blocks.unsqueeze(-1) * block + torch.arange(block)).flatten(-2)
+    return rows.clamp(max=units)
+
+
+@pytest.mark.parametrize("tokens, embed, units, kept", [(37, 70, 100, 6), (9, 256, 256, 4), (5, 16, 40, 3)])
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_kernels_of_several_tokens_equal_float64(tokens: int, embed: int, units: int, kept: int, block: int,
+                                                 threads: int) -> None:
+    """Several tokens in float32 take the register tiles: units in groups the same tokens keep (a block-scoring
+    predictor's blocks, cut into tiles of 4 and 16 units), other units one at a time, tiles of fewer than 4 tokens,
+    columns left over from the 64-wide tiles, empty slots; checked against plain float64 arithmetic."""
+    rows = block_selection(units, block, kept, tokens)
+    rows[1, : rows.shape[1] // 2] = units  # a token keeping fewer units, padded with the empty slot
+    x, weight, bias = torch.randn(tokens, embed), torch.randn(units, embed), torch.randn(units)
+    kept_rows, empty = rows.clamp(max=units - 1), rows == units
+    up = native.gather_rows(x, weight, bias, rows)
+    expected = torch.einsum("tke,te->tk", weight.double()[kept_rows], x.double()) + bias.double()[kept_rows]
+    close(up, expected.masked_fill(empty, 0), torch.float32)
+    down = native.input_major(torch.randn(embed, units))
+    h = torch.randn(rows.shape)
+    out = native.gather_cols(h, down, bias[:1].expand(embed), rows)
+    expected = torch.einsum("tk,etk->te", h.double().masked_fill(empty, 0), down.double()[:, kept_rows])
+    close(out, expected + bias[0].double(), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
 def test_copy_rows_equals_index_select_and_zeroes_the_empty_slot(dtype: torch.dtype, threads: int) -> None:
     source = torch.randn(300, 70).mul(100).to(dtype)
@@ -141,7 +171,8 @@ def test_kernels_name_a_bad_selection() -> None:
 
 
 @pytest.mark.parametrize("case", ["run", "run_to_the_empty_slot", "per_row", "per_token", "every_unit",
-                                  "every_unit_per_token", "repeated", "repeated_in_one_token", "above", "negative"])
+                                  "every_unit_per_token", "blocks_per_token", "repeated", "repeated_in_one_token",
+                                  "above", "negative"])
 def test_selection_inspection_is_the_same_on_both_paths(case: str) -> None:
     units = 12
     index = {
@@ -151,6 +182,7 @@ def test_selection_inspection_is_the_same_on_both_paths(case: str) -> None:
         "per_token": torch.stack([selection(units, 5, 4), selection(units, 5, 4)]),
         "every_unit": torch.randperm(units)[None],
         "every_unit_per_token": torch.stack([torch.randperm(units) for _ in range(6)])[None],
+        "blocks_per_token": torch.tensor([[[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 8, 9, 10, 11]]]),
         "repeated": torch.tensor([[1, 2, 3], [4, 5, 4]]),
         "repeated_in_one_token": torch.tensor([[[1, 2], [3, 4]], [[5, 6], [7, 7]]]),
         "above": torch.tensor([[0, 13]]),
@@ -158,11 +190,13 @@ def test_selection_inspection_is_the_same_on_both_paths(case: str) -> None:
     }[case]
     inspected = native.inspect_selection(index, units)
     assert inspected == ops._inspect_selection(index, units)
-    low, high, repeated, every, run_start = inspected
+    low, high, repeated, every, run_start, runs = inspected
     assert (low, high) == (int(index.min()), int(index.max()))
     assert repeated == case.startswith("repeated")
     assert every == case.startswith("every_unit")
     assert run_start == (3 if case == "run" else -1)
+    # runs of consecutive units: blocks 0 and 2 in one token, 1 and 2 (adjacent, one run) in the other
+    assert runs == {"run": 1, "run_to_the_empty_slot": 1, "blocks_per_token": 3}.get(case, 0 if repeated else runs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -275,6 +309,49 @@ def test_attention_decode_step_equals_the_pytorch_path(heads: tuple[int, int], k
     for got, want in zip(fast, reference):
         assert got.shape == want.shape
         close(got, want, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("gated, bias, activation", [(False, True, "relu"), (True, False, "silu")])
+@pytest.mark.parametrize("batch, seq, embed, ffn, block, kept_blocks", [(1, 13, 64, 256, 16, 8), (2, 6, 40, 96, 4, 7)])
+def test_mlp_prefill_per_token_equals_the_pytorch_path(batch: int, seq: int, embed: int, ffn: int, block: int,
+                                                       kept_blocks: int, gated: bool, bias: bool, activation: str,
+                                                       dtype: torch.dtype, native_calls: dict[str, int]) -> None:
+    """A prefill's per-token selections [B, S, k] (at most TOKEN_TILES_MAX_KEPT of the neurons, an input-major down
+    weight) compute only each token's kept neurons natively in float32; in bfloat16 they take the PyTorch path."""
+    weights = {
+        "up_weight": rand(ffn, embed, dtype=dtype), "up_bias": rand(ffn, dtype=dtype) if bias else None,
+        "gate_weight": rand(ffn, embed, dtype=dtype) if gated else None,
+        "gate_bias": rand(ffn, dtype=dtype) if gated and bias else None,
+        "down_weight": native.input_major(rand(embed, ffn, dtype=dtype)),
+        "down_bias": rand(embed, dtype=dtype) if bias else None,
+    }
+    idx = block_selection(ffn, block, kept_blocks, batch * seq).view(batch, seq, -1)
+    assert idx.shape[-1] <= ops.TOKEN_TILES_MAX_KEPT * ffn
+    x = torch.randn(batch, seq, embed).to(dtype)
+    fast, reference = both_paths(ops.gathered_mlp, x, **weights, neuron_idx=idx, activation=activation)
+    tiled = dtype == torch.float32
+    assert native_calls == {"gather_rows": (2 if gated else 1) if tiled else 0, "gather_cols": 1 if tiled else 0}
+    close(fast, reference, dtype)
+
+
+@pytest.mark.parametrize("case", ["most_neurons", "out_major_down", "neuron_by_neuron"])
+def test_mlp_prefill_per_token_computes_every_neuron_where_that_is_faster(case: str,
+                                                                          native_calls: dict[str, int]) -> None:
+    """Past TOKEN_TILES_MAX_KEPT of the neurons, with a down weight whose kept columns are not contiguous runs, or
+    with neurons chosen one by one (short runs), the dense products and a mask are faster than the tiles."""
+    embed, ffn, block = 32, 64, 4
+    kept_blocks = int(ops.TOKEN_TILES_MAX_KEPT * ffn) // block + (1 if case == "most_neurons" else -2)
+    down = torch.randn(embed, ffn)
+    weights = {"up_weight": torch.randn(ffn, embed), "up_bias": None, "gate_weight": None, "gate_bias": None,
+               "down_weight": down if case == "out_major_down" else native.input_major(down), "down_bias": None}
+    idx = block_selection(ffn, block, kept_blocks, 8).view(2, 4, -1)
+    if case == "neuron_by_neuron":
+        idx = selection(ffn, idx.shape[-1], 8).view(2, 4, -1)
+    fast, reference = both_paths(ops.gathered_mlp, torch.randn(2, 4, embed), **weights, neuron_idx=idx,
+                                 activation="relu")
+    assert native_calls == {"gather_rows": 0, "gather_cols": 0}
+    close(fast, reference, torch.float32)
 
 
 def test_prefill_and_pregathered_steps_take_the_pytorch_path(native_calls: dict[str, int]) -> None:

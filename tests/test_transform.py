@@ -471,6 +471,28 @@ def test_token_granularity_prefill_equals_masked_reference(family, scope):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@functools.cache
+def block_token_transformed(family: str):
+    block_predictor = ShadowPredictor.for_structure(structure(family), hidden=32, neuron_block=8, seed=1)
+    return shadowfx.transform(small_model(family), block_predictor, sparsity=0.5, scope="per_layer",
+                              granularity="token")
+
+
+@pytest.mark.skipif(bool(native.missing_tools()), reason="no C++ compiler or ninja to build the kernels")
+def test_token_granularity_prefill_of_neuron_blocks_computes_the_kept_neurons_only(family, native_calls):
+    """A block-scoring predictor's per-token prefill runs each later layer's MLP by the native tiles, which compute
+    only each token's kept neurons, and still equals the masked model."""
+    sparse = block_token_transformed(family)
+    input_ids, attention_mask = padded_batch(2, 9, 512, seed=44)
+    native_calls.update(gather_rows=0, gather_cols=0)
+    logits = sparse(input_ids, attention_mask)
+    assert native_calls["gather_cols"] == structure(family).num_layers - 1
+    with MaskedReference(small_model(family), structure(family)) as reference:
+        reference.set_selection(*_per_token_selection(sparse.last_selection))
+        expected = reference.logits(input_ids, attention_mask)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_token_granularity_decode_equals_recompute(family):
     """Decode with the complete cache, a new selection every token, equals a masked recompute of the sequence."""
     model = small_model(family)

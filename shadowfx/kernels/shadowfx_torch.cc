@@ -22,6 +22,8 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -71,7 +73,208 @@ struct SlotsByUnit {
     for (int64_t i = 0; i < slots; ++i)
       if (units_of[i] >= 0 && units_of[i] < units) slot[next[units_of[i]]++] = i;
   }
+
+  // Runs of consecutive units that the same tokens keep (the neurons of a block a predictor keeps whole), at most
+  // `most` units a run: [first, end) pairs in unit order, leaving out the units no token keeps.
+  std::vector<std::pair<int64_t, int64_t>> groups(int64_t kept, int64_t most) const {
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    for (int64_t unit = 0; unit + 1 < static_cast<int64_t>(start.size()); ++unit) {
+      if (start[unit + 1] == start[unit]) continue;
+      if (!runs.empty() && runs.back().second == unit && unit - runs.back().first < most &&
+          same_tokens(runs.back().first, unit, kept))
+        runs.back().second = unit + 1;
+      else
+        runs.emplace_back(unit, unit + 1);
+    }
+    return runs;
+  }
+
+  // the token of the j-th slot of unit `unit`
+  int64_t token(int64_t unit, int64_t j, int64_t kept) const { return slot[start[unit] + j] / kept; }
+
+ private:
+  bool same_tokens(int64_t a, int64_t b, int64_t kept) const {
+    const int64_t count = start[a + 1] - start[a];
+    if (start[b + 1] - start[b] != count) return false;
+    for (int64_t j = 0; j < count; ++j)
+      if (token(a, j, kept) != token(b, j, kept)) return false;
+    return true;
+  }
 };
+
+// Register tiles for several tokens (a prefill's per-token selections, a batch's decode step) and float32 weights:
+// R weight rows by TN tokens, so that every load feeds several multiply-adds, where one dot product at a time loads
+// two values for each. 16 floats a vector; the compiler splits it where the CPU's vectors are narrower.
+using Vec16 = float __attribute__((vector_size(64)));
+
+inline Vec16 load16(const float* from) {
+  Vec16 v;
+  std::memcpy(&v, from, sizeof v);
+  return v;
+}
+
+inline void store16(float* to, const Vec16& v) { std::memcpy(to, &v, sizeof v); }
+
+// A value loaded once for several multiply-adds stays in a register: left alone, the compiler folds the load into
+// each of them, and the loads, not the multiply-adds, then bound the tile.
+inline void in_register(Vec16& v) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+// out[t][r] = w[r] . x[t] over n values
+template <int R, int TN>
+void dot_tile(const float* const* w, const float* const* x, int64_t n, float (*out)[4]) {
+  Vec16 acc[TN][R] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Vec16 weights[R];
+    for (int r = 0; r < R; ++r) {
+      weights[r] = load16(w[r] + i);
+      in_register(weights[r]);
+    }
+    for (int t = 0; t < TN; ++t) {
+      Vec16 input = load16(x[t] + i);
+      in_register(input);
+      for (int r = 0; r < R; ++r) acc[t][r] += input * weights[r];
+    }
+  }
+  for (int t = 0; t < TN; ++t)
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.0f;
+      for (int lane = 0; lane < 16; ++lane) sum += acc[t][r][lane];
+      for (int64_t j = i; j < n; ++j) sum += w[r][j] * x[t][j];
+      out[t][r] = sum;
+    }
+}
+
+template <int R>
+void dot_tile_of(int tokens, const float* const* w, const float* const* x, int64_t n, float (*out)[4]) {
+  switch (tokens) {
+    case 4: return dot_tile<R, 4>(w, x, n, out);
+    case 3: return dot_tile<R, 3>(w, x, n, out);
+    case 2: return dot_tile<R, 2>(w, x, n, out);
+    default: return dot_tile<R, 1>(w, x, n, out);
+  }
+}
+
+// rows_kernel's several tokens with a float32 weight: each group of 4 units that the same tokens keep as 4 x 4
+// tiles, other units one at a time by 4 tokens.
+void rows_by_unit(const float* x, const float* weight, const float* bias, const SlotsByUnit& by_unit, float* out,
+                  int64_t kept, int64_t width) {
+  const auto groups = by_unit.groups(kept, 4);
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    const float* w[4];
+    const float* inputs[4];
+    float tile[4][4];
+    for (int64_t g = begin; g < end; ++g) {
+      const auto [first, last] = groups[g];
+      const int64_t count = by_unit.start[first + 1] - by_unit.start[first];
+      const int64_t rows_at_once = last - first == 4 ? 4 : 1;
+      for (int64_t unit = first; unit < last; unit += rows_at_once) {
+        for (int r = 0; r < rows_at_once; ++r) w[r] = weight + (unit + r) * width;
+        for (int64_t j = 0; j < count; j += 4) {
+          const int tokens = static_cast<int>(std::min<int64_t>(4, count - j));
+          for (int t = 0; t < tokens; ++t) inputs[t] = x + by_unit.token(first, j + t, kept) * width;
+          if (rows_at_once == 4)
+            dot_tile_of<4>(tokens, w, inputs, width, tile);
+          else
+            dot_tile_of<1>(tokens, w, inputs, width, tile);
+          for (int r = 0; r < rows_at_once; ++r) {
+            const float b = bias ? bias[unit + r] : 0.0f;
+            for (int t = 0; t < tokens; ++t) out[by_unit.slot[by_unit.start[unit + r] + j + t]] = tile[t][r] + b;
+          }
+        }
+      }
+    }
+  });
+}
+
+// A group's inputs of cols_by_unit, laid out for its tiles: for the group's j-th token, its input to each of the
+// group's units, in unit order.
+struct GroupInputs {
+  std::vector<int64_t> offset;  // where each group's [count, units] block starts in `scale`
+  std::vector<float> scale;
+  GroupInputs(const float* h, const SlotsByUnit& by_unit, const std::vector<std::pair<int64_t, int64_t>>& groups)
+      : offset(groups.size() + 1, 0) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const auto [first, last] = groups[g];
+      offset[g + 1] = offset[g] + (by_unit.start[first + 1] - by_unit.start[first]) * (last - first);
+    }
+    scale.resize(static_cast<size_t>(offset.back()));
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const auto [first, last] = groups[g];
+      const int64_t count = by_unit.start[first + 1] - by_unit.start[first], width = last - first;
+      for (int64_t unit = first; unit < last; ++unit)
+        for (int64_t j = 0; j < count; ++j)
+          scale[offset[g] + j * width + (unit - first)] = h[by_unit.slot[by_unit.start[unit] + j]];
+    }
+  }
+};
+
+// sums[t][begin, end) += sum over the group's units u of scale[t][u] * weight_t[u][begin, end), for TN tokens, 64
+// columns at a time in registers
+template <int TN>
+void axpy_tile(const float* scale, const float* weight_t, int64_t first, int64_t last, float* const* sums,
+               int64_t begin, int64_t end, int64_t embed) {
+  const int64_t width = last - first;
+  int64_t e = begin;
+  for (; e + 64 <= end; e += 64) {
+    Vec16 acc[TN][4];
+    for (int t = 0; t < TN; ++t)
+      for (int c = 0; c < 4; ++c) acc[t][c] = load16(sums[t] + e + 16 * c);
+    for (int64_t u = 0; u < width; ++u) {
+      Vec16 weights[4];
+      for (int c = 0; c < 4; ++c) {
+        weights[c] = load16(weight_t + (first + u) * embed + e + 16 * c);
+        in_register(weights[c]);
+      }
+      for (int t = 0; t < TN; ++t) {
+        const float s = scale[t * width + u];
+        for (int c = 0; c < 4; ++c) acc[t][c] += s * weights[c];
+      }
+    }
+    for (int t = 0; t < TN; ++t)
+      for (int c = 0; c < 4; ++c) store16(sums[t] + e + 16 * c, acc[t][c]);
+  }
+  for (int64_t u = 0; u < width && e < end; ++u)
+    for (int t = 0; t < TN; ++t) axpy(scale[t * width + u], weight_t + (first + u) * embed + e, sums[t] + e, end - e);
+}
+
+// cols_kernel's several tokens with a float32 weight stored as its transpose [N, E]: each thread owns blocks of
+// output columns (no per-thread sums to add up), and within a block takes groups of up to 16 units that the same
+// tokens keep by tiles of 4 tokens, reading and writing the tokens' sums once per group.
+void cols_by_unit(const float* h, const float* weight_t, const SlotsByUnit& by_unit, float* out, int64_t tokens,
+                  int64_t kept, int64_t embed) {
+  constexpr int64_t kColumns = 256;  // a block's slice of a group's weights stays in the L1 cache
+  const auto groups = by_unit.groups(kept, 16);
+  const GroupInputs inputs(h, by_unit, groups);
+  std::fill(out, out + tokens * embed, 0.0f);
+  at::parallel_for(0, (embed + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
+    float* sums[4];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t from = block * kColumns, to = std::min(embed, from + kColumns);
+      for (size_t g = 0; g < groups.size(); ++g) {
+        const auto [first, last] = groups[g];
+        const int64_t count = by_unit.start[first + 1] - by_unit.start[first], width = last - first;
+        for (int64_t j = 0; j < count; j += 4) {
+          const int tile = static_cast<int>(std::min<int64_t>(4, count - j));
+          for (int t = 0; t < tile; ++t) sums[t] = out + by_unit.token(first, j + t, kept) * embed;
+          const float* scale = inputs.scale.data() + inputs.offset[g] + j * width;
+          switch (tile) {
+            case 4: axpy_tile<4>(scale, weight_t, first, last, sums, from, to, embed); break;
+            case 3: axpy_tile<3>(scale, weight_t, first, last, sums, from, to, embed); break;
+            case 2: axpy_tile<2>(scale, weight_t, first, last, sums, from, to, embed); break;
+            default: axpy_tile<1>(scale, weight_t, first, last, sums, from, to, embed); break;
+          }
+        }
+      }
+    }
+  });
+}
 
 // out[t, i] = weight[rows[t, i]] . x[t] + bias[rows[t, i]], 0 where rows[t, i] is the empty slot N.
 // x [T, E]; weight [N, E] row-contiguous; bias [N] or undefined; rows [T, k]. Returns [T, k] in float32.
@@ -86,6 +289,10 @@ void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* 
   if (tokens > 1) {
     std::fill(out, out + tokens * kept, 0.0f);  // the empty slots
     const SlotsByUnit by_unit(rows, tokens * kept, units);
+    if constexpr (std::is_same_v<W, float>) {
+      rows_by_unit(x, weight, bias, by_unit, out, kept, width);
+      return;
+    }
     at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         for (int64_t j = by_unit.start[row]; j < by_unit.start[row + 1]; ++j) one_slot(by_unit.slot[j], row);
@@ -125,6 +332,12 @@ torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& weight, c
 template <typename W>
 void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* out, int64_t tokens, int64_t kept,
                  int64_t units, int64_t embed, bool transposed) {
+  if constexpr (std::is_same_v<W, float>) {
+    if (transposed && tokens > 1) {
+      cols_by_unit(h, weight, SlotsByUnit(cols, tokens * kept, units), out, tokens, kept, embed);
+      return;
+    }
+  }
   if (transposed) {
     // each thread adds whole contiguous weight rows into its own [T, E] sum, so the weight streams in order; the
     // per-thread sums are added at the end. One token takes its kept inputs in their order, several take them by
@@ -319,19 +532,23 @@ torch::Tensor copy_rows(const torch::Tensor& source, const torch::Tensor& rows) 
 
 // What the sparse ops need to know of a selection [..., k] of `size` units (the index `size` is the empty slot), in
 // one pass instead of a dozen small tensor ops per op call: the lowest and highest index, whether some row (or token)
-// repeats a unit, whether every row keeps every unit, and, for a selection of one row, the first unit of the
-// ascending run it forms (its weights are then a view), or -1.
-std::tuple<int64_t, int64_t, bool, bool, int64_t> inspect_selection(const torch::Tensor& selection, int64_t size) {
+// repeats a unit, whether every row keeps every unit, for a selection of one row, the first unit of the ascending
+// run it forms (its weights are then a view) or -1, and how many runs of consecutive units the rows hold (a row
+// breaks a run wherever an index is not the one before plus one; 0 for a selection that repeats a unit): few long
+// runs are a block-scoring predictor's.
+std::tuple<int64_t, int64_t, bool, bool, int64_t, int64_t> inspect_selection(const torch::Tensor& selection,
+                                                                             int64_t size) {
   TORCH_CHECK(selection.scalar_type() == torch::kLong && selection.dim() >= 1 && selection.numel() > 0,
               "inspect_selection: the selection must be a non-empty int64 [..., k], got ", selection.sizes());
   const auto index = selection.contiguous();
   const int64_t kept = index.size(-1), rows = index.numel() / kept;
   const int64_t* values = index.data_ptr<int64_t>();
   const auto [low, high] = std::minmax_element(values, values + index.numel());
-  if (*low < 0 || *high > size) return {*low, *high, false, false, -1};
+  if (*low < 0 || *high > size) return {*low, *high, false, false, -1, 0};
   // a unit is seen in the current row when its stamp is that row's number: nothing to clear between rows
   std::vector<int64_t> seen(size + 1, -1);
   bool repeated = false;
+  int64_t runs = 0;
   for (int64_t row = 0; row < rows && !repeated; ++row) {
     for (int64_t i = 0; i < kept; ++i) {
       const int64_t unit = values[row * kept + i];
@@ -340,8 +557,10 @@ std::tuple<int64_t, int64_t, bool, bool, int64_t> inspect_selection(const torch:
         break;
       }
       seen[unit] = row;
+      runs += i == 0 || unit != values[row * kept + i - 1] + 1;
     }
   }
+  if (repeated) runs = 0;  // not counted to the end
   const bool every = !repeated && kept == size && *high < size;
   int64_t run_start = -1;
   if (rows == 1 && *high < size && values[0] + kept <= size) {
@@ -349,7 +568,7 @@ std::tuple<int64_t, int64_t, bool, bool, int64_t> inspect_selection(const torch:
     for (int64_t i = 1; i < kept && run_start >= 0; ++i)
       if (values[i] != values[0] + i) run_start = -1;
   }
-  return {*low, *high, repeated, every, run_start};
+  return {*low, *high, repeated, every, run_start, runs};
 }
 
 // The k largest scores of each row of scores [R, N] (float32): their indices, ascending, [R, k]. Ties go to the
@@ -400,6 +619,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
   module.def("topk_indices", &topk_indices, "indices of the k largest of each row of float32 [R, N], ascending");
   module.def("inspect_selection", &inspect_selection,
-             "(lowest, highest, a row repeats a unit, every row keeps every unit, first unit of a one-row run or -1)");
+             "(lowest, highest, a row repeats a unit, every row keeps every unit, first unit of a one-row run or -1, "
+             "runs of consecutive units)");
   module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]");
 }

@@ -676,11 +676,15 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
             q_rows = unit_rows(kept, group * head_dim)
             kv_rows = None if per_token else unit_rows(kept, head_dim)
     project = _native_rows if fused else _linear_rows
+    # per token over several tokens, the native tiles compute only each token's kept heads' q rows and o inputs
+    tiled = per_token and not fused and not keeps_every_head and _head_tiles(a, kv_head_idx)
+    token_q_rows = unit_rows(kv_head_idx, group * head_dim).flatten(0, 1) if tiled else None
 
     def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
         return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
-    q = heads(project(a.hidden, a.q_weight, a.q_bias, q_rows))
+    q = heads(project(a.hidden, a.q_weight, a.q_bias, q_rows) if token_q_rows is None else
+              _token_tiled_q(a.hidden, a.q_weight, a.q_bias, token_q_rows, group * head_dim))
     key = heads(project(a.hidden, a.k_weight, a.k_bias, kv_rows))
     value = heads(project(a.hidden, a.v_weight, a.v_bias, kv_rows))
     q, key = _head_norm(q, a.q_norm, a.norm_eps), _head_norm(key, a.k_norm, a.norm_eps)
@@ -697,6 +701,8 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
         if kv_head_idx is not None and (fused or not per_token):
             slopes = slopes[kept]
     context = _attend(q, attended_key, attended_value, a.attention_mask, a.scaling, group, slopes, a.softcap)
+    if token_q_rows is not None:
+        return _token_tiled_o(context, a.o_weight, a.o_bias, token_q_rows), key.contiguous(), value.contiguous()
     if per_token and not fused and not keeps_every_head:
         # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
         # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
@@ -707,6 +713,31 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     out = (_native_cols if fused else _linear_cols)(context, a.o_weight, a.o_bias, q_rows)
     # contiguous, like the fake outputs (the no-cache key/value are transposed views otherwise)
     return out, key.contiguous(), value.contiguous()
+
+
+def _head_tiles(a: _AttentionArgs, kv_head_idx: Tensor) -> bool:
+    """Whether a per-token head selection over several tokens runs its q and o projections by the native tiles (a
+    KV group's q rows are one run, so any head selection suits them), keeping at most TOKEN_TILES_MAX_KEPT of the
+    groups."""
+    if kv_head_idx.shape[-1] > TOKEN_TILES_MAX_KEPT * a.num_kv_heads or not _input_major(a.o_weight):
+        return False
+    return native.tiles(a.hidden, a.q_weight, a.o_weight)
+
+
+def _token_tiled_q(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, group_rows: int) -> Tensor:
+    """q [B, S, H*D] of each token's kept heads only (rows [B*S, n], the kept groups' q rows, an empty slot's rows
+    past the last), zeros for the others."""
+    kept = native.gather_rows(hidden.flatten(0, 1), weight, bias, rows)
+    # an empty slot's rows land in the extra group of columns cut off at the end
+    q = kept.new_zeros(kept.shape[0], weight.shape[0] + group_rows).scatter_(1, rows, kept)
+    return q[:, : weight.shape[0]].view(*hidden.shape[:2], -1)
+
+
+def _token_tiled_o(context: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
+    """The output projection of each token's kept heads' context only (rows as in ``_token_tiled_q``)."""
+    flat = context.flatten(0, 1)
+    kept = flat.gather(1, rows.clamp(max=flat.shape[1] - 1))  # the empty slot's inputs are skipped by the kernel
+    return native.gather_cols(kept, weight, bias, rows).view(*context.shape[:2], -1)
 
 
 def _attention_fake(a: _AttentionArgs, per_token: bool) -> _AttentionResult:

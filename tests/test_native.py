@@ -354,6 +354,46 @@ def test_mlp_prefill_per_token_computes_every_neuron_where_that_is_faster(case: 
     close(fast, reference, torch.float32)
 
 
+@DTYPES
+@pytest.mark.parametrize("heads, kept", [((4, 4), 2), ((8, 2), 1), ((6, 3), 2)], ids=["mha", "gqa", "gqa3"])
+@pytest.mark.parametrize("extras", ["rope_bias", "alibi_norms"])
+def test_attention_prefill_per_token_equals_the_pytorch_path(heads: tuple[int, int], kept: int, extras: str,
+                                                            dtype: torch.dtype, native_calls: dict[str, int]) -> None:
+    """A prefill's per-token head selections compute only each token's kept q rows and o inputs natively in float32
+    (K/V of every head, for the complete cache); empty slots keep nothing; in bfloat16 the PyTorch path runs."""
+    num_heads, num_kv_heads = heads
+    batch, seq, embed, head_dim = 2, 7, 24, 8
+    bias = extras == "rope_bias"
+    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    weights = {
+        "q_weight": rand(q_out, embed, dtype=dtype), "q_bias": rand(q_out, dtype=dtype) if bias else None,
+        "k_weight": rand(kv_out, embed, dtype=dtype), "k_bias": rand(kv_out, dtype=dtype) if bias else None,
+        "v_weight": rand(kv_out, embed, dtype=dtype), "v_bias": rand(kv_out, dtype=dtype) if bias else None,
+        "o_weight": native.input_major(rand(embed, q_out, dtype=dtype)), "o_bias": rand(embed, dtype=dtype),
+    }
+    rotary: dict[str, Optional[Tensor]] = {"cos": None, "sin": None}
+    more = {}
+    if extras == "rope_bias":
+        angles = torch.randn(batch, seq, head_dim)
+        rotary = {"cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
+    else:
+        more = {"alibi_slopes": alibi(num_heads), "q_norm": torch.rand(head_dim) + 0.5,
+                "k_norm": torch.rand(head_dim) + 0.5, "norm_eps": 1e-6}
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril().expand(batch, 1, seq, seq).clone()
+    mask[1, ..., :2] = False  # a left-padded row, whose two pad tokens attend to themselves only
+    mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)
+    idx = selection(num_kv_heads, kept, batch * seq, empty_every=3).view(batch, seq, kept)
+    fast, reference = both_paths(
+        ops.token_sparse_attention, torch.randn(batch, seq, embed).to(dtype), **weights, kv_head_idx=idx, **rotary,
+        attention_mask=mask, past_key=None, past_value=None, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, scaling=head_dim**-0.5, **more)
+    tiled = dtype == torch.float32
+    assert native_calls == {"gather_rows": int(tiled), "gather_cols": int(tiled)}
+    for got, want in zip(fast, reference):
+        assert got.shape == want.shape
+        close(got, want, dtype)
+
+
 def test_prefill_and_pregathered_steps_take_the_pytorch_path(native_calls: dict[str, int]) -> None:
     embed, ffn = 16, 32
     weights = {"up_weight": torch.randn(ffn, embed), "up_bias": None, "gate_weight": None, "gate_bias": None,

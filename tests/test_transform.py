@@ -479,14 +479,14 @@ def block_token_transformed(family: str):
 
 
 @pytest.mark.skipif(bool(native.missing_tools()), reason="no C++ compiler or ninja to build the kernels")
-def test_token_granularity_prefill_of_neuron_blocks_computes_the_kept_neurons_only(family, native_calls):
-    """A block-scoring predictor's per-token prefill runs each later layer's MLP by the native tiles, which compute
-    only each token's kept neurons, and still equals the masked model."""
+def test_token_granularity_prefill_of_neuron_blocks_computes_the_kept_units_only(family, native_calls):
+    """A block-scoring predictor's per-token prefill runs each later layer's q and o projections and its MLP by the
+    native tiles, which compute only each token's kept heads and neurons, and still equals the masked model."""
     sparse = block_token_transformed(family)
     input_ids, attention_mask = padded_batch(2, 9, 512, seed=44)
     native_calls.update(gather_rows=0, gather_cols=0)
     logits = sparse(input_ids, attention_mask)
-    assert native_calls["gather_cols"] == structure(family).num_layers - 1
+    assert native_calls["gather_cols"] == 2 * (structure(family).num_layers - 1)  # o and down
     with MaskedReference(small_model(family), structure(family)) as reference:
         reference.set_selection(*_per_token_selection(sparse.last_selection))
         expected = reference.logits(input_ids, attention_mask)
@@ -536,8 +536,10 @@ def test_token_decode_reads_the_kept_weights_natively(family, native_calls):
                                                            return_logits=True)
     tokens, logits = sparse.generate(*prompt, max_new_tokens=4, eos_token_id=[], return_logits=True)
     steps, gated = 3, layers[1].mlp.gate is not None  # the first new token comes from the prefill
-    assert native_calls == {"gather_rows": steps * (len(layers) - 1) * (3 if gated else 2),
-                     "gather_cols": steps * (len(layers) - 1) * 2}
+    # the prefill's attention takes the tiles too (q rows, o inputs), its MLP the dense products (neuron by neuron)
+    sparse_layers = len(layers) - 1
+    assert native_calls == {"gather_rows": (steps * (3 if gated else 2) + 1) * sparse_layers,
+                            "gather_cols": (steps * 2 + 1) * sparse_layers}
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 

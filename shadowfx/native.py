@@ -185,6 +185,11 @@ def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return gather_rows(x, weight, bias, torch.arange(weight.shape[0], device=x.device).unsqueeze(0))
 
 
+def gemv_input_major(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``h [1, N] . weight^T + bias`` for an input-major weight [E, N]: :func:`gather_cols` of every input."""
+    return gather_cols(h, weight, bias, torch.arange(weight.shape[1], device=h.device).unsqueeze(0))
+
+
 def gather_cols(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor) -> Tensor:
     """``h [T, k] . weight[:, cols[t]]^T + bias`` for weight [E, N] and cols [T, k]: [T, E] in h's dtype; empty
     slots add nothing. Fastest when ``weight`` is the transpose of a contiguous [N, E] (:func:`input_major`)."""

@@ -134,7 +134,8 @@ class _Dense:
         prefill = editable_module(self.prefill.program)
         with torch.inference_mode(False), torch.no_grad():
             cache = list(prefill(input_ids, attention_mask)[1:])
-            exported = _prefill_with_positions(prefill, self.structure, input_ids, attention_mask, batch, seq)
+            exported = _prefill_with_positions(prefill, self.structure, input_ids, attention_mask, batch, seq,
+                                               shared=False)
             del prefill
             yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers)])
             del exported
@@ -146,11 +147,13 @@ class _Dense:
 
 
 def _prefill_with_positions(prefill: torch.fx.GraphModule, structure: DecoderStructure, input_ids: torch.Tensor,
-                            attention_mask: torch.Tensor, batch: Dim, seq: Dim,
+                            attention_mask: torch.Tensor, batch: Dim, seq: Dim, *, shared: bool,
                             ) -> tuple[torch.fx.GraphModule, tuple, tuple, list[str]]:
-    """A copy of ``prefill`` with the ``logit_positions`` input where its LM head allows, and what exporting it
-    takes: the example inputs, their dynamic shapes and their names."""
-    prefill = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
+    """``prefill`` with the ``logit_positions`` input where its LM head allows, and what exporting it takes: the
+    example inputs, their dynamic shapes and their names. A ``shared`` graph (a transformed model's, which it still
+    runs) is copied first; another is edited in place."""
+    if shared:
+        prefill = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
     args, shapes, names = (input_ids, attention_mask), ({0: batch, 1: seq},) * 2, ["input_ids", "attention_mask"]
     if run_passes(prefill, [LogitPositions(structure, "input")])["logit_positions"].total:
         # three positions: a size that no other example dim has (1 and 2 would be specialised or tied to the batch)
@@ -314,7 +317,7 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
     selection_out = _selection_names(layers)
     with torch.inference_mode(False), torch.no_grad(), _predictor_as_nodes(sparse.predictor):
         exported = _prefill_with_positions(sparse.graphs.prefill, sparse.structure, input_ids, attention_mask, batch,
-                                           seq)
+                                           seq, shared=True)
         yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers), *selection_out])
         del exported
         cache = [*state.keys, *state.values]

@@ -264,6 +264,10 @@ def _linear_cols(x: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor
         weight = take_cols(weight, _shared(cols))
     elif weight.dim() == 3 and weight.shape[0] == 1:
         weight = weight[0]
+    if weight.dim() == 2 and x.shape[:-1].numel() == 1 and _input_major(weight) and \
+            native.applies(x.reshape(1, 1, -1), weight):
+        # one token on input-major weights (a gathered copy's o / down): the native kernel adds the weight's rows
+        return native.gemv_input_major(x.reshape(1, -1), weight, bias).view(*x.shape[:-1], -1)
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     y = x @ weight.transpose(-1, -2)

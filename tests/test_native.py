@@ -408,18 +408,22 @@ def test_prefill_and_pregathered_steps_take_the_pytorch_path(native_calls: dict[
 
 
 @DTYPES
+@pytest.mark.parametrize("layout", ["out_major", "input_major"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_a_step_of_one_token_on_gathered_weights_streams_them_natively(gated: bool, dtype: torch.dtype,
+def test_a_step_of_one_token_on_gathered_weights_streams_them_natively(gated: bool, layout: str, dtype: torch.dtype,
                                                                        native_calls: dict[str, int]) -> None:
     """A batch of one's decode step on its gathered weights runs the row projections (up, gate) as native GEMVs,
-    which compute what F.linear does; the output projection stays F.linear."""
+    which compute what F.linear does, and the output projection too where its copy is input-major (as the runtime
+    gathers it); otherwise the output projection stays F.linear."""
     embed, kept = 48, 24
-    compact = {"up_weight": torch.randn(1, kept, embed).to(dtype), "up_bias": torch.randn(1, kept).to(dtype),
-               "gate_weight": torch.randn(1, kept, embed).to(dtype) if gated else None, "gate_bias": None,
-               "down_weight": torch.randn(1, embed, kept).to(dtype), "down_bias": torch.randn(embed).to(dtype)}
+    down = rand(1, embed, kept, dtype=dtype)
+    compact = {"up_weight": rand(1, kept, embed, dtype=dtype), "up_bias": torch.randn(1, kept).to(dtype),
+               "gate_weight": rand(1, kept, embed, dtype=dtype) if gated else None, "gate_bias": None,
+               "down_weight": down.transpose(1, 2).contiguous().transpose(1, 2) if layout == "input_major" else down,
+               "down_bias": torch.randn(embed).to(dtype)}
     x = torch.randn(1, 1, embed).to(dtype)
     fast = ops.gathered_mlp(x, **compact, neuron_idx=None, activation="silu")
-    assert native_calls == {"gather_rows": 2 if gated else 1, "gather_cols": 0}
+    assert native_calls == {"gather_rows": 2 if gated else 1, "gather_cols": int(layout == "input_major")}
     with native.use_native_kernels(False):
         reference = ops.gathered_mlp(x, **compact, neuron_idx=None, activation="silu")
     assert native_calls["gather_rows"] == (2 if gated else 1)

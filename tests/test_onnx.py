@@ -304,6 +304,28 @@ def test_dense_export_equals_the_model(tmp_path, capsys, monkeypatch):
     assert torch.equal(dense.generate(input_ids, attention_mask, max_new_tokens=4), want_tokens)
 
 
+def test_an_export_whose_head_takes_no_positions_computes_every_position(tmp_path, monkeypatch):
+    """An LM head whose input is not [B, T, E] (one that reads it flattened) gets no ``logit_positions`` input: the
+    runtime then reads every position's logits, and a generation starts from the last one."""
+    import shadowfx.passes.logit_positions as logit_positions_pass
+
+    monkeypatch.setattr(logit_positions_pass, "shape", lambda node: (1, 1))  # the head's input looks flattened
+    model_dir, out = tmp_path / "llama", tmp_path / "dense"
+    model = small_model("llama")
+    model.save_pretrained(model_dir)
+    assert main(["export", str(model_dir), "--out", str(out), "--dense"]) == 0
+    dense = runtime(out, structure=structure("llama"))
+    assert LOGIT_POSITIONS not in [i.name for i in dense.sessions["prefill"].get_inputs()]
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=4)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        want = model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=positions_from_mask(attention_mask)).logits
+    torch.testing.assert_close(dense(input_ids, attention_mask)[real], want[real], rtol=1e-4, atol=1e-4)
+    state = dense.start(input_ids, attention_mask, decode=False)
+    torch.testing.assert_close(state.logits, want[:, -1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("model_type,granularity", [("qwen3", "prompt"), ("gemma3_text", "token"), ("mpt", "prompt"),
                                                     ("gemma2", "prompt"), ("gptj", "prompt")])
 def test_carried_head_transforms_run_in_onnxruntime(model_type, granularity, tmp_path):

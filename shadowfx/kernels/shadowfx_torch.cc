@@ -594,19 +594,21 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
   const float* all_scores = contiguous.data_ptr<float>();
   int64_t* all_kept = out.data_ptr<int64_t>();
   if (k == 0) return out;
-  std::vector<uint32_t> keys(units), work(units);
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* score = all_scores + row * units;
-    for (int64_t i = 0; i < units; ++i) keys[i] = score_key(score[i]);
-    work = keys;
-    std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), std::greater<uint32_t>());
-    const uint32_t threshold = work[k - 1];
-    int64_t at_threshold = k;  // how many of the scores equal to the threshold are kept: k minus those above it
-    for (int64_t i = 0; i < units; ++i) at_threshold -= keys[i] > threshold;
-    int64_t* kept = all_kept + row * k;
-    for (int64_t i = 0, n = 0; i < units; ++i)
-      if (keys[i] > threshold || (keys[i] == threshold && at_threshold-- > 0)) kept[n++] = i;
-  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / units), [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> keys(units), work(units);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* score = all_scores + row * units;
+      for (int64_t i = 0; i < units; ++i) keys[i] = score_key(score[i]);
+      work = keys;
+      std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), std::greater<uint32_t>());
+      const uint32_t threshold = work[k - 1];
+      int64_t at_threshold = k;  // how many of the scores equal to the threshold are kept: k minus those above it
+      for (int64_t i = 0; i < units; ++i) at_threshold -= keys[i] > threshold;
+      int64_t* kept = all_kept + row * k;
+      for (int64_t i = 0, n = 0; i < units; ++i)
+        if (keys[i] > threshold || (keys[i] == threshold && at_threshold-- > 0)) kept[n++] = i;
+    }
+  });
   return out;
 }
 

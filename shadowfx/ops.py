@@ -408,7 +408,8 @@ TOKEN_TILES_MAX_KEPT, TOKEN_TILES_MIN_RUN = 0.75, 4.0
 """A prefill's per-token MLP computes only each token's kept neurons by the native tiles where it keeps at most
 TOKEN_TILES_MAX_KEPT of them, in runs of at least TOKEN_TILES_MIN_RUN consecutive neurons on average (a
 block-scoring predictor's blocks, which the tiles read 4 rows by 4 tokens at a time); elsewhere it computes every
-neuron and masks, F.linear's dense products being faster. On the OPT-1.3B MLP (128 tokens, 2 threads, blocks of 16)
+neuron and masks, F.linear's dense products being faster. Its attention does the same for the q rows and o inputs
+of at most TOKEN_TILES_MAX_KEPT of the KV groups (a group's rows are one run). On the OPT-1.3B MLP (128 tokens, 2 threads, blocks of 16)
 the tiles took 0.57x the dense time at half the neurons, 0.91x at 0.75 and 1.09x at 0.875; neuron by neuron, 1.12x
 at half."""
 
@@ -708,8 +709,9 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     if token_q_rows is not None:
         return _token_tiled_o(context, a.o_weight, a.o_bias, token_q_rows), key.contiguous(), value.contiguous()
     if per_token and not fused and not keeps_every_head:
-        # Reference semantics: q of every head, then each token's unselected heads' context zeroed. A kernel computes
-        # only the kept heads' q rows and o columns for S == 1 (decode); K/V are needed for every head either way.
+        # Reference semantics: q of every head, then each token's unselected heads' context zeroed. The native
+        # kernels compute only the kept heads' q rows and o columns in a decode step, and by tiles in a float32
+        # prefill; K/V are needed for every head either way.
         keep = _keep_mask(kv_head_idx, a.num_kv_heads).unsqueeze(-1)  # [B, S, Hkv, 1]: one flag per KV group's r*D
         context = context.unflatten(-1, (a.num_kv_heads, -1)).where(keep, 0).flatten(-2)
     if empty is not None:  # an empty slot's query heads add nothing; [g] or [B, g] over the sequence dim

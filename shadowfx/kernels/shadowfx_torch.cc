@@ -65,23 +65,31 @@ void check_selection(const torch::Tensor& x, const torch::Tensor& index, const c
 // a weight row two tokens keep is read from memory once, not once per token.
 struct SlotsByUnit {
   std::vector<int64_t> start, slot;
-  SlotsByUnit(const int64_t* units_of, int64_t slots, int64_t units) : start(units + 1, 0), slot(slots) {
+  std::vector<int32_t> token_of;  // the token of each entry of `slot` (a slot is token * kept + position)
+  SlotsByUnit(const int64_t* units_of, int64_t tokens, int64_t kept, int64_t units)
+      : start(units + 1, 0), slot(tokens * kept), token_of(tokens * kept) {
+    const int64_t slots = tokens * kept;
     for (int64_t i = 0; i < slots; ++i)
       if (units_of[i] >= 0 && units_of[i] < units) ++start[units_of[i] + 1];
     for (int64_t u = 0; u < units; ++u) start[u + 1] += start[u];
     std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < slots; ++i)
-      if (units_of[i] >= 0 && units_of[i] < units) slot[next[units_of[i]]++] = i;
+    for (int64_t t = 0, i = 0; t < tokens; ++t)
+      for (int64_t k = 0; k < kept; ++k, ++i)
+        if (units_of[i] >= 0 && units_of[i] < units) {
+          const int64_t at = next[units_of[i]]++;
+          slot[at] = i;
+          token_of[at] = static_cast<int32_t>(t);
+        }
   }
 
   // Runs of consecutive units that the same tokens keep (the neurons of a block a predictor keeps whole), at most
   // `most` units a run: [first, end) pairs in unit order, leaving out the units no token keeps.
-  std::vector<std::pair<int64_t, int64_t>> groups(int64_t kept, int64_t most) const {
+  std::vector<std::pair<int64_t, int64_t>> groups(int64_t most) const {
     std::vector<std::pair<int64_t, int64_t>> runs;
     for (int64_t unit = 0; unit + 1 < static_cast<int64_t>(start.size()); ++unit) {
       if (start[unit + 1] == start[unit]) continue;
       if (!runs.empty() && runs.back().second == unit && unit - runs.back().first < most &&
-          same_tokens(runs.back().first, unit, kept))
+          same_tokens(runs.back().first, unit))
         runs.back().second = unit + 1;
       else
         runs.emplace_back(unit, unit + 1);
@@ -90,15 +98,13 @@ struct SlotsByUnit {
   }
 
   // the token of the j-th slot of unit `unit`
-  int64_t token(int64_t unit, int64_t j, int64_t kept) const { return slot[start[unit] + j] / kept; }
+  int64_t token(int64_t unit, int64_t j) const { return token_of[start[unit] + j]; }
 
  private:
-  bool same_tokens(int64_t a, int64_t b, int64_t kept) const {
+  bool same_tokens(int64_t a, int64_t b) const {
     const int64_t count = start[a + 1] - start[a];
-    if (start[b + 1] - start[b] != count) return false;
-    for (int64_t j = 0; j < count; ++j)
-      if (token(a, j, kept) != token(b, j, kept)) return false;
-    return true;
+    return start[b + 1] - start[b] == count &&
+           std::equal(token_of.begin() + start[a], token_of.begin() + start[a + 1], token_of.begin() + start[b]);
   }
 };
 
@@ -118,11 +124,26 @@ inline void store16(float* to, const Vec16& v) { std::memcpy(to, &v, sizeof v); 
 // A value loaded once for several multiply-adds stays in a register: left alone, the compiler folds the load into
 // each of them, and the loads, not the multiply-adds, then bound the tile.
 inline void in_register(Vec16& v) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__AVX512F__)  // a 64-byte vector fits one register
   asm("" : "+v"(v));
 #else
   (void)v;
 #endif
+}
+
+// the sum of a vector's lanes, by halves
+inline float lane_sum(const Vec16& v) {
+  using Vec8 = float __attribute__((vector_size(32)));
+  using Vec4 = float __attribute__((vector_size(16)));
+  Vec8 low, high;
+  std::memcpy(&low, &v, sizeof low);
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+  const Vec8 eight = low + high;
+  Vec4 first, second;
+  std::memcpy(&first, &eight, sizeof first);
+  std::memcpy(&second, reinterpret_cast<const char*>(&eight) + sizeof first, sizeof second);
+  const Vec4 four = first + second;
+  return (four[0] + four[2]) + (four[1] + four[3]);
 }
 
 // out[t][r] = w[r] . x[t] over n values
@@ -144,8 +165,7 @@ void dot_tile(const float* const* w, const float* const* x, int64_t n, float (*o
   }
   for (int t = 0; t < TN; ++t)
     for (int r = 0; r < R; ++r) {
-      float sum = 0.0f;
-      for (int lane = 0; lane < 16; ++lane) sum += acc[t][r][lane];
+      float sum = lane_sum(acc[t][r]);
       for (int64_t j = i; j < n; ++j) sum += w[r][j] * x[t][j];
       out[t][r] = sum;
     }
@@ -165,7 +185,7 @@ void dot_tile_of(int tokens, const float* const* w, const float* const* x, int64
 // tiles, other units one at a time by 4 tokens.
 void rows_by_unit(const float* x, const float* weight, const float* bias, const SlotsByUnit& by_unit, float* out,
                   int64_t kept, int64_t width) {
-  const auto groups = by_unit.groups(kept, 4);
+  const auto groups = by_unit.groups(4);
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
     const float* w[4];
     const float* inputs[4];
@@ -178,7 +198,7 @@ void rows_by_unit(const float* x, const float* weight, const float* bias, const 
         for (int r = 0; r < rows_at_once; ++r) w[r] = weight + (unit + r) * width;
         for (int64_t j = 0; j < count; j += 4) {
           const int tokens = static_cast<int>(std::min<int64_t>(4, count - j));
-          for (int t = 0; t < tokens; ++t) inputs[t] = x + by_unit.token(first, j + t, kept) * width;
+          for (int t = 0; t < tokens; ++t) inputs[t] = x + by_unit.token(first, j + t) * width;
           if (rows_at_once == 4)
             dot_tile_of<4>(tokens, w, inputs, width, tile);
           else
@@ -244,25 +264,28 @@ void axpy_tile(const float* scale, const float* weight_t, int64_t first, int64_t
     for (int t = 0; t < TN; ++t) axpy(scale[t * width + u], weight_t + (first + u) * embed + e, sums[t] + e, end - e);
 }
 
-// cols_kernel's several tokens with a float32 weight stored as its transpose [N, E]: each thread owns blocks of
+// cols_kernel's several tokens with a float32 weight stored as its transpose [N, E]: each thread owns a share of
 // output columns (no per-thread sums to add up), and within a block takes groups of up to 16 units that the same
 // tokens keep by tiles of 4 tokens, reading and writing the tokens' sums once per group.
 void cols_by_unit(const float* h, const float* weight_t, const SlotsByUnit& by_unit, float* out, int64_t tokens,
                   int64_t kept, int64_t embed) {
-  constexpr int64_t kColumns = 256;  // a block's slice of a group's weights stays in the L1 cache
-  const auto groups = by_unit.groups(kept, 16);
+  // the threads split the columns evenly, 64 at a time; each takes its share 256 columns at a time, so that a
+  // block's slice of a group's weights stays in the L1 cache
+  constexpr int64_t kTile = 64, kColumns = 256;
+  const auto groups = by_unit.groups(16);
   const GroupInputs inputs(h, by_unit, groups);
   std::fill(out, out + tokens * embed, 0.0f);
-  at::parallel_for(0, (embed + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (embed + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
     float* sums[4];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t from = block * kColumns, to = std::min(embed, from + kColumns);
+    const int64_t last = std::min(embed, end * kTile);
+    for (int64_t from = begin * kTile; from < last; from += kColumns) {
+      const int64_t to = std::min(last, from + kColumns);
       for (size_t g = 0; g < groups.size(); ++g) {
         const auto [first, last] = groups[g];
         const int64_t count = by_unit.start[first + 1] - by_unit.start[first], width = last - first;
         for (int64_t j = 0; j < count; j += 4) {
           const int tile = static_cast<int>(std::min<int64_t>(4, count - j));
-          for (int t = 0; t < tile; ++t) sums[t] = out + by_unit.token(first, j + t, kept) * embed;
+          for (int t = 0; t < tile; ++t) sums[t] = out + by_unit.token(first, j + t) * embed;
           const float* scale = inputs.scale.data() + inputs.offset[g] + j * width;
           switch (tile) {
             case 4: axpy_tile<4>(scale, weight_t, first, last, sums, from, to, embed); break;
@@ -288,7 +311,7 @@ void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* 
   };
   if (tokens > 1) {
     std::fill(out, out + tokens * kept, 0.0f);  // the empty slots
-    const SlotsByUnit by_unit(rows, tokens * kept, units);
+    const SlotsByUnit by_unit(rows, tokens, kept, units);
     if constexpr (std::is_same_v<W, float>) {
       rows_by_unit(x, weight, bias, by_unit, out, kept, width);
       return;
@@ -334,7 +357,7 @@ void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* ou
                  int64_t units, int64_t embed, bool transposed) {
   if constexpr (std::is_same_v<W, float>) {
     if (transposed && tokens > 1) {
-      cols_by_unit(h, weight, SlotsByUnit(cols, tokens * kept, units), out, tokens, kept, embed);
+      cols_by_unit(h, weight, SlotsByUnit(cols, tokens, kept, units), out, tokens, kept, embed);
       return;
     }
   }
@@ -346,7 +369,7 @@ void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* ou
     std::vector<float> sums(static_cast<size_t>(threads * tokens * embed), 0.0f);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(embed, 1));
     if (tokens > 1) {
-      const SlotsByUnit by_unit(cols, tokens * kept, units);
+      const SlotsByUnit by_unit(cols, tokens, kept, units);
       at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
         float* sum = sums.data() + at::get_thread_num() * tokens * embed;
         for (int64_t unit = begin; unit < end; ++unit)

@@ -4,7 +4,9 @@ extension machinery on first use.
 A decode step (one token per batch row) of ``gathered_mlp``, ``gathered_attention`` with a selection and
 ``token_sparse_attention`` reads the kept rows and kept input features of each weight straight from the full weight
 (:func:`gather_rows`, :func:`gather_cols`), where the PyTorch path copies them out first or, per token, computes
-every neuron and masks; :func:`copy_rows` makes the gathered copies of kept weights, and
+every neuron and masks. A float32 prefill's per-token selections take the same two kernels over all its tokens
+(:func:`tiles`), which then compute only each token's kept units by register tiles of weight rows by tokens;
+:func:`copy_rows` makes the gathered copies of kept weights, and
 :func:`inspect_selection` checks a selection's values for every op call in one pass; :func:`topk_indices` ranks
 scores into a selection. The kernels are threaded over torch's intra-op threads and vectorised for the CPU they are
 built on, in float32 and bfloat16 (other dtypes take the PyTorch path). The extension is built with OpenMP: torch's

@@ -409,9 +409,9 @@ TOKEN_TILES_MAX_KEPT, TOKEN_TILES_MIN_RUN = 0.75, 4.0
 TOKEN_TILES_MAX_KEPT of them, in runs of at least TOKEN_TILES_MIN_RUN consecutive neurons on average (a
 block-scoring predictor's blocks, which the tiles read 4 rows by 4 tokens at a time); elsewhere it computes every
 neuron and masks, F.linear's dense products being faster. Its attention does the same for the q rows and o inputs
-of at most TOKEN_TILES_MAX_KEPT of the KV groups (a group's rows are one run). On the OPT-1.3B MLP (128 tokens, 2 threads, blocks of 16)
-the tiles took 0.57x the dense time at half the neurons, 0.91x at 0.75 and 1.09x at 0.875; neuron by neuron, 1.12x
-at half."""
+of at most TOKEN_TILES_MAX_KEPT of the KV groups (a group's rows are one run). On the OPT-1.3B MLP (128 tokens, 2
+threads, blocks of 16) the tiles took 0.57x the dense time at half the neurons, 0.91x at 0.75 and 1.09x at 0.875;
+neuron by neuron, 1.12x at half."""
 
 
 def _token_tiles(x: Tensor, neuron_idx: Tensor, facts: _SelectionFacts, down_weight: Tensor,

@@ -5,7 +5,6 @@ shared / per-row / per-token selections with empty slots, both weight layouts an
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import pytest
 import torch
@@ -268,6 +267,31 @@ def alibi(num_heads: int) -> Tensor:
     return 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)
 
 
+def attention_weights(heads: tuple[int, int], embed: int, head_dim: int, bias: bool, dtype: torch.dtype) -> dict:
+    """Random q/k/v/o weights (and biases, if ``bias``) of an attention op, o input-major as the runtime stores it."""
+    num_heads, num_kv_heads = heads
+    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    return {
+        "q_weight": rand(q_out, embed, dtype=dtype), "q_bias": rand(q_out, dtype=dtype) if bias else None,
+        "k_weight": rand(kv_out, embed, dtype=dtype), "k_bias": rand(kv_out, dtype=dtype) if bias else None,
+        "v_weight": rand(kv_out, embed, dtype=dtype), "v_bias": rand(kv_out, dtype=dtype) if bias else None,
+        "o_weight": native.input_major(rand(embed, q_out, dtype=dtype)), "o_bias": rand(embed, dtype=dtype),
+    }
+
+
+def attention_extras(extras: str, num_heads: int, batch: int, seq: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """The optional inputs of an attention op: rotary cos/sin ("rope_bias"), ALiBi slopes and q/k norms
+    ("alibi_norms"), or neither ("plain")."""
+    found: dict[str, object] = {"cos": None, "sin": None}
+    if extras == "rope_bias":
+        angles = torch.randn(batch, seq, head_dim)
+        found = {"cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
+    if extras == "alibi_norms":
+        found.update(alibi_slopes=alibi(num_heads), q_norm=torch.rand(head_dim) + 0.5,
+                     k_norm=torch.rand(head_dim) + 0.5, norm_eps=1e-6)
+    return found
+
+
 @DTYPES
 @SELECTIONS
 @pytest.mark.parametrize("heads, kept", [((4, 4), 2), ((8, 2), 1), ((6, 3), 3)], ids=["mha", "gqa", "gqa_all"])
@@ -276,34 +300,19 @@ def test_attention_decode_step_equals_the_pytorch_path(heads: tuple[int, int], k
                                                        dtype: torch.dtype, native_calls: dict[str, int]) -> None:
     num_heads, num_kv_heads = heads
     batch, past, embed, head_dim = 3, 5, 24, 8
-    bias = extras == "rope_bias"
-    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
-    weights = {
-        "q_weight": rand(q_out, embed, dtype=dtype), "q_bias": rand(q_out, dtype=dtype) if bias else None,
-        "k_weight": rand(kv_out, embed, dtype=dtype), "k_bias": rand(kv_out, dtype=dtype) if bias else None,
-        "v_weight": rand(kv_out, embed, dtype=dtype), "v_bias": rand(kv_out, dtype=dtype) if bias else None,
-        "o_weight": native.input_major(rand(embed, q_out, dtype=dtype)), "o_bias": rand(embed, dtype=dtype),
-    }
+    weights = attention_weights(heads, embed, head_dim, extras == "rope_bias", dtype)
     per_token = kind == "per_token"
     cache_heads = num_kv_heads if per_token else kept
     cache = torch.randn(batch, cache_heads, past, head_dim).to(dtype), torch.randn(batch, cache_heads, past,
                                                                                    head_dim).to(dtype)
-    rotary: dict[str, Optional[Tensor]] = {"cos": None, "sin": None}
-    if extras == "rope_bias":
-        angles = torch.randn(batch, 1, head_dim)
-        rotary = {"cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
-    more = {}
-    if extras == "alibi_norms":
-        more = {"alibi_slopes": alibi(num_heads), "q_norm": torch.rand(head_dim) + 0.5,
-                "k_norm": torch.rand(head_dim) + 0.5, "norm_eps": 1e-6}
     mask = torch.ones(batch, 1, 1, past + 1, dtype=torch.bool)
     mask[1, ..., :2] = False  # a left-padded row
     idx = decode_selection(kind, num_kv_heads, kept, batch)
     op = ops.token_sparse_attention if per_token else ops.gathered_attention
     fast, reference = both_paths(
-        op, torch.randn(batch, 1, embed).to(dtype), **weights, kv_head_idx=idx, **rotary, attention_mask=mask,
+        op, torch.randn(batch, 1, embed).to(dtype), **weights, kv_head_idx=idx, attention_mask=mask,
         past_key=cache[0], past_value=cache[1], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        scaling=head_dim**-0.5, **more)
+        scaling=head_dim**-0.5, **attention_extras(extras, num_heads, batch, 1, head_dim, dtype))
     # q and o always; k and v too when the cache holds the kept groups only
     assert native_calls == {"gather_rows": 1 if per_token else 3, "gather_cols": 1}
     for got, want in zip(fast, reference):
@@ -363,30 +372,15 @@ def test_attention_prefill_per_token_equals_the_pytorch_path(heads: tuple[int, i
     (K/V of every head, for the complete cache); empty slots keep nothing; in bfloat16 the PyTorch path runs."""
     num_heads, num_kv_heads = heads
     batch, seq, embed, head_dim = 2, 7, 24, 8
-    bias = extras == "rope_bias"
-    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
-    weights = {
-        "q_weight": rand(q_out, embed, dtype=dtype), "q_bias": rand(q_out, dtype=dtype) if bias else None,
-        "k_weight": rand(kv_out, embed, dtype=dtype), "k_bias": rand(kv_out, dtype=dtype) if bias else None,
-        "v_weight": rand(kv_out, embed, dtype=dtype), "v_bias": rand(kv_out, dtype=dtype) if bias else None,
-        "o_weight": native.input_major(rand(embed, q_out, dtype=dtype)), "o_bias": rand(embed, dtype=dtype),
-    }
-    rotary: dict[str, Optional[Tensor]] = {"cos": None, "sin": None}
-    more = {}
-    if extras == "rope_bias":
-        angles = torch.randn(batch, seq, head_dim)
-        rotary = {"cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
-    else:
-        more = {"alibi_slopes": alibi(num_heads), "q_norm": torch.rand(head_dim) + 0.5,
-                "k_norm": torch.rand(head_dim) + 0.5, "norm_eps": 1e-6}
+    weights = attention_weights(heads, embed, head_dim, extras == "rope_bias", dtype)
     mask = torch.ones(seq, seq, dtype=torch.bool).tril().expand(batch, 1, seq, seq).clone()
     mask[1, ..., :2] = False  # a left-padded row, whose two pad tokens attend to themselves only
     mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)
     idx = selection(num_kv_heads, kept, batch * seq, empty_every=3).view(batch, seq, kept)
     fast, reference = both_paths(
-        ops.token_sparse_attention, torch.randn(batch, seq, embed).to(dtype), **weights, kv_head_idx=idx, **rotary,
+        ops.token_sparse_attention, torch.randn(batch, seq, embed).to(dtype), **weights, kv_head_idx=idx,
         attention_mask=mask, past_key=None, past_value=None, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, scaling=head_dim**-0.5, **more)
+        head_dim=head_dim, scaling=head_dim**-0.5, **attention_extras(extras, num_heads, batch, seq, head_dim, dtype))
     tiled = dtype == torch.float32
     assert native_calls == {"gather_rows": int(tiled), "gather_cols": int(tiled)}
     for got, want in zip(fast, reference):

@@ -129,11 +129,7 @@ def use_native_kernels(enabled: bool) -> Iterator[None]:
 def applies(x: Tensor, *weights: Tensor) -> bool:
     """Whether a decode step on ``x`` [B, 1, E] with these full weights runs natively: one token per row, CPU
     tensors of one of :data:`DTYPES`, the switch on and the kernels built."""
-    if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or x.dtype not in DTYPES:
-        return False
-    if any(w.device.type != "cpu" or w.dtype != x.dtype or w.dim() != 2 for w in weights):
-        return False
-    return kernels() is not None
+    return x.dim() == 3 and x.shape[1] == 1 and x.dtype in DTYPES and _runs_natively(x, weights)
 
 
 def tiles(x: Tensor, *weights: Tensor) -> bool:
@@ -141,9 +137,12 @@ def tiles(x: Tensor, *weights: Tensor) -> bool:
     natively: :func:`gather_rows` and :func:`gather_cols` of several tokens take float32 weights by register tiles
     (in bfloat16 they take one token at a time, slower than the PyTorch path's dense products); CPU tensors, the
     switch on and the kernels built."""
-    if x.dim() != 3 or x.shape[0] * x.shape[1] < 2 or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if any(w.device.type != "cpu" or w.dtype != x.dtype or w.dim() != 2 for w in weights):
+    return x.dim() == 3 and x.shape[0] * x.shape[1] > 1 and x.dtype == torch.float32 and _runs_natively(x, weights)
+
+
+def _runs_natively(x: Tensor, weights: tuple[Tensor, ...]) -> bool:
+    """``x`` and the 2-D ``weights`` of its dtype on the CPU, and the kernels built."""
+    if x.device.type != "cpu" or any(w.device.type != "cpu" or w.dtype != x.dtype or w.dim() != 2 for w in weights):
         return False
     return kernels() is not None
 

@@ -31,7 +31,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -172,11 +172,21 @@ def topk_indices(scores: Tensor, k: int) -> Optional[Tensor]:
     return module.topk_indices(rows, k).view(*scores.shape[:-1], k)
 
 
-def gather_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
-    """``x [T, E] . weight[rows[t]]^T + bias[rows[t]]`` for rows [T, k]: [T, k] in x's dtype, 0 at the empty slot."""
+def plan(selection: Tensor, units: int) -> Any:
+    """The kernels' reading of a selection [T, k] of ``units`` (a contiguous int64 CPU tensor) by unit, made once for
+    the several :func:`gather_rows` / :func:`gather_cols` calls of one layer that take it (their ``plan``): without
+    one, each call of several tokens sorts the selection itself."""
+    module = kernels()
+    assert module is not None, "plan needs the native kernels: check tiles() first"
+    return module.SelectionPlan(selection, units)
+
+
+def gather_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, plan: Any = None) -> Tensor:
+    """``x [T, E] . weight[rows[t]]^T + bias[rows[t]]`` for rows [T, k]: [T, k] in x's dtype, 0 at the empty slot.
+    ``plan``: :func:`plan` of ``rows`` and weight's N, or None."""
     module = kernels()
     assert module is not None, "gather_rows needs the native kernels: check applies() first"
-    return module.gather_rows(x, weight.contiguous(), bias, rows).to(x.dtype)
+    return module.gather_rows(x, weight.contiguous(), bias, rows, plan).to(x.dtype)
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -191,14 +201,15 @@ def gemv_input_major(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tenso
     return gather_cols(h, weight, bias, torch.arange(weight.shape[1], device=h.device).unsqueeze(0))
 
 
-def gather_cols(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor) -> Tensor:
+def gather_cols(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: Tensor, plan: Any = None) -> Tensor:
     """``h [T, k] . weight[:, cols[t]]^T + bias`` for weight [E, N] and cols [T, k]: [T, E] in h's dtype; empty
-    slots add nothing. Fastest when ``weight`` is the transpose of a contiguous [N, E] (:func:`input_major`)."""
+    slots add nothing. Fastest when ``weight`` is the transpose of a contiguous [N, E] (:func:`input_major`).
+    ``plan``: :func:`plan` of ``cols`` and N, or None."""
     module = kernels()
     assert module is not None, "gather_cols needs the native kernels: check applies() first"
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         weight = weight.contiguous()
-    return module.gather_cols(h, weight, bias, cols).to(h.dtype)
+    return module.gather_cols(h, weight, bias, cols, plan).to(h.dtype)
 
 
 def copies(source: Tensor, rows: Tensor) -> bool:

@@ -39,7 +39,7 @@ Conventions (the contract):
 import inspect
 import math
 from functools import partial
-from typing import Callable, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -425,11 +425,13 @@ def _token_tiles(x: Tensor, neuron_idx: Tensor, facts: _SelectionFacts, down_wei
 def _token_tiled_mlp(a: _MLPArgs, act: Callable[[Tensor], Tensor]) -> Tensor:
     """``gathered_mlp`` with a per-token selection [B, S, k] by the native kernels: each projection computes only the
     neurons each token keeps, [B * S, k], a tile of weight rows by tokens at a time."""
-    tokens = a.neuron_idx.reshape(-1, a.neuron_idx.shape[-1])
+    tokens = a.neuron_idx.reshape(-1, a.neuron_idx.shape[-1]).contiguous()
+    plan = native.plan(tokens, a.up_weight.shape[0])  # one sort of the selection for the three projections
     x = a.x.reshape(-1, a.x.shape[-1])
-    up = native.gather_rows(x, a.up_weight, a.up_bias, tokens)
-    h = act(up) if a.gate_weight is None else act(native.gather_rows(x, a.gate_weight, a.gate_bias, tokens)) * up
-    return native.gather_cols(h, a.down_weight, a.down_bias, tokens).view(a.x.shape)
+    up = native.gather_rows(x, a.up_weight, a.up_bias, tokens, plan)
+    gate = None if a.gate_weight is None else native.gather_rows(x, a.gate_weight, a.gate_bias, tokens, plan)
+    h = act(up) if gate is None else act(gate) * up
+    return native.gather_cols(h, a.down_weight, a.down_bias, tokens, plan).view(a.x.shape)
 
 
 def _gathered_mlp_fake(a: _MLPArgs) -> Tensor:
@@ -684,12 +686,13 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
     # per token over several tokens, the native tiles compute only each token's kept heads' q rows and o inputs
     tiled = per_token and not fused and not keeps_every_head and _head_tiles(a, kv_head_idx)
     token_q_rows = unit_rows(kv_head_idx, group * head_dim).flatten(0, 1) if tiled else None
+    q_plan = None if token_q_rows is None else native.plan(token_q_rows, a.q_weight.shape[0])  # shared by q and o
 
     def heads(t: Tensor) -> Tensor:  # [B, S, n*D] -> [B, n, S, D]
         return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
     q = heads(project(a.hidden, a.q_weight, a.q_bias, q_rows) if token_q_rows is None else
-              _token_tiled_q(a.hidden, a.q_weight, a.q_bias, token_q_rows, group * head_dim))
+              _token_tiled_q(a.hidden, a.q_weight, a.q_bias, token_q_rows, q_plan, group * head_dim))
     key = heads(project(a.hidden, a.k_weight, a.k_bias, kv_rows))
     value = heads(project(a.hidden, a.v_weight, a.v_bias, kv_rows))
     q, key = _head_norm(q, a.q_norm, a.norm_eps), _head_norm(key, a.k_norm, a.norm_eps)
@@ -707,7 +710,7 @@ def _attention(a: _AttentionArgs, per_token: bool) -> _AttentionResult:
             slopes = slopes[kept]
     context = _attend(q, attended_key, attended_value, a.attention_mask, a.scaling, group, slopes, a.softcap)
     if token_q_rows is not None:
-        return _token_tiled_o(context, a.o_weight, a.o_bias, token_q_rows), key.contiguous(), value.contiguous()
+        return _token_tiled_o(context, a.o_weight, a.o_bias, token_q_rows, q_plan), key.contiguous(), value.contiguous()
     if per_token and not fused and not keeps_every_head:
         # Reference semantics: q of every head, then each token's unselected heads' context zeroed. The native
         # kernels compute only the kept heads' q rows and o columns in a decode step, and by tiles in a float32
@@ -730,20 +733,21 @@ def _head_tiles(a: _AttentionArgs, kv_head_idx: Tensor) -> bool:
     return native.tiles(a.hidden, a.q_weight, a.o_weight)
 
 
-def _token_tiled_q(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, group_rows: int) -> Tensor:
+def _token_tiled_q(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, plan: Any,
+                   group_rows: int) -> Tensor:
     """q [B, S, H*D] of each token's kept heads only (rows [B*S, n], the kept groups' q rows, an empty slot's rows
-    past the last), zeros for the others."""
-    kept = native.gather_rows(hidden.flatten(0, 1), weight, bias, rows)
+    past the last; plan: ``native.plan`` of rows), zeros for the others."""
+    kept = native.gather_rows(hidden.flatten(0, 1), weight, bias, rows, plan)
     # an empty slot's rows land in the extra group of columns cut off at the end
     q = kept.new_zeros(kept.shape[0], weight.shape[0] + group_rows).scatter_(1, rows, kept)
     return q[:, : weight.shape[0]].view(*hidden.shape[:2], -1)
 
 
-def _token_tiled_o(context: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
-    """The output projection of each token's kept heads' context only (rows as in ``_token_tiled_q``)."""
+def _token_tiled_o(context: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, plan: Any) -> Tensor:
+    """The output projection of each token's kept heads' context only (rows and plan as in ``_token_tiled_q``)."""
     flat = context.flatten(0, 1)
     kept = flat.gather(1, rows.clamp(max=flat.shape[1] - 1))  # the empty slot's inputs are skipped by the kernel
-    return native.gather_cols(kept, weight, bias, rows).view(*context.shape[:2], -1)
+    return native.gather_cols(kept, weight, bias, rows, plan).view(*context.shape[:2], -1)
 
 
 def _attention_fake(a: _AttentionArgs, per_token: bool) -> _AttentionResult:

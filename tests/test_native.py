@@ -108,6 +108,23 @@ def test_kernels_of_several_tokens_equal_float64(tokens: int, embed: int, units:
     out = native.gather_cols(h, down, bias[:1].expand(embed), rows)
     expected = torch.einsum("tk,etk->te", h.double().masked_fill(empty, 0), down.double()[:, kept_rows])
     close(out, expected + bias[0].double(), torch.float32)
+    plan = native.plan(rows, units)  # one sort by unit for both kernels: the same sums in the same order
+    assert torch.equal(native.gather_rows(x, weight, bias, rows, plan), up)
+    assert torch.equal(native.gather_cols(h, down, bias[:1].expand(embed), rows, plan), out)
+
+
+def test_a_plan_of_another_selection_is_refused() -> None:
+    rows = block_selection(64, 4, 4, 6)
+    x, weight, down = torch.randn(6, 8), torch.randn(64, 8), native.input_major(torch.randn(8, 64))
+    plan = native.plan(rows, 64)
+    with pytest.raises(RuntimeError, match="gather_rows: the plan was made for another selection or unit count"):
+        native.gather_rows(x, weight, None, rows.clone(), plan)  # equal values, another tensor
+    with pytest.raises(RuntimeError, match="gather_cols: the plan was made for another selection or unit count"):
+        native.gather_cols(torch.randn(rows.shape), down[:, :63], None, rows.clamp(max=63), native.plan(rows, 63))
+    with pytest.raises(RuntimeError, match="gather_rows: the plan was made for another selection or unit count"):
+        native.gather_rows(x, weight[:60], None, rows.clamp(max=60), plan)
+    with pytest.raises(RuntimeError, match="SelectionPlan: the selection must be an int64 \\[T, k\\]"):
+        native.plan(rows.flatten(), 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
@@ -386,6 +403,39 @@ def test_attention_prefill_per_token_equals_the_pytorch_path(heads: tuple[int, i
     for got, want in zip(fast, reference):
         assert got.shape == want.shape
         close(got, want, dtype)
+
+
+def test_a_layers_tiled_projections_share_one_plan_of_its_selection(monkeypatch) -> None:
+    """The per-token MLP's up, gate and down read one plan of the layer's selection (one sort by unit), and so do
+    the attention's q and o."""
+    made, given = [], []  # the plans made, the plan each kernel call was given
+
+    def plan(*args, _plan=native.plan):
+        made.append(_plan(*args))
+        return made[-1]
+
+    monkeypatch.setattr(native, "plan", plan)
+    for name in ("gather_rows", "gather_cols"):
+        def kernel(*args, _kernel=getattr(native, name)):
+            given.append(args[4])
+            return _kernel(*args)
+
+        monkeypatch.setattr(native, name, kernel)
+    embed, ffn, batch, seq = 32, 64, 2, 5
+    idx = block_selection(ffn, 4, 8, batch * seq).view(batch, seq, -1)
+    ops.gathered_mlp(torch.randn(batch, seq, embed), rand(ffn, embed, dtype=torch.float32), None,
+                     rand(ffn, embed, dtype=torch.float32), None,
+                     native.input_major(rand(embed, ffn, dtype=torch.float32)), None, idx, "silu")
+    assert len(made) == 1 and given == [made[0]] * 3
+    num_heads = num_kv_heads = 4
+    heads, head_dim = idx.new_tensor([[0, 2], [1, 3], [0, 4]]).repeat(4, 1)[: batch * seq], 8
+    weights = attention_weights((num_heads, num_kv_heads), embed, head_dim, True, torch.float32)
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril().expand(batch, 1, seq, seq)
+    ops.token_sparse_attention(
+        torch.randn(batch, seq, embed), **weights, kv_head_idx=heads.view(batch, seq, 2), attention_mask=mask,
+        past_key=None, past_value=None, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        scaling=head_dim**-0.5, **attention_extras("rope_bias", num_heads, batch, seq, head_dim, torch.float32))
+    assert len(made) == 2 and given[3:] == [made[1]] * 2
 
 
 def test_prefill_and_pregathered_steps_take_the_pytorch_path(native_calls: dict[str, int]) -> None:

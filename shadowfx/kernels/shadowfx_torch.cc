@@ -22,6 +22,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -109,6 +110,39 @@ struct SlotsByUnit {
   }
 };
 
+// A selection [T, k] of `units` sorted by unit once for every projection that reads it (a layer's up, gate and down;
+// a layer's q and o), with the runs its row and column tiles take. It holds the selection it was made from: a
+// kernel given a plan checks that it is that selection's.
+struct SelectionPlan {
+  torch::Tensor selection;
+  int64_t units;
+  SlotsByUnit by_unit;
+  std::vector<std::pair<int64_t, int64_t>> row_groups, col_groups;  // runs of at most 4 and 16 units
+  SelectionPlan(const torch::Tensor& of, int64_t units_)
+      : selection(checked(of)), units(units_),
+        by_unit(selection.data_ptr<int64_t>(), selection.size(0), selection.size(1), units_),
+        row_groups(by_unit.groups(4)), col_groups(by_unit.groups(16)) {}
+
+  bool made_from(const torch::Tensor& index, int64_t units_) const {
+    return index.data_ptr() == selection.data_ptr() && index.sizes() == selection.sizes() && units_ == units;
+  }
+
+ private:
+  static torch::Tensor checked(const torch::Tensor& of) {
+    TORCH_CHECK(of.dim() == 2 && of.scalar_type() == torch::kLong && of.device().is_cpu(),
+                "SelectionPlan: the selection must be an int64 [T, k] CPU tensor, got ", of.sizes());
+    return of.contiguous();
+  }
+};
+
+// the plan a kernel reads: the one given (checked against its selection), or one made for this call
+const SelectionPlan& plan_for(const torch::Tensor& index, int64_t units, const SelectionPlan* given,
+                              std::optional<SelectionPlan>& made, const char* name) {
+  if (given == nullptr) return made.emplace(index, units);
+  TORCH_CHECK(given->made_from(index, units), name, ": the plan was made for another selection or unit count");
+  return *given;
+}
+
 // Register tiles for several tokens (a prefill's per-token selections, a batch's decode step) and float32 weights:
 // R weight rows by TN tokens, so that every load feeds several multiply-adds, where one dot product at a time loads
 // two values for each. 16 floats a vector; the compiler splits it where the CPU's vectors are narrower.
@@ -184,9 +218,10 @@ void dot_tile_of(int tokens, const float* const* w, const float* const* x, int64
 
 // rows_kernel's several tokens with a float32 weight: each group of 4 units that the same tokens keep as 4 x 4
 // tiles, other units one at a time by 4 tokens.
-void rows_by_unit(const float* x, const float* weight, const float* bias, const SlotsByUnit& by_unit, float* out,
-                  int64_t kept, int64_t width) {
-  const auto groups = by_unit.groups(4);
+void rows_by_unit(const float* x, const float* weight, const float* bias, const SelectionPlan& plan, float* out,
+                  int64_t width) {
+  const SlotsByUnit& by_unit = plan.by_unit;
+  const auto& groups = plan.row_groups;
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
     const float* w[4];
     const float* inputs[4];
@@ -268,12 +303,13 @@ void axpy_tile(const float* scale, const float* weight_t, int64_t first, int64_t
 // cols_kernel's several tokens with a float32 weight stored as its transpose [N, E]: each thread owns a share of
 // output columns (no per-thread sums to add up), and within a block takes groups of up to 16 units that the same
 // tokens keep by tiles of 4 tokens, reading and writing the tokens' sums once per group.
-void cols_by_unit(const float* h, const float* weight_t, const SlotsByUnit& by_unit, float* out, int64_t tokens,
-                  int64_t kept, int64_t embed) {
+void cols_by_unit(const float* h, const float* weight_t, const SelectionPlan& plan, float* out, int64_t tokens,
+                  int64_t embed) {
   // the threads split the columns evenly, 64 at a time; each takes its share 256 columns at a time, so that a
   // block's slice of a group's weights stays in the L1 cache
   constexpr int64_t kTile = 64, kColumns = 256;
-  const auto groups = by_unit.groups(16);
+  const SlotsByUnit& by_unit = plan.by_unit;
+  const auto& groups = plan.col_groups;
   const GroupInputs inputs(h, by_unit, groups);
   std::fill(out, out + tokens * embed, 0.0f);
   at::parallel_for(0, (embed + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
@@ -301,10 +337,11 @@ void cols_by_unit(const float* h, const float* weight_t, const SlotsByUnit& by_u
 }
 
 // out[t, i] = weight[rows[t, i]] . x[t] + bias[rows[t, i]], 0 where rows[t, i] is the empty slot N.
-// x [T, E]; weight [N, E] row-contiguous; bias [N] or undefined; rows [T, k]. Returns [T, k] in float32.
+// x [T, E]; weight [N, E] row-contiguous; bias [N] or undefined; rows [T, k]. Returns [T, k] in float32. Several
+// tokens read the selection by unit (`plan`).
 template <typename W>
-void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* rows, float* out, int64_t tokens,
-                 int64_t kept, int64_t units, int64_t width) {
+void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* rows, const SelectionPlan* plan,
+                 float* out, int64_t tokens, int64_t kept, int64_t units, int64_t width) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
   auto one_slot = [&](int64_t item, int64_t row) {
     const float b = bias ? static_cast<float>(bias[row]) : 0.0f;
@@ -312,11 +349,11 @@ void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* 
   };
   if (tokens > 1) {
     std::fill(out, out + tokens * kept, 0.0f);  // the empty slots
-    const SlotsByUnit by_unit(rows, tokens, kept, units);
     if constexpr (std::is_same_v<W, float>) {
-      rows_by_unit(x, weight, bias, by_unit, out, kept, width);
+      rows_by_unit(x, weight, bias, *plan, out, width);
       return;
     }
+    const SlotsByUnit& by_unit = plan->by_unit;
     at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         for (int64_t j = by_unit.start[row]; j < by_unit.start[row + 1]; ++j) one_slot(by_unit.slot[j], row);
@@ -334,7 +371,7 @@ void rows_kernel(const float* x, const W* weight, const W* bias, const int64_t* 
 }
 
 torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                          const torch::Tensor& rows) {
+                          const torch::Tensor& rows, const SelectionPlan* given) {
   check_selection(x, rows, "gather_rows");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.is_contiguous(),
               "gather_rows: the weight must be a contiguous [N, E] with E = ", x.size(1), ", got ", weight.sizes());
@@ -342,23 +379,25 @@ torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& weight, c
   const auto index = rows.contiguous();
   auto out = torch::empty(rows.sizes(), x.options().dtype(torch::kFloat));
   const auto b = bias.has_value() ? bias->to(weight.scalar_type()).contiguous() : torch::Tensor();
+  std::optional<SelectionPlan> made;
+  const SelectionPlan* plan = rows.size(0) > 1 ? &plan_for(index, weight.size(0), given, made, "gather_rows") : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND(torch::kBFloat16, weight.scalar_type(), "gather_rows", [&] {
     const scalar_t* bias_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     rows_kernel<scalar_t>(xs.data_ptr<float>(), weight.data_ptr<scalar_t>(), bias_data, index.data_ptr<int64_t>(),
-                          out.data_ptr<float>(), rows.size(0), rows.size(1), weight.size(0), weight.size(1));
+                          plan, out.data_ptr<float>(), rows.size(0), rows.size(1), weight.size(0), weight.size(1));
   });
   return out;
 }
 
 // out[t] = sum_i h[t, i] * weight[:, cols[t, i]] + bias, skipping the empty slot N. weight [E, N] is read as its
 // transpose [N, E] when stored column-major (the layout the runtime prepares: a kept input is one contiguous run),
-// else row by row, gathering each row's kept entries.
+// else row by row, gathering each row's kept entries. Several tokens read the selection by unit (`plan`).
 template <typename W>
-void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* out, int64_t tokens, int64_t kept,
-                 int64_t units, int64_t embed, bool transposed) {
+void cols_kernel(const float* h, const W* weight, const int64_t* cols, const SelectionPlan* plan, float* out,
+                 int64_t tokens, int64_t kept, int64_t units, int64_t embed, bool transposed) {
   if constexpr (std::is_same_v<W, float>) {
     if (transposed && tokens > 1) {
-      cols_by_unit(h, weight, SlotsByUnit(cols, tokens, kept, units), out, tokens, kept, embed);
+      cols_by_unit(h, weight, *plan, out, tokens, embed);
       return;
     }
   }
@@ -370,7 +409,7 @@ void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* ou
     std::vector<float> sums(static_cast<size_t>(threads * tokens * embed), 0.0f);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(embed, 1));
     if (tokens > 1) {
-      const SlotsByUnit by_unit(cols, tokens, kept, units);
+      const SlotsByUnit& by_unit = plan->by_unit;
       at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
         float* sum = sums.data() + at::get_thread_num() * tokens * embed;
         for (int64_t unit = begin; unit < end; ++unit)
@@ -418,7 +457,7 @@ void cols_kernel(const float* h, const W* weight, const int64_t* cols, float* ou
 }
 
 torch::Tensor gather_cols(const torch::Tensor& h, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                          const torch::Tensor& cols) {
+                          const torch::Tensor& cols, const SelectionPlan* given) {
   check_selection(h, cols, "gather_cols");
   TORCH_CHECK(weight.dim() == 2, "gather_cols: the weight must be [E, N], got ", weight.sizes());
   const int64_t embed = weight.size(0), units = weight.size(1);
@@ -428,8 +467,11 @@ torch::Tensor gather_cols(const torch::Tensor& h, const torch::Tensor& weight, c
   const auto hs = h.to(torch::kFloat).contiguous();
   const auto index = cols.contiguous();
   auto out = torch::empty({h.size(0), embed}, h.options().dtype(torch::kFloat));
+  std::optional<SelectionPlan> made;
+  const SelectionPlan* plan = cols.size(0) > 1 && transposed ? &plan_for(index, units, given, made, "gather_cols")
+                                                             : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND(torch::kBFloat16, weight.scalar_type(), "gather_cols", [&] {
-    cols_kernel<scalar_t>(hs.data_ptr<float>(), weight.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+    cols_kernel<scalar_t>(hs.data_ptr<float>(), weight.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), plan,
                           out.data_ptr<float>(), cols.size(0), cols.size(1), units, embed, transposed);
   });
   if (bias.has_value()) out += bias->to(torch::kFloat);
@@ -639,7 +681,12 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k]");
+  pybind11::class_<SelectionPlan>(module, "SelectionPlan")
+      .def(pybind11::init<const torch::Tensor&, int64_t>(), pybind11::arg("selection"), pybind11::arg("units"))
+      .def_readonly("selection", &SelectionPlan::selection);
+  module.def("gather_rows", &gather_rows, "x [T, E] times the rows rows[t] of weight [N, E], plus bias: [T, k]",
+             pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("rows"),
+             pybind11::arg("plan") = nullptr);
   module.def("copy_rows", &copy_rows, "source[rows] of a contiguous [N, W], zeros for row N: a new [n, W]");
   module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
   module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
@@ -647,5 +694,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("inspect_selection", &inspect_selection,
              "(lowest, highest, a row repeats a unit, every row keeps every unit, first unit of a one-row run or -1, "
              "runs of consecutive units)");
-  module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]");
+  module.def("gather_cols", &gather_cols, "h [T, k] times the columns cols[t] of weight [E, N], plus bias: [T, E]",
+             pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cols"),
+             pybind11::arg("plan") = nullptr);
 }

@@ -181,6 +181,16 @@ def plan(selection: Tensor, units: int) -> Any:
     return module.SelectionPlan(selection, units)
 
 
+def global_topk_indices(scores: Tensor, budget: int, minimum: int) -> Optional[list[Tensor]]:
+    """``shadowfx::global_topk_indices`` of scores [R, L, N] (per layer int64 [R, w_l], each row's kept units
+    ascending, padded with the empty slot N) by two selections a row; None where the kernels do not run (as for
+    :func:`topk_indices`)."""
+    if scores.device.type != "cpu" or scores.dtype not in RANKED_DTYPES or torch.compiler.is_compiling():
+        return None
+    module = kernels()
+    return None if module is None else module.global_topk_indices(scores.float(), budget, minimum)
+
+
 def gather_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, plan: Any = None) -> Tensor:
     """``x [T, E] . weight[rows[t]]^T + bias[rows[t]]`` for rows [T, k]: [T, k] in x's dtype, 0 at the empty slot.
     ``plan``: :func:`plan` of ``rows`` and weight's N, or None."""

@@ -859,6 +859,9 @@ def global_topk_indices(scores: Tensor, budget: int, minimum: int) -> list[Tenso
     """
     _check_global_topk_args(scores, budget, minimum)
     rows, layers, units = scores.shape
+    ranked = native.global_topk_indices(scores, budget, minimum)
+    if ranked is not None:
+        return ranked
     scores = scores.float()
     by_layer = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     reserved = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, by_layer[..., :minimum], True)

@@ -219,14 +219,32 @@ def test_selection_inspection_is_the_same_on_both_paths(case: str) -> None:
 @pytest.mark.parametrize("shape, k", [((1, 10), 3), ((5, 64), 32), ((2, 3, 100), 99), ((4, 7), 7)])
 def test_topk_indices_are_the_same_on_both_paths(shape: tuple[int, ...], k: int, dtype: torch.dtype,
                                                  threads: int) -> None:
-    scores = torch.randn(*shape)
-    scores[..., ::3] = scores[..., :1]  # ties, which go to the lower index
-    scores.view(-1)[::5] = torch.randint(-2, 3, scores.view(-1)[::5].shape).float()  # more ties, among them +0
-    scores.view(-1)[1::11] = -0.0  # equal to +0
-    scores.view(-1)[2::13] = float("nan")  # above every number
-    fast, reference = both_paths(ops.topk_indices, scores.to(dtype), k)
+    fast, reference = both_paths(ops.topk_indices, tied_scores(*shape).to(dtype), k)
     assert fast.shape == (*shape[:-1], k) and fast.dtype == torch.int64
     assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, budget, minimum", [((1, 2, 10), 3, 1), ((5, 7, 64), 200, 4), ((3, 3, 30), 90, 2),
+                                                    ((4, 4, 9), 8, 2), ((6, 2, 50), 51, 1)])
+def test_global_topk_indices_are_the_same_on_both_paths(shape: tuple[int, ...], budget: int, minimum: int,
+                                                        dtype: torch.dtype, threads: int) -> None:
+    scores = tied_scores(*shape)
+    scores[0, -1] = scores[0, 0]  # two layers of equal scores: ties across layers go to the lower layer
+    fast, reference = both_paths(ops.global_topk_indices, scores.to(dtype), budget, minimum)
+    assert [f.shape for f in fast] == [r.shape for r in reference] and all(f.dtype == torch.int64 for f in fast)
+    assert all(torch.equal(f, r) for f, r in zip(fast, reference))
+    assert sum(int((f < shape[-1]).sum()) for f in fast) == budget * shape[0]
+
+
+def tied_scores(*shape: int) -> Tensor:
+    """Random scores with ties (which go to the lower index), +0 and -0 (equal), and NaN (above every number)."""
+    scores = torch.randn(*shape)
+    scores[..., ::3] = scores[..., :1]
+    scores.view(-1)[::5] = torch.randint(-2, 3, scores.view(-1)[::5].shape).float()
+    scores.view(-1)[1::11] = -0.0
+    scores.view(-1)[2::13] = float("nan")
+    return scores
 
 
 # ------------------------------------------------------------------------------------------ ops, native vs PyTorch

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
@@ -20,8 +21,10 @@
 #include <cstring>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -650,6 +653,54 @@ uint32_t score_key(float score) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ordered as unsigned integers
 }
 
+// flags[i] = 1 for each of the k largest of keys[0, n), else 0; of the keys equal to the k-th largest, the first.
+// The k-th largest is found digit by digit from the top (a radix select: 11, 11 and 10 bits), counting the
+// candidates' next digit each time, where a selection by comparisons (nth_element) costs several times more; the
+// flags are set without branches, which a random half kept would mispredict.
+void top_flags(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& work, uint8_t* flags) {
+  if (k <= 0) {
+    std::fill(flags, flags + n, 0);
+    return;
+  }
+  uint32_t threshold = 0;
+  int64_t rank = k;  // the k-th largest's rank among the candidates left, those whose top digits are threshold's
+  work.assign(keys, keys + n);
+  int64_t count = n;
+  for (const int shift : {21, 10, 0}) {
+    const uint32_t digits = shift == 0 ? 1024 : 2048;
+    std::array<int32_t, 2048> counts{};
+    for (int64_t i = 0; i < count; ++i) ++counts[(work[i] >> shift) & (digits - 1)];
+    uint32_t digit = digits - 1;
+    for (; counts[digit] < rank; --digit) rank -= counts[digit];
+    threshold |= digit << shift;
+    if (shift == 0) break;
+    // the candidates whose digits so far are the threshold's, moved to the front, for the next digit
+    const uint32_t top = threshold >> shift;
+    int64_t left = 0;
+    for (int64_t i = 0; i < count; ++i)
+      if (work[i] >> shift == top) work[left++] = work[i];
+    count = left;
+  }
+  // rank is now how many of the keys equal to the threshold are kept: the first ones (ties are few; the first loop
+  // is vectorised)
+  for (int64_t i = 0; i < n; ++i) flags[i] = keys[i] > threshold;
+  for (int64_t i = 0; i < n && rank > 0; ++i)
+    if (keys[i] == threshold) {
+      flags[i] = 1;
+      --rank;
+    }
+}
+
+// the positions of the set flags[0, n), ascending, into out (room for n); returns how many
+int64_t set_positions(const uint8_t* flags, int64_t n, int64_t* out) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[count] = i;
+    count += flags[i];
+  }
+  return count;
+}
+
 torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat,
               "topk_indices: the scores must be float32 [R, N], got ", scores.scalar_type(), " ", scores.sizes());
@@ -662,18 +713,71 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
   if (k == 0) return out;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / units), [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> keys(units), work(units);
+    std::vector<uint8_t> flags(units);
+    std::vector<int64_t> positions(units);
     for (int64_t row = begin; row < end; ++row) {
       const float* score = all_scores + row * units;
       for (int64_t i = 0; i < units; ++i) keys[i] = score_key(score[i]);
-      work = keys;
-      std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), std::greater<uint32_t>());
-      const uint32_t threshold = work[k - 1];
-      int64_t at_threshold = k;  // how many of the scores equal to the threshold are kept: k minus those above it
-      for (int64_t i = 0; i < units; ++i) at_threshold -= keys[i] > threshold;
-      int64_t* kept = all_kept + row * k;
-      for (int64_t i = 0, n = 0; i < units; ++i)
-        if (keys[i] > threshold || (keys[i] == threshold && at_threshold-- > 0)) kept[n++] = i;
+      top_flags(keys.data(), units, k, work, flags.data());
+      set_positions(flags.data(), units, positions.data());
+      std::copy_n(positions.begin(), k, all_kept + row * k);
     }
+  });
+  return out;
+}
+
+// Each row's `budget` units of scores [R, L, N] (float32) ranked across the layers, after reserving its top
+// `minimum` units of every layer (shadowfx::global_topk_indices; ties and NaN as in topk_indices, the reserved
+// units ranked as +inf, as the PyTorch path does): per layer [R, w] of each row's kept units ascending, w the most
+// any row keeps there, the rows that keep fewer padded with the empty slot N.
+std::vector<torch::Tensor> global_topk_indices(const torch::Tensor& scores, int64_t budget, int64_t minimum) {
+  TORCH_CHECK(scores.dim() == 3 && scores.scalar_type() == torch::kFloat,
+              "global_topk_indices: the scores must be float32 [R, L, N], got ", scores.scalar_type(), " ",
+              scores.sizes());
+  const int64_t rows = scores.size(0), layers = scores.size(1), units = scores.size(2), size = layers * units;
+  TORCH_CHECK(minimum >= 0 && minimum <= units && budget >= minimum * layers && budget <= size,
+              "global_topk_indices: minimum must be in [0, ", units, "] and budget in [minimum * ", layers, ", ", size,
+              "], got ", minimum, " and ", budget);
+  const auto contiguous = scores.contiguous();
+  const float* all_scores = contiguous.data_ptr<float>();
+  std::vector<uint8_t> kept(static_cast<size_t>(rows * size));
+  std::vector<int64_t> counts(static_cast<size_t>(rows * layers), 0);
+  const uint32_t reserved_key = score_key(std::numeric_limits<float>::infinity());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(size, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> keys(size), work(size);
+    std::vector<uint8_t> reserved(units);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* score = all_scores + row * size;
+      for (int64_t i = 0; i < size; ++i) keys[i] = score_key(score[i]);
+      for (int64_t layer = 0; layer < layers; ++layer) {
+        uint32_t* layer_keys = keys.data() + layer * units;
+        top_flags(layer_keys, units, minimum, work, reserved.data());
+        for (int64_t i = 0; i < units; ++i) layer_keys[i] = reserved[i] ? reserved_key : layer_keys[i];
+      }
+      uint8_t* row_kept = kept.data() + row * size;
+      top_flags(keys.data(), size, budget, work, row_kept);
+      for (int64_t layer = 0; layer < layers; ++layer)
+        counts[row * layers + layer] = std::accumulate(row_kept + layer * units, row_kept + (layer + 1) * units,
+                                                       int64_t{0});
+    }
+  });
+  std::vector<torch::Tensor> out;
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    int64_t width = 0;
+    for (int64_t row = 0; row < rows; ++row) width = std::max(width, counts[row * layers + layer]);
+    out.push_back(torch::empty({rows, width}, scores.options().dtype(torch::kLong)));
+  }
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> positions(units);
+    for (int64_t row = begin; row < end; ++row)
+      for (int64_t layer = 0; layer < layers; ++layer) {
+        const int64_t width = out[layer].size(1);
+        int64_t* indices = out[layer].data_ptr<int64_t>() + row * width;
+        const int64_t n = set_positions(kept.data() + row * size + layer * units, units, positions.data());
+        std::copy_n(positions.begin(), n, indices);
+        std::fill(indices + n, indices + width, units);
+      }
   });
   return out;
 }
@@ -691,6 +795,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_pool_limit", &set_pool_limit, "keep up to this many bytes of freed copy buffers; returns those kept");
   module.def("pool_bytes", &pool_bytes, "bytes of freed copy buffers kept for reuse");
   module.def("topk_indices", &topk_indices, "indices of the k largest of each row of float32 [R, N], ascending");
+  module.def("global_topk_indices", &global_topk_indices,
+             "each row's budget units of float32 [R, L, N] across layers after its top minimum of each: per layer "
+             "[R, w] of the kept units ascending, padded with N");
   module.def("inspect_selection", &inspect_selection,
              "(lowest, highest, a row repeats a unit, every row keeps every unit, first unit of a one-row run or -1, "
              "runs of consecutive units)");

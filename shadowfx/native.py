@@ -14,9 +14,11 @@ OpenMP build inlines ``at::parallel_for``'s parallel region from its header into
 ``-fopenmp`` runs the whole range on one thread (as these kernels did until it was found). It shares torch's OpenMP
 runtime, so ``torch.set_num_threads`` sets their threads too.
 
-The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else ``~/.cache/shadowfx/torch-kernels``), one folder per source,
-flags, torch version and CPU, and is reused from there. When it cannot be built (no C++ compiler, no ninja, a
-failed compile) the ops warn once and run their PyTorch implementation, which computes the same values. The switch
+The gather kernels themselves are in ``shadowfx/kernels/gather_kernels.h``, which the onnxruntime library
+(:mod:`shadowfx.ort_kernels`) compiles too. The build goes to ``$SHADOWFX_HOME/torch-kernels`` (else
+``~/.cache/shadowfx/torch-kernels``), one folder per source, flags, torch version and CPU, and is reused from
+there. When it cannot be built (no C++ compiler, no ninja, a failed compile) the ops warn once and run their
+PyTorch implementation, which computes the same values. The switch
 ``$SHADOWFX_NATIVE_KERNELS=0``, or :func:`use_native_kernels`, selects the PyTorch path on purpose.
 """
 
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("kernels") / "shadowfx_torch.cc"
+SHARED_KERNELS = SOURCE.with_name("gather_kernels.h")  # the gather kernels, shared with the onnxruntime library
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp")
 SWITCH_ENV = "SHADOWFX_NATIVE_KERNELS"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -54,11 +57,14 @@ def build_folder() -> Path:
     root = (Path(home) if home else Path.home() / ".cache" / "shadowfx") / "torch-kernels"
     # -march=native code runs only on the CPU it was built for, so the CPU is part of the key
     identity = b"\0".join(
-        [SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(), torch.__version__.encode(), _cpu_model().encode()])
+        [SOURCE.read_bytes(), SHARED_KERNELS.read_bytes(), " ".join(COMPILE_FLAGS).encode(),
+         torch.__version__.encode(), cpu_model().encode()])
     return root / hashlib.sha256(identity).hexdigest()[:16]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """What a build for this CPU depends on (its model and feature flags): a build with -march=native is kept per
+    CPU."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("model name", "flags")):

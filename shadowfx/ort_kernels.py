@@ -1,7 +1,8 @@
 """The native onnxruntime kernels of the ``shadowfx`` ONNX domain: :func:`kernel_library` builds
 ``shadowfx/kernels/shadowfx_ort.cc`` into a shared library for ``OnnxDecoder(kernels=...)``.
 
-The library is compiled with g++ once per source (and compiler flags) and onnxruntime version, into a cache folder
+The library is compiled with g++ once per source (with ``shadowfx/kernels/gather_kernels.h``, the gather kernels it
+shares with the PyTorch ops), compiler flags, CPU and onnxruntime version, into a cache folder
 (``$SHADOWFX_HOME/ort-kernels``, else ``~/.cache/shadowfx/ort-kernels``). It needs onnxruntime's C/C++ API headers,
 which no pip package ships: they are fetched once into the same folder from the Debian package ``libonnxruntime-dev``
 of Debian 13 (onnxruntime 1.21, C API version 21), with apt-get pointed at the Debian mirror this machine's apt
@@ -24,9 +25,11 @@ from pathlib import Path
 import onnxruntime
 
 from shadowfx.files import atomic_write
+from shadowfx.native import SHARED_KERNELS, cpu_model
 
 SOURCE = Path(__file__).with_name("kernels") / "shadowfx_ort.cc"
-COMPILE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra")
+# vectorised for the CPU it is built on (the shared kernels' simd loops and register tiles), as the PyTorch build is
+COMPILE_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-Wall", "-Wextra")
 INCLUDE_ENV = "SHADOWFX_ORT_INCLUDE"
 HEADERS_PACKAGE = "libonnxruntime-dev"
 HEADERS_SUITE = "trixie"  # Debian 13: libonnxruntime-dev 1.21.0, C API version 21
@@ -59,7 +62,9 @@ def kernel_library(cache: str | Path | None = None, *, progress: bool = True) ->
     the headers cannot be had, :class:`KernelBuildError` when the compile fails.
     """
     folder = cache_folder(cache)
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    identity = [SOURCE.read_bytes(), SHARED_KERNELS.read_bytes(), " ".join(COMPILE_FLAGS).encode(),
+                cpu_model().encode()]
+    key = hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
     library = folder / f"libshadowfx_ort-{onnxruntime.__version__}-{key}.so"
     if library.is_file():
         return library

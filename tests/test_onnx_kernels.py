@@ -68,32 +68,41 @@ def executed_ops(session: ort.InferenceSession) -> collections.Counter:
 BATCH, SEQ, EMBED, UNITS, KEPT = 2, 3, 8, 10, 4
 
 
-def mlp_model(selection: str, gated: bool, activation: str, elem_type: int = TensorProto.FLOAT):
-    """A graph of one GatheredMLP node with its function body, and random inputs with empty slots (index UNITS)."""
+def mlp_model(selection: str, gated: bool, activation: str, elem_type: int = TensorProto.FLOAT, *,
+              size: tuple[int, ...] = (BATCH, SEQ, EMBED, UNITS, KEPT), neuron_idx: np.ndarray | None = None,
+              constant_down: bool = False):
+    """A graph of one GatheredMLP node with its function body, and random inputs: ``size`` (batch, seq, embed, units,
+    kept), ``neuron_idx`` given or random with empty slots (index units) and repeated units; the down weight an
+    input, or with ``constant_down`` an initializer."""
+    batch, seq, embed, units, kept = size
     names = ["x", "up_weight", "up_bias", "gate_weight" if gated else "", "gate_bias" if gated else "",
              "down_weight", "down_bias", "" if selection == "pregathered" else "neuron_idx"]
-    lead = [BATCH] if selection == "pregathered" else []
-    shapes = {"x": [BATCH, SEQ, EMBED], "up_weight": lead + [UNITS, EMBED], "up_bias": lead + [UNITS],
-              "gate_weight": lead + [UNITS, EMBED], "gate_bias": lead + [UNITS], "down_weight": lead + [EMBED, UNITS],
-              "down_bias": [EMBED], "neuron_idx": [BATCH, KEPT] if selection == "rows" else [BATCH, SEQ, KEPT]}
-    node = helper.make_node("GatheredMLP", names, ["y"], domain=DOMAIN, activation=activation, selection=selection)
-    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "neuron_idx" else elem_type,
-                                            shapes[name]) for name in names if name]
-    graph = helper.make_graph([node], "gathered_mlp", inputs, [helper.make_tensor_value_info("y", elem_type, None)])
-    model = helper.make_model(graph, functions=[function_for([node])],
-                              opset_imports=[helper.make_opsetid("", OPSET),
-                                             helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    lead = [batch] if selection == "pregathered" else []
+    shapes = {"x": [batch, seq, embed], "up_weight": lead + [units, embed], "up_bias": lead + [units],
+              "gate_weight": lead + [units, embed], "gate_bias": lead + [units], "down_weight": lead + [embed, units],
+              "down_bias": [embed], "neuron_idx": [batch, kept] if selection == "rows" else [batch, seq, kept]}
     rng = np.random.default_rng(0)
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     feeds = {name: rng.standard_normal(shapes[name]).astype(dtype) for name in names if name and name != "neuron_idx"}
     if "neuron_idx" in names:
-        feeds["neuron_idx"] = rng.integers(0, UNITS + 1, shapes["neuron_idx"])
+        feeds["neuron_idx"] = rng.integers(0, units + 1, shapes["neuron_idx"]) if neuron_idx is None else neuron_idx
+    initializers = [helper.make_tensor("down_weight", elem_type, shapes["down_weight"],
+                                       feeds.pop("down_weight").tobytes(), raw=True)] if constant_down else []
+    node = helper.make_node("GatheredMLP", names, ["y"], domain=DOMAIN, activation=activation, selection=selection)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "neuron_idx" else elem_type,
+                                            shapes[name]) for name in names if name in feeds]
+    graph = helper.make_graph([node], "gathered_mlp", inputs, [helper.make_tensor_value_info("y", elem_type, None)],
+                              initializer=initializers)
+    model = helper.make_model(graph, functions=[function_for([node])],
+                              opset_imports=[helper.make_opsetid("", OPSET),
+                                             helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     return model, feeds
 
 
-def run_once(model: onnx.ModelProto, feeds: dict, tmp_path: Path, kernels: Path | None):
+def run_once(model: onnx.ModelProto, feeds: dict, tmp_path: Path, kernels: Path | None, threads: int = 1):
     """The node's output and the op types that ran, with the kernel library registered or not."""
     options = session_options(tmp_path / "profile")
+    options.intra_op_num_threads = threads
     if kernels is not None:
         options.register_custom_ops_library(str(kernels))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -111,6 +120,33 @@ def test_kernel_runs_instead_of_the_body_and_matches_it(library, tmp_path, selec
         assert native_ops == {"GatheredMLP": 1}, activation
         assert "GatheredMLP" not in body_ops and body_ops, activation  # the body was inlined
         np.testing.assert_allclose(native, body, rtol=1e-5, atol=1e-5, err_msg=activation)
+
+
+@pytest.mark.parametrize("selection", ["rows", "tokens", "tokens_repeating_a_unit", "pregathered"])
+@pytest.mark.parametrize("down", ["input", "initializer"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_of_many_tokens_and_blocks_matches_the_body(library, tmp_path, selection, down, threads):
+    """Shapes the shared kernels' register tiles take (several tokens keeping blocks of 4 consecutive units, columns
+    in tiles of 64 and a tail), empty slots, a down weight given as an input (read as it is) or an initializer
+    (copied input-major when the session makes the kernel), a token naming a unit twice (counted once), 1 and 2
+    threads."""
+    batch, seq, embed, units, block, kept_blocks = 2, 9, 80, 96, 4, 12
+    rng = np.random.default_rng(1)
+    rows = batch if selection == "rows" else batch * seq
+    blocks = np.sort(np.stack([rng.permutation(units // block)[:kept_blocks] for _ in range(rows)]), axis=-1)
+    idx = (blocks[..., None] * block + np.arange(block)).reshape(rows, -1)
+    idx[1, -block:] = units  # a token keeping a block less, padded with the empty slot
+    if selection == "tokens_repeating_a_unit":
+        idx[2, 1] = idx[2, 0]
+    idx = idx.reshape(batch, -1, idx.shape[-1]) if selection != "rows" else idx
+    kind = "tokens" if selection.startswith("tokens") else selection
+    model, feeds = mlp_model(kind, True, "silu", size=(batch, seq, embed, units, idx.shape[-1]), neuron_idx=idx,
+                             constant_down=down == "initializer" and kind != "pregathered")
+    (native,), native_ops = run_once(model, feeds, tmp_path, library, threads)
+    (body,), _ = run_once(model, feeds, tmp_path, None, threads)
+    assert native_ops == {"GatheredMLP": 1}
+    # unscaled random weights make outputs in the hundreds: float32 sums in another order differ by their rounding
+    np.testing.assert_allclose(native, body, rtol=1e-4, atol=1e-5 * np.abs(body).max())
 
 
 def test_other_node_types_keep_their_bodies(library, tmp_path):

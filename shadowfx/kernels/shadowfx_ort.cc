@@ -20,8 +20,12 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include "gather_kernels.h"
 
 namespace {
 
@@ -57,6 +61,43 @@ struct StatusKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     return AsStatus([&] { static_cast<Kernel*>(this)->Compute(Ort::KernelContext(raw_context)); });
   }
+};
+
+// Runs copy(first, end) over [0, total) in chunks of `chunk` on the session's intra-op threads.
+template <typename Copy>
+void InChunks(const Ort::KernelContext& context, int64_t total, int64_t chunk, const Copy& copy) {
+  struct Work {
+    const Copy* copy;
+    int64_t total, chunk;
+  } work{&copy, total, chunk};
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  if (chunks == 0) return;
+  context.ParallelFor(
+      [](void* data, size_t index) {
+        const Work& w = *static_cast<const Work*>(data);
+        const int64_t first = static_cast<int64_t>(index) * w.chunk;
+        (*w.copy)(first, std::min(first + w.chunk, w.total));
+      },
+      static_cast<size_t>(chunks), 0, &work);
+}
+
+// The shared gather kernels' threads (gather_kernels.h): the session's intra-op threads, a range split into as
+// many parts as the machine has threads (onnxruntime does not tell a kernel how many the session has; a part
+// more than it runs waits for a free one).
+struct OrtThreads {
+  const Ort::KernelContext& context;
+  int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+
+  template <typename Body>
+  void range(int64_t begin, int64_t end, int64_t grain, const Body& body) const {
+    const int64_t total = end - begin;
+    if (total <= 0) return;
+    const int64_t parts = std::max<int64_t>(1, std::min(threads, total / std::max<int64_t>(grain, 1)));
+    if (parts == 1) return body(begin, end);
+    InChunks(context, total, (total + parts - 1) / parts,
+             [&](int64_t first, int64_t last) { body(begin + first, begin + last); });
+  }
+  int64_t count() const { return threads; }
 };
 
 // ---- GatheredMLP ---------------------------------------------------------------------------------------------------
@@ -128,10 +169,17 @@ void ExpectShape(const Input& input, const char* name, const std::vector<int64_t
     Fail(std::string(name) + " has shape " + ShapeText(input.shape) + ", expected " + ShapeText(shape));
 }
 
-float Dot(const float* a, const float* b, int64_t n) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+// whether a token's selection [k] (of many: tokens x kept) names a unit twice
+bool RepeatsAUnit(const int64_t* selection, int64_t tokens, int64_t kept, int64_t units) {
+  std::vector<int64_t> seen(static_cast<size_t>(units), -1);  // the last token that kept each unit
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < kept; ++j) {
+      const int64_t unit = selection[t * kept + j];
+      if (unit == units) continue;
+      if (seen[unit] == t) return true;
+      seen[unit] = t;
+    }
+  return false;
 }
 
 // y = down(h) with h = act(up(x)) or act(gate(x)) * up(x), on the units each token keeps:
@@ -139,12 +187,27 @@ float Dot(const float* a, const float* b, int64_t n) {
 //   tokens       neuron_idx [B, S, k] (the same, per token; a unit given twice counts once), full weights
 //   pregathered  no neuron_idx; the weights are each batch row's kept units: up/gate [B, F, E], down [B, E, F]
 // Biases: up/gate [F] ([B, F] pregathered), down [E].
+// The products are the shared gather kernels' (those of the PyTorch ops), on the session's threads: the kept rows of
+// up and gate, the kept inputs of down. A constant down weight (an initializer) is copied once, when the session
+// makes the kernel, into the input-major layout those kernels read fastest (a kept input's weights one contiguous
+// run, register tiles over several tokens); this copy is the weight's size again in memory.
 class MlpKernel : public StatusKernel<MlpKernel> {
  public:
   explicit MlpKernel(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
     activation_ = ParseActivation(kernel_info.GetAttribute<std::string>("activation"));
     selection_ = ParseSelection(kernel_info.GetAttribute<std::string>("selection"));
+    int constant = 0;
+    if (selection_ == Selection::kPregathered || kernel_info.GetInputCount() <= kDownWeight) return;
+    Ort::ConstValue down = kernel_info.GetTensorConstantInput(kDownWeight, &constant);
+    if (!constant || down == nullptr) return;
+    const std::vector<int64_t> shape = down.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() != 2) return;  // Compute reports the shape
+    const float* weight = down.GetTensorData<float>();
+    down_shape_ = shape;
+    down_input_major_.resize(static_cast<size_t>(shape[0] * shape[1]));
+    for (int64_t e = 0; e < shape[0]; ++e)
+      for (int64_t n = 0; n < shape[1]; ++n) down_input_major_[n * shape[0] + e] = weight[e * shape[1] + n];
   }
 
   void Compute(const Ort::KernelContext& context) {
@@ -192,53 +255,102 @@ class MlpKernel : public StatusKernel<MlpKernel> {
     }
 
     float* y = context.GetOutput(0, x.shape).GetTensorMutableData<float>();
-    std::vector<int64_t> chosen;  // the units one token computes, in order
+    const Weights weights{up.data, up_bias.present ? up_bias.data : nullptr, gate.present ? gate.data : nullptr,
+                          gate_bias.present ? gate_bias.data : nullptr, down.data, false};
+    const OrtThreads threads{context};
+    if (selection_ == Selection::kPregathered) {
+      // each batch row's own kept weights, every unit of them, for the row's tokens
+      std::vector<int64_t> every(static_cast<size_t>(seq * units));
+      for (int64_t i = 0; i < seq * units; ++i) every[i] = i % units;
+      for (int64_t b = 0; b < batch; ++b) {
+        const Weights row{up.data + b * units * embed, up_bias.present ? up_bias.data + b * units : nullptr,
+                          gate.present ? gate.data + b * units * embed : nullptr,
+                          gate_bias.present ? gate_bias.data + b * units : nullptr, down.data + b * embed * units,
+                          false};
+        ByUnits(threads, x.data + b * seq * embed, every.data(), seq, units, units, embed, row, y + b * seq * embed);
+      }
+    } else if (selection_ == Selection::kTokens && RepeatsAUnit(neuron_idx, batch * seq, kept, units)) {
+      ByToken(x.data, neuron_idx, batch * seq, kept, units, embed, weights, y);
+    } else {
+      std::vector<int64_t> per_token;  // rows: each row's selection for each of its tokens
+      const int64_t* selection = neuron_idx;
+      if (selection_ == Selection::kRows && seq > 1) {
+        per_token.resize(static_cast<size_t>(batch * seq * kept));
+        for (int64_t t = 0; t < batch * seq; ++t)
+          std::copy_n(neuron_idx + (t / seq) * kept, kept, per_token.begin() + t * kept);
+        selection = per_token.data();
+      }
+      const bool prepared = !down_input_major_.empty() && down.shape == down_shape_;
+      Weights full = weights;
+      if (prepared) {
+        full.down = down_input_major_.data();
+        full.down_input_major = true;
+      }
+      ByUnits(threads, x.data, selection, batch * seq, kept, units, embed, full, y);
+    }
+    if (down_bias.present)
+      for (int64_t t = 0; t < batch * seq; ++t)
+        for (int64_t e = 0; e < embed; ++e) y[t * embed + e] += down_bias.data[e];
+  }
+
+ private:
+  struct Weights {
+    const float *up, *up_bias, *gate, *gate_bias, *down;  // absent ones null
+    bool down_input_major;                                 // down [F, E], else [E, F]
+  };
+
+  // y [T, E] (without down's bias) of x [T, E] and each token's kept units selection [T, k], by the shared kernels
+  void ByUnits(const OrtThreads& threads, const float* x, const int64_t* selection, int64_t tokens, int64_t kept,
+               int64_t units, int64_t embed, const Weights& w, float* y) const {
+    using namespace shadowfx_kernels;
+    std::optional<UnitOrder> order;  // several tokens read the selection by unit, sorted once for all three
+    if (tokens > 1) order.emplace(selection, tokens, kept, units);
+    const UnitOrder* by_unit = order ? &*order : nullptr;
+    const int64_t slots = tokens * kept;
+    std::vector<float> h(static_cast<size_t>(slots)), gated;
+    rows_kernel<float>(threads, x, w.up, w.up_bias, selection, by_unit, h.data(), tokens, kept, units, embed);
+    if (w.gate != nullptr) {
+      gated.resize(static_cast<size_t>(slots));
+      rows_kernel<float>(threads, x, w.gate, w.gate_bias, selection, by_unit, gated.data(), tokens, kept, units,
+                         embed);
+    }
+    // an empty slot's products are 0, and every activation keeps 0 at 0; the down product skips it anyway
+    threads.range(0, slots, 4096, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i)
+        h[i] = w.gate != nullptr ? Activate(activation_, gated[i]) * h[i] : Activate(activation_, h[i]);
+    });
+    cols_kernel<float>(threads, h.data(), w.down, selection, by_unit, y, tokens, kept, units, embed,
+                       w.down_input_major);
+  }
+
+  // The same one token and one kept unit at a time, where a token names a unit twice: it counts once
+  void ByToken(const float* x, const int64_t* selection, int64_t tokens, int64_t kept, int64_t units, int64_t embed,
+               const Weights& w, float* y) const {
     std::vector<char> flags(static_cast<size_t>(units));
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t row_offset = per_row ? b * units : 0;  // into the per-row weights and biases
-      const float* up_b = up.data + row_offset * embed;
-      const float* gate_b = gate.present ? gate.data + row_offset * embed : nullptr;
-      const float* down_b = down.data + row_offset * embed;
-      const float* up_bias_b = up_bias.present ? up_bias.data + row_offset : nullptr;
-      const float* gate_bias_b = gate_bias.present ? gate_bias.data + row_offset : nullptr;
-      for (int64_t s = 0; s < seq; ++s) {
-        chosen.clear();
-        if (selection_ == Selection::kPregathered) {
-          for (int64_t n = 0; n < units; ++n) chosen.push_back(n);
-        } else if (selection_ == Selection::kRows) {
-          for (int64_t j = 0; j < kept; ++j)
-            if (neuron_idx[b * kept + j] != units) chosen.push_back(neuron_idx[b * kept + j]);
-        } else {
-          std::fill(flags.begin(), flags.end(), 0);
-          const int64_t* token_idx = neuron_idx + (b * seq + s) * kept;
-          for (int64_t j = 0; j < kept; ++j)
-            if (token_idx[j] != units) flags[token_idx[j]] = 1;
-          for (int64_t n = 0; n < units; ++n)
-            if (flags[n]) chosen.push_back(n);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::fill(flags.begin(), flags.end(), 0);
+      for (int64_t j = 0; j < kept; ++j)
+        if (selection[t * kept + j] != units) flags[selection[t * kept + j]] = 1;
+      const float* x_t = x + t * embed;
+      float* y_t = y + t * embed;
+      std::fill(y_t, y_t + embed, 0.0f);
+      for (int64_t n = 0; n < units; ++n) {
+        if (!flags[n]) continue;
+        const float u = shadowfx_kernels::dot(w.up + n * embed, x_t, embed) + (w.up_bias ? w.up_bias[n] : 0.0f);
+        float h = Activate(activation_, u);
+        if (w.gate != nullptr) {
+          const float g = shadowfx_kernels::dot(w.gate + n * embed, x_t, embed) + (w.gate_bias ? w.gate_bias[n] : 0.0f);
+          h = Activate(activation_, g) * u;
         }
-        const float* x_t = x.data + (b * seq + s) * embed;
-        float* y_t = y + (b * seq + s) * embed;
-        std::fill(y_t, y_t + embed, 0.0f);
-        for (const int64_t n : chosen) {
-          const float u = Dot(x_t, up_b + n * embed, embed) + (up_bias.present ? up_bias_b[n] : 0.0f);
-          float h;
-          if (gate.present) {
-            const float g = Dot(x_t, gate_b + n * embed, embed) + (gate_bias.present ? gate_bias_b[n] : 0.0f);
-            h = Activate(activation_, g) * u;
-          } else {
-            h = Activate(activation_, u);
-          }
-          for (int64_t e = 0; e < embed; ++e) y_t[e] += h * down_b[e * units + n];
-        }
-        if (down_bias.present)
-          for (int64_t e = 0; e < embed; ++e) y_t[e] += down_bias.data[e];
+        for (int64_t e = 0; e < embed; ++e) y_t[e] += h * w.down[e * units + n];
       }
     }
   }
 
- private:
   Activation activation_;
   Selection selection_;
+  std::vector<int64_t> down_shape_;        // of the constant down weight copied below, [E, F]
+  std::vector<float> down_input_major_;    // that weight as [F, E]; empty where it is not constant
 };
 
 // A registration of GatheredMLP whose float inputs and output are of element type kType. onnxruntime checks a node
@@ -301,24 +413,6 @@ const int64_t* ReadIndices(const Ort::KernelContext& context, int64_t size, cons
       Fail("index " + std::to_string(data[i]) + " is outside [0, " + std::to_string(size) + "] (" +
                std::to_string(size) + " is the empty slot)", op);
   return data;
-}
-
-// Runs copy(first, end) over [0, total) in chunks of `chunk` on the session's intra-op threads.
-template <typename Copy>
-void InChunks(const Ort::KernelContext& context, int64_t total, int64_t chunk, const Copy& copy) {
-  struct Work {
-    const Copy* copy;
-    int64_t total, chunk;
-  } work{&copy, total, chunk};
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  if (chunks == 0) return;
-  context.ParallelFor(
-      [](void* data, size_t index) {
-        const Work& w = *static_cast<const Work*>(data);
-        const int64_t first = static_cast<int64_t>(index) * w.chunk;
-        (*w.copy)(first, std::min(first + w.chunk, w.total));
-      },
-      static_cast<size_t>(chunks), 0, &work);
 }
 
 constexpr int64_t kChunkBytes = 1 << 18;  // per task: large enough that scheduling costs little

@@ -18,8 +18,10 @@ The predictors: ShadowLLM's one predictor at layer 0, DejaVu's one per later lay
 per token as a ratio measured in the same run.
 The dense baseline is the Hugging Face model eager, or compiled with ``torch.compile`` (``dense="compile"``). The
 sparse runtime ``"onnx"`` runs the export of each setting in onnxruntime against the dense export in onnxruntime,
-each row naming the dense baseline it was measured against; its time to the first token is also measured with one
-export loaded at a time (``first_token_alone``), since the alternation holds two copies of the weights.
+each row naming the dense baseline it was measured against; the sparse sessions take shadowfx's kernel library
+(``kernels="auto"``; ``onnx_kernels`` says whether it could be built, else the function bodies ran); its time
+to the first token is also measured with one export loaded at a time (``first_token_alone``), since the
+alternation holds two copies of the weights.
 """
 
 from __future__ import annotations
@@ -273,12 +275,12 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         dense_onnx = OnnxDecoder(exports / "dense", structure=structure, session_options=options)
         measured = []
         for (chosen, directory), (granularity, sparsity, _) in zip(exported, cases):
-            sparse_onnx = OnnxDecoder(directory, structure=structure, session_options=options)
+            sparse_onnx = OnnxDecoder(directory, structure=structure, session_options=options, kernels="auto")
             for batch, input_ids in prompts.items():
                 runs = [_measure_once(dense_onnx, sparse_onnx, input_ids, torch.ones_like(input_ids),
                                       settings.repeats) for _ in range(settings.runs)]
-                measured.append((record(runs, sparse_onnx, chosen, batch, "onnx", granularity, sparsity),
-                                 directory, input_ids))
+                measured.append((record(runs, sparse_onnx, chosen, batch, "onnx", granularity, sparsity,
+                                        onnx_kernels=sparse_onnx.kernels is not None), directory, input_ids))
             del sparse_onnx
         del dense_onnx
         for row, directory, input_ids in measured:
@@ -302,7 +304,8 @@ def _first_token_alone(dense: Path, sparse: Path, input_ids: torch.Tensor, struc
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
     for name, directory in (("dense", dense), ("sparse", sparse), ("dense", dense)):
         gc.collect()  # the decoder before this one is gone: one export's sessions in memory
-        decoder = OnnxDecoder(directory, structure=structure, session_options=options)
+        decoder = OnnxDecoder(directory, structure=structure, session_options=options,
+                              kernels="auto" if name == "sparse" else None)
         decoder.start(input_ids, mask)  # the first run of a session allocates and plans
         for _ in range(repeats):
             started = time.perf_counter()

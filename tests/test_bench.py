@@ -144,11 +144,16 @@ def test_bench_in_onnxruntime_against_the_dense_export(monkeypatch):
     alive_at_load, loaded_beside = [], []
     live = weakref.WeakSet()
 
+    made_with_kernels = []  # whether each sparse decoder runs the kernel library
+
     def decoder(*args, **kwargs):
         alive_at_load.append(weight() is not None)
         loaded_beside.append(len(live))
         made = OnnxDecoder(*args, **kwargs)
         live.add(made)
+        if kwargs.get("kernels") is not None:
+            assert kwargs["kernels"] == "auto" and "dense" not in str(args[0])
+            made_with_kernels.append(made.kernels is not None)
         return made
 
     monkeypatch.setattr(bench, "OnnxDecoder", decoder)
@@ -174,4 +179,7 @@ def test_bench_in_onnxruntime_against_the_dense_export(monkeypatch):
         assert alone["first_token_vs_dense"] == pytest.approx(ratio)
         assert 0 < alone["first_token_s_range"][0] <= alone["first_token_s"] <= alone["first_token_s_range"][1]
     assert "first_token_alone" not in eager["prompt"]
+    # the sparse exports run with the kernel library where it builds (the measured ones, then the first tokens alone)
+    assert len(made_with_kernels) == 4
+    assert [onnx[granularity]["onnx_kernels"] for granularity in ("prompt", "token")] == made_with_kernels[:2]
     assert onnx["prompt"]["gathered_bytes"] > 0 and onnx["token"]["predictor_bytes_per_step"] > 0

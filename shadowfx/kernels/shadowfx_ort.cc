@@ -259,15 +259,27 @@ class MlpKernel : public StatusKernel<MlpKernel> {
                           gate_bias.present ? gate_bias.data : nullptr, down.data, false};
     const OrtThreads threads{context};
     if (selection_ == Selection::kPregathered) {
-      // each batch row's own kept weights, every unit of them, for the row's tokens
-      std::vector<int64_t> every(static_cast<size_t>(seq * units));
-      for (int64_t i = 0; i < seq * units; ++i) every[i] = i % units;
+      // each batch row's own kept weights, every unit of them, for the row's tokens: its down weight [E, F] is read
+      // as rows too, one dot product per output
+      std::vector<int64_t> every_unit(static_cast<size_t>(seq * units));
+      std::vector<int64_t> every_output(static_cast<size_t>(seq * embed));
+      for (int64_t i = 0; i < seq * units; ++i) every_unit[i] = i % units;
+      for (int64_t i = 0; i < seq * embed; ++i) every_output[i] = i % embed;
+      std::optional<shadowfx_kernels::UnitOrder> by_unit, by_output;  // several tokens read them by unit
+      if (seq > 1) {
+        by_unit.emplace(every_unit.data(), seq, units, units);
+        by_output.emplace(every_output.data(), seq, embed, embed);
+      }
+      std::vector<float> h(static_cast<size_t>(seq * units));
       for (int64_t b = 0; b < batch; ++b) {
         const Weights row{up.data + b * units * embed, up_bias.present ? up_bias.data + b * units : nullptr,
                           gate.present ? gate.data + b * units * embed : nullptr,
-                          gate_bias.present ? gate_bias.data + b * units : nullptr, down.data + b * embed * units,
-                          false};
-        ByUnits(threads, x.data + b * seq * embed, every.data(), seq, units, units, embed, row, y + b * seq * embed);
+                          gate_bias.present ? gate_bias.data + b * units : nullptr, nullptr, false};
+        Hidden(threads, x.data + b * seq * embed, every_unit.data(), by_unit ? &*by_unit : nullptr, seq, units, units,
+               embed, row, h.data());
+        shadowfx_kernels::rows_kernel<float>(threads, h.data(), down.data + b * embed * units, nullptr,
+                                             every_output.data(), by_output ? &*by_output : nullptr,
+                                             y + b * seq * embed, seq, embed, embed, units);
       }
     } else if (selection_ == Selection::kTokens && RepeatsAUnit(neuron_idx, batch * seq, kept, units)) {
       ByToken(x.data, neuron_idx, batch * seq, kept, units, embed, weights, y);
@@ -302,25 +314,33 @@ class MlpKernel : public StatusKernel<MlpKernel> {
   // y [T, E] (without down's bias) of x [T, E] and each token's kept units selection [T, k], by the shared kernels
   void ByUnits(const OrtThreads& threads, const float* x, const int64_t* selection, int64_t tokens, int64_t kept,
                int64_t units, int64_t embed, const Weights& w, float* y) const {
-    using namespace shadowfx_kernels;
-    std::optional<UnitOrder> order;  // several tokens read the selection by unit, sorted once for all three
+    std::optional<shadowfx_kernels::UnitOrder> order;  // several tokens read the selection by unit, sorted once
     if (tokens > 1) order.emplace(selection, tokens, kept, units);
-    const UnitOrder* by_unit = order ? &*order : nullptr;
+    const shadowfx_kernels::UnitOrder* by_unit = order ? &*order : nullptr;
+    std::vector<float> h(static_cast<size_t>(tokens * kept));
+    Hidden(threads, x, selection, by_unit, tokens, kept, units, embed, w, h.data());
+    shadowfx_kernels::cols_kernel<float>(threads, h.data(), w.down, selection, by_unit, y, tokens, kept, units, embed,
+                                         w.down_input_major);
+  }
+
+  // h [T, k] = act(up) or act(gate) * up of the kept units (by_unit: the selection by unit, for several tokens); an
+  // empty slot's is 0 (its products are, and every activation keeps 0 at 0)
+  void Hidden(const OrtThreads& threads, const float* x, const int64_t* selection,
+              const shadowfx_kernels::UnitOrder* by_unit, int64_t tokens, int64_t kept, int64_t units, int64_t embed,
+              const Weights& w, float* h) const {
+    using namespace shadowfx_kernels;
     const int64_t slots = tokens * kept;
-    std::vector<float> h(static_cast<size_t>(slots)), gated;
-    rows_kernel<float>(threads, x, w.up, w.up_bias, selection, by_unit, h.data(), tokens, kept, units, embed);
+    std::vector<float> gated;
+    rows_kernel<float>(threads, x, w.up, w.up_bias, selection, by_unit, h, tokens, kept, units, embed);
     if (w.gate != nullptr) {
       gated.resize(static_cast<size_t>(slots));
       rows_kernel<float>(threads, x, w.gate, w.gate_bias, selection, by_unit, gated.data(), tokens, kept, units,
                          embed);
     }
-    // an empty slot's products are 0, and every activation keeps 0 at 0; the down product skips it anyway
     threads.range(0, slots, 4096, [&](int64_t first, int64_t last) {
       for (int64_t i = first; i < last; ++i)
         h[i] = w.gate != nullptr ? Activate(activation_, gated[i]) * h[i] : Activate(activation_, h[i]);
     });
-    cols_kernel<float>(threads, h.data(), w.down, selection, by_unit, y, tokens, kept, units, embed,
-                       w.down_input_major);
   }
 
   // The same one token and one kept unit at a time, where a token names a unit twice: it counts once

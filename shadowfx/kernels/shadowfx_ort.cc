@@ -7,9 +7,10 @@
 // onnxruntime whose C API is at least ORT_API_VERSION of the headers.
 //
 // Implemented: GatheredMLP in float32, every activation and selection mode of its bodies (see GatheredMlpOp for the
-// other element types), a straightforward loop implementation; KeptRows and KeptCols (a prompt's one-time gather of
-// its kept weights) in every element type, as row copies on the session's intra-op threads. The node types not
-// implemented here keep their function bodies: registering the domain does not hide them.
+// other element types), by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op
+// threads; KeptRows and KeptCols (a prompt's one-time gather of its kept weights) in every element type, as row
+// copies on the same threads. The node types not implemented here keep their function bodies: registering the
+// domain does not hide them.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>

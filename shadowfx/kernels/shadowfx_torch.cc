@@ -1,9 +1,9 @@
-// Native gather-GEMV kernels for the shadowfx:: ops' decode steps (one token per batch row), built on first use by
-// shadowfx/native.py. Each reads only the kept rows (or kept input features) of a weight, straight from the full
-// weight, with float accumulation; no gathered copy is made. The index equal to the unit count is the empty slot.
-// With several tokens (a batch's step, a prefill's per-token selections) they compute by register tiles instead.
-// Besides them: the one-pass check of a selection's values that every op call makes, the ranking of scores into a
-// selection, and the copies of kept weights.
+// The native kernels of the shadowfx:: ops, built on first use by shadowfx/native.py: the gather kernels of
+// gather_kernels.h (shared with the onnxruntime library) on ATen's threads, each reading only the kept rows (or kept
+// input features) of a weight straight from the full weight, for a decode step's one token per batch row or, by
+// register tiles, a prefill's per-token selections; a selection sorted by unit once for a layer's projections
+// (SelectionPlan). Besides them: the one-pass check of a selection's values that every op call makes, the ranking
+// of scores into a selection (per layer and across layers), and the copies of kept weights.
 
 #include <torch/extension.h>
 

@@ -80,6 +80,16 @@ def test_gather_cols_equals_float64(tokens: int, embed: int, units: int, kept: i
     close(out, expected + bias.to(dtype).double(), dtype)
 
 
+@DTYPES
+@pytest.mark.parametrize("layout", ["out_major", "input_major"])
+def test_kernels_of_no_tokens_give_empty_outputs(layout: str, dtype: torch.dtype) -> None:
+    weight, rows = torch.randn(16, 8).to(dtype), torch.zeros(0, 4, dtype=torch.long)
+    assert native.gather_rows(torch.zeros(0, 8), weight, None, rows).shape == (0, 4)
+    down = torch.randn(8, 16).to(dtype)
+    down = native.input_major(down) if layout == "input_major" else down
+    assert native.gather_cols(torch.zeros(0, 4), down, None, rows).shape == (0, 8)
+
+
 def block_selection(units: int, block: int, kept_blocks: int, tokens: int) -> Tensor:
     """[tokens, kept_blocks * block]: each token keeps its own ``kept_blocks`` blocks of ``block`` consecutive units
     (a block-scoring predictor's neurons), ascending; the last block may be cut short by ``units``, its missing units

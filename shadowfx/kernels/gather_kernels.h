@@ -19,8 +19,8 @@
 
 namespace shadowfx_kernels {
 
-// dot products and axpys over one contiguous run, vectorised by the compiler (-fopenmp's simd: the reduction may be
-// reordered without -ffast-math's other licences)
+// dot products and axpys over one contiguous run, vectorised by the compiler (OpenMP's simd, -fopenmp or
+// -fopenmp-simd: the reduction may be reordered without -ffast-math's other licences)
 template <typename W>
 float dot(const W* weight, const float* x, int64_t n) {
   float sum = 0.0f;
@@ -302,6 +302,7 @@ void cols_by_unit(const Threads& threads, const float* h, const float* weight_t,
 template <typename W, typename Threads>
 void rows_kernel(const Threads& threads, const float* x, const W* weight, const W* bias, const int64_t* rows,
                  const UnitOrder* order, float* out, int64_t tokens, int64_t kept, int64_t units, int64_t width) {
+  if (tokens == 0) return;  // the paths below read a first token's selection
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
   auto one_slot = [&](int64_t item, int64_t row) {
     const float b = bias ? static_cast<float>(bias[row]) : 0.0f;
@@ -337,6 +338,7 @@ void rows_kernel(const Threads& threads, const float* x, const W* weight, const 
 template <typename W, typename Threads>
 void cols_kernel(const Threads& threads, const float* h, const W* weight, const int64_t* cols, const UnitOrder* order,
                  float* out, int64_t tokens, int64_t kept, int64_t units, int64_t embed, bool transposed) {
+  if (tokens == 0) return;  // the paths below read a first token's selection
   if constexpr (std::is_same_v<W, float>) {
     if (transposed && tokens > 1) {
       cols_by_unit(threads, h, weight, *order, out, tokens, embed);

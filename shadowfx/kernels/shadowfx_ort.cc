@@ -64,20 +64,20 @@ struct StatusKernel {
   }
 };
 
-// Runs copy(first, end) over [0, total) in chunks of `chunk` on the session's intra-op threads.
-template <typename Copy>
-void InChunks(const Ort::KernelContext& context, int64_t total, int64_t chunk, const Copy& copy) {
+// Runs body(first, end) over [0, total) in chunks of `chunk` on the session's intra-op threads.
+template <typename Body>
+void InChunks(const Ort::KernelContext& context, int64_t total, int64_t chunk, const Body& body) {
   struct Work {
-    const Copy* copy;
+    const Body* body;
     int64_t total, chunk;
-  } work{&copy, total, chunk};
+  } work{&body, total, chunk};
   const int64_t chunks = (total + chunk - 1) / chunk;
   if (chunks == 0) return;
   context.ParallelFor(
       [](void* data, size_t index) {
         const Work& w = *static_cast<const Work*>(data);
         const int64_t first = static_cast<int64_t>(index) * w.chunk;
-        (*w.copy)(first, std::min(first + w.chunk, w.total));
+        (*w.body)(first, std::min(first + w.chunk, w.total));
       },
       static_cast<size_t>(chunks), 0, &work);
 }

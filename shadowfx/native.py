@@ -168,14 +168,19 @@ def topk_indices(scores: Tensor, k: int) -> Optional[Tensor]:
     """int64 ``[..., k]``: the indices of the k largest ``scores`` along the last dim, ascending, ties to the lower
     index and NaN above every number (``shadowfx::topk_indices``), by one selection per row; None where the kernels
     do not run (another device or dtype, switched off, not built, or traced)."""
-    # the kernel ranks float32; half types convert to it exactly, float64 would not
-    if scores.device.type != "cpu" or scores.dtype not in RANKED_DTYPES or torch.compiler.is_compiling():
-        return None
-    module = kernels()
+    module = _ranking_kernels(scores)
     if module is None:
         return None
     rows = scores.float().reshape(-1, scores.shape[-1])
     return module.topk_indices(rows, k).view(*scores.shape[:-1], k)
+
+
+def _ranking_kernels(scores: Tensor) -> Optional[ModuleType]:
+    """The kernel module where it ranks ``scores``: eager CPU tensors of :data:`RANKED_DTYPES` (the kernels rank
+    float32; half types convert to it exactly, float64 would not), the switch on and the kernels built."""
+    if scores.device.type != "cpu" or scores.dtype not in RANKED_DTYPES or torch.compiler.is_compiling():
+        return None
+    return kernels()
 
 
 def plan(selection: Tensor, units: int) -> Any:
@@ -191,9 +196,7 @@ def global_topk_indices(scores: Tensor, budget: int, minimum: int) -> Optional[l
     """``shadowfx::global_topk_indices`` of scores [R, L, N] (per layer int64 [R, w_l], each row's kept units
     ascending, padded with the empty slot N) by two selections a row; None where the kernels do not run (as for
     :func:`topk_indices`)."""
-    if scores.device.type != "cpu" or scores.dtype not in RANKED_DTYPES or torch.compiler.is_compiling():
-        return None
-    module = kernels()
+    module = _ranking_kernels(scores)
     return None if module is None else module.global_topk_indices(scores.float(), budget, minimum)
 
 

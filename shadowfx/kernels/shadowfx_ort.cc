@@ -205,7 +205,6 @@ class MlpKernel : public StatusKernel<MlpKernel> {
     const std::vector<int64_t> shape = down.GetTensorTypeAndShapeInfo().GetShape();
     if (shape.size() != 2) return;  // Compute reports the shape
     const float* weight = down.GetTensorData<float>();
-    down_shape_ = shape;
     down_input_major_.resize(static_cast<size_t>(shape[0] * shape[1]));
     for (int64_t e = 0; e < shape[0]; ++e)
       for (int64_t n = 0; n < shape[1]; ++n) down_input_major_[n * shape[0] + e] = weight[e * shape[1] + n];
@@ -293,9 +292,8 @@ class MlpKernel : public StatusKernel<MlpKernel> {
           std::copy_n(neuron_idx + (t / seq) * kept, kept, per_token.begin() + t * kept);
         selection = per_token.data();
       }
-      const bool prepared = !down_input_major_.empty() && down.shape == down_shape_;
       Weights full = weights;
-      if (prepared) {
+      if (!down_input_major_.empty()) {  // the constant down weight, whose shape Compute has checked above
         full.down = down_input_major_.data();
         full.down_input_major = true;
       }
@@ -370,8 +368,7 @@ class MlpKernel : public StatusKernel<MlpKernel> {
 
   Activation activation_;
   Selection selection_;
-  std::vector<int64_t> down_shape_;        // of the constant down weight copied below, [E, F]
-  std::vector<float> down_input_major_;    // that weight as [F, E]; empty where it is not constant
+  std::vector<float> down_input_major_;  // a constant down weight [E, F] as [F, E]; empty where it is not constant
 };
 
 // A registration of GatheredMLP whose float inputs and output are of element type kType. onnxruntime checks a node

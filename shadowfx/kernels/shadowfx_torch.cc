@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -285,11 +284,7 @@ std::tuple<int64_t, int64_t, bool, bool, int64_t, int64_t> inspect_selection(con
   return {*low, *high, repeated, every, run_start, runs};
 }
 
-// The k largest scores of each row of scores [R, N] (float32): their indices, ascending, [R, k]. Ties go to the
-// lower index, and NaN ranks above every number, as in a stable descending sort (shadowfx::topk_indices's PyTorch
-// path). Each row is one selection (nth_element, O(N)) of its k-th largest score, then one pass in index order that
-// keeps the scores above it and, of those equal to it, the first: a full sort of every row costs more than a small
-// model's layer.
+// A score as an unsigned key in the ranking's order: NaN above every number, -0 equal to +0.
 uint32_t score_key(float score) {
   if (std::isnan(score)) return 0xFFFFFFFFu;
   score += 0.0f;  // -0 and +0 are equal scores
@@ -346,6 +341,10 @@ int64_t set_positions(const uint8_t* flags, int64_t n, int64_t* out) {
   return count;
 }
 
+// The k largest scores of each row of scores [R, N] (float32): their indices, ascending, [R, k]. Ties go to the
+// lower index, and NaN ranks above every number, as in a stable descending sort (shadowfx::topk_indices's PyTorch
+// path). Each row is one selection of its k-th largest key (top_flags) and one pass in index order over the kept
+// flags: a full sort of every row costs more than a small model's layer.
 torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat,
               "topk_indices: the scores must be float32 [R, N], got ", scores.scalar_type(), " ", scores.sizes());

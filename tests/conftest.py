@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +59,25 @@ def padded_batch(batch: int, length: int, vocab: int, *, seed: int) -> tuple[tor
     for row in range(1, batch):
         attention_mask[row, : min(row * 2, length - 1)] = 0
     return input_ids, attention_mask
+
+
+TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+needs_huge_pages = pytest.mark.skipif(
+    not TRANSPARENT_HUGE_PAGES.is_file() or "[never]" in TRANSPARENT_HUGE_PAGES.read_text(),
+    reason="this system grants no transparent huge pages")
+
+
+def huge_page_kib(address: int, size: int) -> int:
+    """The KiB of transparent huge pages in this process's memory mappings that overlap [address, address + size)
+    (advice splits a mapping where it starts and ends)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span[1], 16) < address + size and address < int(span[2], 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1])
+    return total
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from shadowfx import native, ops
 
+from conftest import huge_page_kib, needs_huge_pages
+
 # skipped only where the build's tools are missing; a build that fails with them present fails the tests
 pytestmark = pytest.mark.skipif(bool(native.missing_tools()), reason="no C++ compiler or ninja to build the kernels")
 
@@ -147,6 +149,15 @@ def test_copy_rows_equals_index_select_and_zeroes_the_empty_slot(dtype: torch.dt
     assert torch.equal(taken[:123], source[rows]) and not taken[123:].any()
     with pytest.raises(RuntimeError, match="row 301 is out of range for 300 rows"):
         native.copy_rows(source, torch.tensor([0, 301]))
+
+
+@needs_huge_pages
+def test_a_gathered_copy_sits_on_huge_pages() -> None:
+    """The decode reads a prompt's copy of its kept weights every step: its buffer is advised to use huge pages
+    before it is first written, and the system grants them."""
+    native.release_gathered_buffers()
+    copy = native.copy_rows(torch.randn(4096, 1024), torch.randperm(4096)[:3000])  # 12 MB
+    assert huge_page_kib(copy.data_ptr(), copy.nbytes) >= 8 << 10
 
 
 def test_freed_copy_buffers_are_reused_up_to_the_limit() -> None:

@@ -27,7 +27,7 @@ from shadowfx.ort_kernels import KernelPrerequisiteMissing, kernel_library
 from shadowfx.predictor import ShadowPredictor
 from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
 
-from conftest import padded_batch, small_model, structure
+from conftest import huge_page_kib, needs_huge_pages, padded_batch, small_model, structure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(tempfile.mkdtemp(prefix="shadowfx-onnx-kernels-tests-"))
@@ -218,6 +218,24 @@ def test_kept_weight_kernels_run_instead_of_the_bodies_and_match_them(library, t
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.run(None, {"source": source, "indices": np.minimum(indices, 11)})
     np.testing.assert_array_equal(session.run(None, feeds)[0], want)
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("op_type", ["KeptRows", "KeptCols"])
+def test_kept_weights_sit_on_huge_pages(library, op_type):
+    """The decode graph reads a prompt's kept weights every step: the kernels advise their output (onnxruntime's
+    memory) to use huge pages before writing it, and the system grants them."""
+    options = session_options()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(kept_model(op_type, [2048, 2048], TensorProto.FLOAT).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    binding.bind_cpu_input("source", np.ones((2048, 2048), np.float32))
+    binding.bind_cpu_input("indices", np.arange(0, 2048, 2, dtype=np.int64)[None])  # 8 MB kept
+    binding.bind_output("kept", "cpu")
+    session.run_with_iobinding(binding)
+    kept = binding.get_outputs()[0]
+    assert huge_page_kib(kept.data_ptr(), 8 << 20) >= 4 << 10
 
 
 def test_kept_weight_kernels_refuse_an_index_past_the_empty_slot(library, tmp_path):

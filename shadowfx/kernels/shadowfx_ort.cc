@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
@@ -205,7 +207,10 @@ class MlpKernel : public StatusKernel<MlpKernel> {
     const std::vector<int64_t> shape = down.GetTensorTypeAndShapeInfo().GetShape();
     if (shape.size() != 2) return;  // Compute reports the shape
     const float* weight = down.GetTensorData<float>();
-    down_input_major_.resize(static_cast<size_t>(shape[0] * shape[1]));
+    size_t block = 0;
+    down_input_major_.reset(static_cast<float*>(
+        shadowfx_kernels::allocate_huge_pages(static_cast<size_t>(shape[0] * shape[1]) * sizeof(float), &block)));
+    if (!down_input_major_) throw std::bad_alloc();
     for (int64_t e = 0; e < shape[0]; ++e)
       for (int64_t n = 0; n < shape[1]; ++n) down_input_major_[n * shape[0] + e] = weight[e * shape[1] + n];
   }
@@ -293,8 +298,8 @@ class MlpKernel : public StatusKernel<MlpKernel> {
         selection = per_token.data();
       }
       Weights full = weights;
-      if (!down_input_major_.empty()) {  // the constant down weight, whose shape Compute has checked above
-        full.down = down_input_major_.data();
+      if (down_input_major_) {  // the constant down weight, whose shape Compute has checked above
+        full.down = down_input_major_.get();
         full.down_input_major = true;
       }
       ByUnits(threads, x.data, selection, batch * seq, kept, units, embed, full, y);
@@ -368,7 +373,8 @@ class MlpKernel : public StatusKernel<MlpKernel> {
 
   Activation activation_;
   Selection selection_;
-  std::vector<float> down_input_major_;  // a constant down weight [E, F] as [F, E]; empty where it is not constant
+  // a constant down weight [E, F] as [F, E], on huge pages since every step reads it; null where it is not constant
+  std::unique_ptr<float[], decltype(&std::free)> down_input_major_{nullptr, &std::free};
 };
 
 // A registration of GatheredMLP whose float inputs and output are of element type kType. onnxruntime checks a node
@@ -453,6 +459,7 @@ struct KeptRowsKernel : StatusKernel<KeptRowsKernel> {
     std::vector<int64_t> out_shape = rows_shape;
     out_shape.insert(out_shape.end(), shape.begin() + 1, shape.end());
     char* out = static_cast<char*>(context.GetOutput(0, out_shape).GetTensorMutableRawData());
+    shadowfx_kernels::advise_huge_pages(out, static_cast<size_t>(rows_shape[0] * rows_shape[1]) * row_bytes);
     const char* from = static_cast<const char*>(source.GetTensorRawData());
     const int64_t size = shape[0];
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(std::max<size_t>(row_bytes, 1)));
@@ -504,6 +511,7 @@ struct KeptColsKernel : StatusKernel<KeptColsKernel> {
       }
     }
     char* out = static_cast<char*>(context.GetOutput(0, {batch, out_rows, kept}).GetTensorMutableRawData());
+    shadowfx_kernels::advise_huge_pages(out, static_cast<size_t>(batch * out_rows * kept) * element);
     const char* from = static_cast<const char*>(source.GetTensorRawData());
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, kept * static_cast<int64_t>(element)));
     InChunks(context, batch * out_rows, chunk, [&](int64_t first, int64_t end) {

@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
-#include <sys/mman.h>
 
 #include "gather_kernels.h"
 
@@ -125,10 +124,7 @@ torch::Tensor gather_cols(const torch::Tensor& h, const torch::Tensor& weight, c
   return out;
 }
 
-constexpr size_t kHugePage = size_t{2} << 20;
-
-// The buffers gathered weights are copied into. A fresh buffer is 2 MiB-aligned and advised to use transparent huge
-// pages before it is first written (faulting a large copy in 4 KiB pages costs more than the copy); a freed one is
+// The buffers gathered weights are copied into, on huge pages (shadowfx_kernels::allocate_huge_pages); a freed one is
 // kept for the next gather, up to `limit` bytes of free buffers, since zeroing fresh pages costs about as much again.
 class BufferPool {
  public:
@@ -145,10 +141,8 @@ class BufferPool {
         return data;
       }
     }
-    *block = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = std::aligned_alloc(kHugePage, *block);
+    void* data = shadowfx_kernels::allocate_huge_pages(bytes, block);
     TORCH_CHECK(data != nullptr, "copy_rows: cannot allocate ", *block, " bytes");
-    madvise(data, *block, MADV_HUGEPAGE);  // advice: the system may refuse it
     return data;
   }
 

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from shadowfx.capture import capture, max_positions
 from shadowfx.compact import CompactTensor, CompactWeights, compact_weights
 from shadowfx.files import atomic_write_directory
-from shadowfx.onnx_ops import DOMAIN, NODE_TYPES, OnnxExportError, function_for, translation_table
+from shadowfx.onnx_ops import DOMAIN, NODE_TYPES, OnnxExportError, functions_for, translation_table
 from shadowfx.passes.base import run_passes
 from shadowfx.passes.discover_structure import discover_structure
 from shadowfx.passes.graph import editable_module
@@ -385,12 +385,6 @@ def _unpack_layer_outputs(proto: onnx.ModelProto) -> None:
         graph.initializer.remove(tensor)
 
 
-def _add_functions(proto: onnx.ModelProto) -> None:
-    by_type: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        if node.domain == DOMAIN:
-            by_type.setdefault(node.op_type, []).append(node)
-    proto.functions.extend(function_for(nodes) for nodes in by_type.values())
 
 
 def _metadata(model: SparseDecoder | _Dense, graph: str) -> dict[str, str]:
@@ -462,7 +456,7 @@ def export_onnx(model: SparseDecoder | nn.Module, directory: str | Path, *, over
                 graphs = _graphs(model, progress) if isinstance(model, SparseDecoder) else model.graphs(progress)
                 for name, proto in graphs:  # each graph is written (its weights moved to the file) before the next
                     _unpack_layer_outputs(proto)
-                    _add_functions(proto)
+                    proto.functions.extend(functions_for(list(proto.graph.node)))
                     helper.set_model_props(proto, {METADATA_PREFIX + k: v for k, v in _metadata(model, name).items()})
                     weights.externalise(proto)
                     onnx.save(proto, staging / f"{name}.onnx")

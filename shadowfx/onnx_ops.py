@@ -120,6 +120,13 @@ NODE_TYPES: dict[str, NodeType] = {t.name: t for t in (
     NodeType("KeptCols", _ops.kept_cols.default, _inputs("source:T", "cols:I"), ("kept",), {},
              "shadowfx::kept_cols: the columns cols [B, n] of source [M, N] as [B, M, n], the index N giving zeros "
              "(an output projection's kept inputs, gathered once)"),
+    # the projections of a per-token attention body: no torch op of their own
+    NodeType("KeptRowsLinear", None, _inputs("x:T", "weight:T", "bias:T?", "rows:I"), ("y",), {},
+             "y[b, s, j] = x[b, s] . weight[rows[b, s, j]] + bias[rows[b, s, j]] for x [B, S, E], weight [N, E], "
+             "rows [B, S, k]; the index N gives 0 (the kept rows of each token)"),
+    NodeType("KeptColsLinear", None, _inputs("h:T", "weight:T", "bias:T?", "cols:I"), ("y",), {},
+             "y[b, s] = sum_j h[b, s, j] * weight[:, cols[b, s, j]] + bias for h [B, S, k], weight [E, N], "
+             "cols [B, S, k] distinct within each token; the index N adds nothing (the kept inputs of each token)"),
 )}
 
 
@@ -216,7 +223,9 @@ class _Body:
 
     def __call__(self, op_type: str, *inputs: str, outputs: int = 1, **attributes: object) -> str | list[str]:
         names = [f"t{len(self.nodes)}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attributes))
+        # a node type of this domain in a body is one more function of the model (or the library's kernel)
+        domain = DOMAIN if op_type in NODE_TYPES else ""
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain, **attributes))
         return names[0] if outputs == 1 else names
 
     def ints(self, *values: int) -> str:
@@ -278,10 +287,15 @@ class _Body:
         return self("Mul", t, self("Sigmoid", t if scale == 1.0 else self("Mul", t, self.scalar(scale, t))))
 
     def unit_rows(self, units: str, width: int) -> str:
-        """[B, n] units of ``width`` consecutive rows each -> their rows [B, n * width] (shadowfx.ops.unit_rows)."""
+        """[..., n] units of ``width`` consecutive rows each -> their rows [..., n * width] (shadowfx.ops.unit_rows)."""
         offsets = self("Constant", value=helper.make_tensor("", TensorProto.INT64, [width], list(range(width))))
         rows = self("Add", self("Mul", self("Unsqueeze", units, self.ints(-1)), self.ints(width)), offsets)
-        return self("Reshape", rows, self.ints(0, -1))
+        return self("Reshape", rows, self("Concat", self("Shape", units, end=-1), self.ints(-1), axis=0))
+
+    def with_zero_slot(self, t: str) -> str:
+        """t [..., N] with a zero at N: [..., N + 1], where an empty slot's index points."""
+        return self("Concat", t, self("Expand", self.scalar(0.0, t),
+                                      self("Concat", self("Shape", t, end=-1), self.ints(1), axis=0)), axis=-1)
 
 
 def _mlp_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
@@ -360,16 +374,27 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     kv_heads, head_dim = attributes["num_kv_heads"], attributes["head_dim"]
     group = attributes["num_heads"] // kv_heads
     per_row = mode == "pregathered"
-    q_rows = kv_rows = empty = None
+    q_rows = kv_rows = empty = token_q_rows = None
     if mode == "rows":
         kept = body("Min", "kv_head_idx", body.ints(kv_heads - 1))
         empty = body("Equal", "kv_head_idx", body.ints(kv_heads))
         q_rows, kv_rows = body.unit_rows(kept, group * head_dim), body.unit_rows(kept, head_dim)
+    q_width = attributes["num_heads"] * head_dim
+    if mode == "tokens":
+        # each token's kept heads' q rows [B, S, k * r * D]; an empty slot's rows all become the empty row N
+        token_q_rows = body("Min", body.unit_rows("kv_head_idx", group * head_dim), body.ints(q_width))
 
     def heads(t: str) -> str:  # [B, S, n*D] -> [B, n, S, D]
         return body("Transpose", body("Reshape", t, body.ints(0, 0, -1, head_dim)), perm=[0, 2, 1, 3])
 
-    q = heads(body.linear_rows("hidden", "q_weight", given("q_bias"), q_rows, per_row))
+    if token_q_rows is None:
+        q = heads(body.linear_rows("hidden", "q_weight", given("q_bias"), q_rows, per_row))
+    else:
+        # the kept heads' q (the other heads' zero, their context unread), in the places of every head's q
+        kept_q = body("KeptRowsLinear", "hidden", "q_weight", given("q_bias"), token_q_rows)
+        placed = body("ScatterElements", body.with_zero_slot(body("Expand", body.scalar(0.0, kept_q), body(
+            "Concat", body.dims("hidden", 0, 2), body.ints(q_width), axis=0))), token_q_rows, kept_q, axis=-1)
+        q = heads(body("Slice", placed, body.ints(0), body.ints(q_width), body.ints(-1)))
     key = heads(body.linear_rows("hidden", "k_weight", given("k_bias"), kv_rows, per_row))
     value = heads(body.linear_rows("hidden", "v_weight", given("v_bias"), kv_rows, per_row))
     if "q_norm" in present:
@@ -407,17 +432,16 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     context = body("Reshape", context, body("Concat", body.dims(context, 0, 1), body.ints(-1),
                                             body.dims(context, 3, 5), axis=0))
     context = body("Reshape", body("Transpose", context, perm=[0, 2, 1, 3]), body.ints(0, 0, -1))
-    if mode == "tokens" or empty is not None:
+    if token_q_rows is not None:  # the o projection of each token's kept heads' context
+        kept_context = body("GatherElements", body.with_zero_slot(context), token_q_rows, axis=-1)
+        out = body("KeptColsLinear", kept_context, "o_weight", given("o_bias"), token_q_rows)
+        return [out, key, value]
+    if empty is not None:
         by_group = body("Reshape", context, body.ints(0, 0, -1, group * head_dim))
-        zero = body.scalar(0.0, context)
-        if mode == "tokens":
-            keep = body.flag_mask("kv_head_idx", body.ints(kv_heads))
-            by_group = body("Where", body("Unsqueeze", keep, body.ints(-1)), by_group, zero)
-        else:
-            by_group = body("Where", body("Unsqueeze", empty, body.ints(1, 3)), zero, by_group)
+        by_group = body("Where", body("Unsqueeze", empty, body.ints(1, 3)), body.scalar(0.0, context), by_group)
         context = body("Reshape", by_group, body.ints(0, 0, -1))
     out = body.linear_cols(context, "o_weight", given("o_bias"), q_rows, per_row)
-    return [out, body("Identity", key), body("Identity", value)]
+    return [out, key, value]
 
 
 def _topk_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
@@ -485,10 +509,27 @@ def _kept_cols_body(body: _Body, present: set[str], attributes: dict) -> list[st
     return [body("Where", empty, body.scalar(0.0, "source"), body("Transpose", taken, perm=[1, 0, 2]))]
 
 
+def _kept_rows_linear_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
+    every = body("MatMul", "x", body("Transpose", "weight", perm=[1, 0]))  # [B, S, N]: every row's output
+    if "bias" in present:
+        every = body("Add", every, "bias")
+    return [body("GatherElements", body.with_zero_slot(every), "rows", axis=-1)]
+
+
+def _kept_cols_linear_body(body: _Body, present: set[str], attributes: dict) -> list[str]:
+    units = body.dims("weight", 1, 2)
+    zeros = body("Expand", body.scalar(0.0, "h"), body("Concat", body.dims("h", 0, 2), units, axis=0))
+    placed = body("ScatterElements", body.with_zero_slot(zeros), "cols", "h", axis=-1)  # [B, S, N + 1]
+    every = body("Slice", placed, body.ints(0), units, body.ints(-1))
+    y = body("MatMul", every, body("Transpose", "weight", perm=[1, 0]))
+    return [body("Add", y, "bias") if "bias" in present else y]
+
+
 _BODIES: dict[str, Callable[[_Body, set[str], dict], list[str]]] = {
     "GatheredMLP": _mlp_body, "GatheredAttention": _attention_body, "TokenSparseAttention": _attention_body,
     "TopkIndices": _topk_body, "GlobalTopkIndices": _global_topk_body, "ShadowMLP": _shadow_mlp_body,
-    "KeptRows": _kept_rows_body, "KeptCols": _kept_cols_body,
+    "KeptRows": _kept_rows_body, "KeptCols": _kept_cols_body, "KeptRowsLinear": _kept_rows_linear_body,
+    "KeptColsLinear": _kept_cols_linear_body,
 }
 
 
@@ -511,14 +552,32 @@ def function_for(nodes: list[onnx.NodeProto]) -> onnx.FunctionProto:
     node_type = NODE_TYPES[op_type]
     body = _Body()
     outputs = _BODIES[op_type](body, set(present), dict(attributes))
-    # the function's outputs are the body's last values, renamed to the schema's output names
     names = ([f"{node_type.outputs[0]}_{i}" for i in range(len(outputs))] if node_type.variadic
              else list(node_type.outputs))
+    # the function's outputs are the body's last values (each a distinct value a body node makes), renamed to the
+    # schema's output names where they are made and read
     renames = dict(zip(outputs, names))
     for node in body.nodes:
+        node.input[:] = [renames.get(name, name) for name in node.input]
         node.output[:] = [renames.get(name, name) for name in node.output]
     return helper.make_function(
         DOMAIN, op_type, inputs=[spec.name for spec in node_type.inputs], outputs=names,
-        nodes=body.nodes, opset_imports=[helper.make_opsetid("", OPSET)],
+        nodes=body.nodes, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
         attributes=list(node_type.attributes),
     )
+
+
+def functions_for(nodes: list[onnx.NodeProto]) -> list[onnx.FunctionProto]:
+    """The FunctionProtos of the domain's node types among ``nodes``, and of the node types their bodies hold."""
+    functions: dict[str, onnx.FunctionProto] = {}
+    pending = [node for node in nodes if node.domain == DOMAIN]
+    while pending:
+        by_type: dict[str, list[onnx.NodeProto]] = {}
+        for node in pending:
+            by_type.setdefault(node.op_type, []).append(node)
+        made = {op_type: function_for(typed) for op_type, typed in by_type.items()}
+        functions.update(made)
+        pending = [node for function in made.values() for node in function.node
+                   if node.domain == DOMAIN and node.op_type not in functions]
+    return list(functions.values())
+

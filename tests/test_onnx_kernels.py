@@ -22,7 +22,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import shadowfx
 import shadowfx.runtimes.onnx as onnx_runtime
 from shadowfx.onnx_export import export_onnx
-from shadowfx.onnx_ops import DOMAIN, DOMAIN_VERSION, OPSET, function_for
+from shadowfx.onnx_ops import DOMAIN, DOMAIN_VERSION, OPSET, function_for, functions_for
 from shadowfx.ort_kernels import KernelPrerequisiteMissing, kernel_library
 from shadowfx.predictor import ShadowPredictor
 from shadowfx.runtimes.onnx import OnnxDecoder, OnnxLoadError
@@ -182,6 +182,78 @@ def test_kernel_refuses_an_index_past_the_empty_slot(library, tmp_path):
         run_once(model, feeds, tmp_path, library)
 
 
+# ---- KeptRowsLinear and KeptColsLinear: a per-token attention's q and o projections -----------------------------
+
+def linear_model(op_type: str, indices: np.ndarray, inputs: int, outputs: int, *, bias: bool, constant: bool):
+    """One KeptRowsLinear (x [B, S, inputs] by weight [outputs, inputs]) or KeptColsLinear (h [B, S, k] by weight
+    [outputs, inputs]) node with its body, random values, the weight an input or an initializer."""
+    batch, seq, kept = indices.shape
+    rng = np.random.default_rng(2)
+    rows = op_type == "KeptRowsLinear"
+    weight = rng.standard_normal((inputs, outputs) if rows else (outputs, inputs)).astype(np.float32)
+    feeds = {"a": rng.standard_normal((batch, seq, outputs if rows else kept)).astype(np.float32), "indices": indices}
+    if bias:
+        feeds["bias"] = rng.standard_normal(inputs if rows else outputs).astype(np.float32)
+    node = helper.make_node(op_type, ["a", "weight", "bias" if bias else "", "indices"], ["y"], domain=DOMAIN)
+    graph_inputs = [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "indices" else TensorProto.FLOAT,
+                                                  None) for name in feeds]
+    if constant:
+        initializers = [helper.make_tensor("weight", TensorProto.FLOAT, weight.shape, weight.tobytes(), raw=True)]
+    else:
+        initializers, feeds["weight"] = [], weight
+        graph_inputs.append(helper.make_tensor_value_info("weight", TensorProto.FLOAT, None))
+    graph = helper.make_graph([node], op_type, graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                           None)],
+                              initializer=initializers)
+    model = helper.make_model(graph, functions=functions_for([node]),
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    return model, feeds
+
+
+def head_rows(batch: int, seq: int, groups: int, kept: int, width: int, seed: int) -> np.ndarray:
+    """Each token's rows of ``kept`` of ``groups`` KV groups of ``width`` rows, [B, S, kept * width], as a per-token
+    attention's q rows; one token keeps a group less (its last rows the empty row, groups * width)."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(np.stack([rng.permutation(groups)[:kept] for _ in range(batch * seq)]), axis=-1)
+    rows = (chosen[..., None] * width + np.arange(width)).reshape(batch, seq, -1)
+    rows[-1, -1, -width:] = groups * width
+    return rows
+
+
+@pytest.mark.parametrize("op_type", ["KeptRowsLinear", "KeptColsLinear"])
+@pytest.mark.parametrize("seq", [1, 9], ids=["decode", "tokens"])
+@pytest.mark.parametrize("constant", [False, True], ids=["input", "initializer"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_kernels_run_instead_of_the_bodies_and_match_them(library, tmp_path, op_type, seq, constant, threads):
+    """A decode step and several tokens (the register tiles), groups of 16 rows with an empty one, with and without a
+    bias, the weight an input or an initializer (KeptColsLinear: copied input-major when the session makes the
+    kernel)."""
+    indices = head_rows(2, seq, groups=6, kept=3, width=16, seed=seq)
+    for bias in (False, True):
+        model, feeds = linear_model(op_type, indices, 6 * 16, 40, bias=bias, constant=constant)
+        (native,), native_ops = run_once(model, feeds, tmp_path, library, threads)
+        (body,), body_ops = run_once(model, feeds, tmp_path, None, threads)
+        assert native_ops == {op_type: 1} and op_type not in body_ops and body_ops
+        assert native.shape == (2, seq, 48 if op_type == "KeptRowsLinear" else 40)
+        np.testing.assert_allclose(native, body, rtol=1e-4, atol=1e-5 * np.abs(body).max())
+        if op_type == "KeptRowsLinear":
+            assert not native[-1, -1, -16:].any()  # the empty rows
+
+
+def test_linear_kernels_refuse_repeated_cols_and_an_index_past_the_empty_slot(library, tmp_path):
+    indices = head_rows(1, 2, groups=4, kept=2, width=2, seed=0)
+    repeated = indices.copy()
+    repeated[0, 1, 1] = repeated[0, 1, 0]
+    model, feeds = linear_model("KeptColsLinear", repeated, 8, 5, bias=False, constant=False)
+    with pytest.raises(InvalidArgument, match="shadowfx KeptColsLinear: a token's cols name one column twice"):
+        run_once(model, feeds, tmp_path, library)
+    past = indices.copy()
+    past[0, 0, 0] = 9
+    model, feeds = linear_model("KeptRowsLinear", past, 8, 5, bias=False, constant=False)
+    with pytest.raises(InvalidArgument, match=r"shadowfx KeptRowsLinear: index 9 is outside \[0, 8\]"):
+        run_once(model, feeds, tmp_path, library)
+
+
 # ---- KeptRows and KeptCols: a prompt's one-time gather ------------------------------------------------------------
 
 def kept_model(op_type: str, source_shape: list[int], elem_type: int):
@@ -269,6 +341,13 @@ def mlp_nodes(directory: Path, graph: str) -> int:
     return graph_nodes(directory, graph, "GatheredMLP")
 
 
+def per_token_attention_nodes(directory: Path, graph: str) -> int:
+    """The attention nodes whose bodies project through KeptRowsLinear and KeptColsLinear (selection "tokens")."""
+    proto = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+    return sum(node.op_type in ("GatheredAttention", "TokenSparseAttention") and any(
+        a.name == "selection" and a.s == b"tokens" for a in node.attribute) for node in proto.graph.node)
+
+
 @pytest.mark.parametrize("family, granularity", CASES)
 def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(library, tmp_path, family,
                                                                              granularity):
@@ -295,6 +374,9 @@ def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(libr
             # prefill runs twice (the call and generate's start), decode once per new token after the first
             runs = {"prefill": 2, "decode": 2}.get(graph, 0)
             assert ran["GatheredMLP"] == (mlp_nodes(directory, graph) * runs if kernels else 0), graph
+            projections = per_token_attention_nodes(directory, graph) * runs if kernels else 0
+            assert ran["KeptRowsLinear"] == ran["KeptColsLinear"] == projections, graph
+            assert bool(projections) == (kernels is not None and granularity == "token" and graph != "gather")
             if graph == "gather":  # once, in generate's start
                 copies = graph_nodes(directory, graph, "KeptRows", "KeptCols")
                 assert copies and ran["KeptRows"] + ran["KeptCols"] == copies

@@ -6,11 +6,12 @@
 // the OrtApiBase given there (ORT_API_MANUAL_INIT), so the library links nothing of onnxruntime and loads in any
 // onnxruntime whose C API is at least ORT_API_VERSION of the headers.
 //
-// Implemented: GatheredMLP in float32, every activation and selection mode of its bodies (see GatheredMlpOp for the
-// other element types), by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op
-// threads; KeptRows and KeptCols (a prompt's one-time gather of its kept weights) in every element type, as row
-// copies on the same threads. The node types not implemented here keep their function bodies: registering the
-// domain does not hide them.
+// Implemented: GatheredMLP in float32, every activation and selection mode of its bodies, and KeptRowsLinear /
+// KeptColsLinear (the q and o projections inside a per-token attention's body) in float32 (see FloatOp for the other
+// element types), by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op threads;
+// KeptRows and KeptCols (a prompt's one-time gather of its kept weights) in every element type, as row copies on the
+// same threads. The node types not implemented here keep their function bodies: registering the domain does not hide
+// them, and a body's nodes of the domain run the kernels where there are some.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -167,9 +168,40 @@ Input ReadInput(const Ort::KernelContext& context, size_t index) {
   return input;
 }
 
-void ExpectShape(const Input& input, const char* name, const std::vector<int64_t>& shape) {
+void ExpectShape(const Input& input, const char* name, const std::vector<int64_t>& shape,
+                 const char* op = "GatheredMLP") {
   if (input.present && input.shape != shape)
-    Fail(std::string(name) + " has shape " + ShapeText(input.shape) + ", expected " + ShapeText(shape));
+    Fail(std::string(name) + " has shape " + ShapeText(input.shape) + ", expected " + ShapeText(shape), op);
+}
+
+// A constant weight [E, F] (an initializer) as [F, E], the input-major layout the shared kernels read fastest (a
+// kept input's weights one contiguous run, register tiles over several tokens), on huge pages since every step reads
+// it; copied once, when the session makes the kernel, and the weight's size again in memory. Null where the input is
+// not a constant 2-D tensor.
+using InputMajor = std::unique_ptr<float[], decltype(&std::free)>;
+
+InputMajor InputMajorCopy(const OrtKernelInfo* info, size_t index) {
+  Ort::ConstKernelInfo kernel_info(info);
+  InputMajor copy{nullptr, &std::free};
+  int constant = 0;
+  if (kernel_info.GetInputCount() <= index) return copy;
+  Ort::ConstValue weight = kernel_info.GetTensorConstantInput(index, &constant);
+  if (!constant || weight == nullptr) return copy;
+  const std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.size() != 2) return copy;  // Compute reports the shape
+  const float* data = weight.GetTensorData<float>();
+  size_t block = 0;
+  copy.reset(static_cast<float*>(
+      shadowfx_kernels::allocate_huge_pages(static_cast<size_t>(shape[0] * shape[1]) * sizeof(float), &block)));
+  if (!copy) throw std::bad_alloc();
+  for (int64_t e = 0; e < shape[0]; ++e)
+    for (int64_t n = 0; n < shape[1]; ++n) copy[n * shape[0] + e] = data[e * shape[1] + n];
+  return copy;
+}
+
+// y [T, E] += bias [E]
+void AddBias(float* y, const float* bias, int64_t tokens, int64_t embed) {
+  for (int64_t t = 0; t < tokens; ++t) shadowfx_kernels::axpy(1.0f, bias, y + t * embed, embed);
 }
 
 // whether a token's selection [k] (of many: tokens x kept) names a unit twice
@@ -191,28 +223,18 @@ bool RepeatsAUnit(const int64_t* selection, int64_t tokens, int64_t kept, int64_
 //   pregathered  no neuron_idx; the weights are each batch row's kept units: up/gate [B, F, E], down [B, E, F]
 // Biases: up/gate [F] ([B, F] pregathered), down [E].
 // The products are the shared gather kernels' (those of the PyTorch ops), on the session's threads: the kept rows of
-// up and gate, the kept inputs of down. A constant down weight (an initializer) is copied once, when the session
-// makes the kernel, into the input-major layout those kernels read fastest (a kept input's weights one contiguous
-// run, register tiles over several tokens); this copy is the weight's size again in memory.
+// up and gate, the kept inputs of down (a constant down weight from its input-major copy, InputMajorCopy).
 class MlpKernel : public StatusKernel<MlpKernel> {
  public:
+  static constexpr const char* kName = "GatheredMLP";
+  static constexpr size_t kInputs = kCount, kIndices = kNeuronIdx;
+  static bool Optional(size_t index) { return index != kX && index != kUpWeight && index != kDownWeight; }
+
   explicit MlpKernel(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
     activation_ = ParseActivation(kernel_info.GetAttribute<std::string>("activation"));
     selection_ = ParseSelection(kernel_info.GetAttribute<std::string>("selection"));
-    int constant = 0;
-    if (selection_ == Selection::kPregathered || kernel_info.GetInputCount() <= kDownWeight) return;
-    Ort::ConstValue down = kernel_info.GetTensorConstantInput(kDownWeight, &constant);
-    if (!constant || down == nullptr) return;
-    const std::vector<int64_t> shape = down.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape.size() != 2) return;  // Compute reports the shape
-    const float* weight = down.GetTensorData<float>();
-    size_t block = 0;
-    down_input_major_.reset(static_cast<float*>(
-        shadowfx_kernels::allocate_huge_pages(static_cast<size_t>(shape[0] * shape[1]) * sizeof(float), &block)));
-    if (!down_input_major_) throw std::bad_alloc();
-    for (int64_t e = 0; e < shape[0]; ++e)
-      for (int64_t n = 0; n < shape[1]; ++n) down_input_major_[n * shape[0] + e] = weight[e * shape[1] + n];
+    if (selection_ != Selection::kPregathered) down_input_major_ = InputMajorCopy(info, kDownWeight);
   }
 
   void Compute(const Ort::KernelContext& context) {
@@ -304,9 +326,7 @@ class MlpKernel : public StatusKernel<MlpKernel> {
       }
       ByUnits(threads, x.data, selection, batch * seq, kept, units, embed, full, y);
     }
-    if (down_bias.present)
-      for (int64_t t = 0; t < batch * seq; ++t)
-        for (int64_t e = 0; e < embed; ++e) y[t * embed + e] += down_bias.data[e];
+    if (down_bias.present) AddBias(y, down_bias.data, batch * seq, embed);
   }
 
  private:
@@ -373,41 +393,137 @@ class MlpKernel : public StatusKernel<MlpKernel> {
 
   Activation activation_;
   Selection selection_;
-  // a constant down weight [E, F] as [F, E], on huge pages since every step reads it; null where it is not constant
-  std::unique_ptr<float[], decltype(&std::free)> down_input_major_{nullptr, &std::free};
+  InputMajor down_input_major_{nullptr, &std::free};  // a constant down weight's copy (InputMajorCopy), else null
 };
 
-// A registration of GatheredMLP whose float inputs and output are of element type kType. onnxruntime checks a node
-// against a schema it builds from all the registrations of the name (not against the function's schema), so besides
-// the float32 kernel there are float16 and bfloat16 registrations that only keep the element types onnx_ops allows:
-// they are declared for an execution provider that no session has, and never run. A float16 node then runs the float32
-// kernel between the casts that onnxruntime's CPU provider inserts for float16 (as it does for the body's ops); a
-// bfloat16 node finds no CPU kernel, as its body does not.
+// ---- KeptRowsLinear, KeptColsLinear -------------------------------------------------------------------------------
+// The q and o projections of a per-token attention body (onnx_ops.NODE_TYPES), by the shared gather kernels: each
+// token's kept rows of q, its kept input features of o. Indices [B, S, k]; N (the weight's unit count) is the empty
+// slot.
+
+enum LinearInput : size_t { kLinearIn, kLinearWeight, kLinearBias, kLinearIndices, kLinearCount };
+
+// The indices [B, S, k] of a linear node for input [B, S, ...], each in [0, units].
+const int64_t* ReadTokenIndices(const Ort::KernelContext& context, int64_t batch, int64_t seq, int64_t units,
+                                const char* op, int64_t* kept) {
+  Ort::ConstValue indices = context.GetInput(kLinearIndices);
+  const std::vector<int64_t> shape = indices.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.size() != 3 || shape[0] != batch || shape[1] != seq)
+    Fail("the indices must be [B, S, k] = [" + std::to_string(batch) + ", " + std::to_string(seq) + ", k], got " +
+             ShapeText(shape), op);
+  *kept = shape[2];
+  const int64_t* data = indices.GetTensorData<int64_t>();
+  for (int64_t i = 0; i < batch * seq * *kept; ++i)
+    if (data[i] < 0 || data[i] > units)
+      Fail("index " + std::to_string(data[i]) + " is outside [0, " + std::to_string(units) + "] (" +
+               std::to_string(units) + " is the empty slot)", op);
+  return data;
+}
+
+// y [B, S, k] = x [B, S, E] . weight[rows] + bias[rows], weight [N, E], bias [N].
+struct KeptRowsLinearKernel : StatusKernel<KeptRowsLinearKernel> {
+  static constexpr const char* kName = "KeptRowsLinear";
+  static constexpr size_t kInputs = kLinearCount, kIndices = kLinearIndices;
+  static bool Optional(size_t index) { return index == kLinearBias; }
+
+  explicit KeptRowsLinearKernel(const OrtKernelInfo*) {}
+
+  static void Compute(const Ort::KernelContext& context) {
+    const Input x = ReadInput(context, kLinearIn), weight = ReadInput(context, kLinearWeight),
+                bias = ReadInput(context, kLinearBias);
+    if (x.shape.size() != 3) Fail("x must be [B, S, E], got " + ShapeText(x.shape), kName);
+    if (weight.shape.size() != 2 || weight.shape[1] != x.shape[2])
+      Fail("weight must be [N, E] with E = " + std::to_string(x.shape[2]) + ", got " + ShapeText(weight.shape), kName);
+    const int64_t units = weight.shape[0];
+    ExpectShape(bias, "bias", {units}, kName);
+    int64_t kept = 0;
+    const int64_t* rows = ReadTokenIndices(context, x.shape[0], x.shape[1], units, kName, &kept);
+    float* y = context.GetOutput(0, {x.shape[0], x.shape[1], kept}).GetTensorMutableData<float>();
+    const int64_t tokens = x.shape[0] * x.shape[1];
+    std::optional<shadowfx_kernels::UnitOrder> order;  // several tokens read the rows by unit, sorted once
+    if (tokens > 1) order.emplace(rows, tokens, kept, units);
+    shadowfx_kernels::rows_kernel<float>(OrtThreads{context}, x.data, weight.data, bias.present ? bias.data : nullptr,
+                                         rows, order ? &*order : nullptr, y, tokens, kept, units, x.shape[2]);
+  }
+};
+
+// y [B, S, E] = sum_j h[.., j] * weight[:, cols[.., j]] + bias, weight [E, N], bias [E]; the cols of a token must
+// be distinct (the body's scatter of h into N places is undefined where two slots name one place). A constant weight
+// is read from its input-major copy (InputMajorCopy), else as given, row by row.
+class KeptColsLinearKernel : public StatusKernel<KeptColsLinearKernel> {
+ public:
+  static constexpr const char* kName = "KeptColsLinear";
+  static constexpr size_t kInputs = kLinearCount, kIndices = kLinearIndices;
+  static bool Optional(size_t index) { return index == kLinearBias; }
+
+  explicit KeptColsLinearKernel(const OrtKernelInfo* info) : input_major_(InputMajorCopy(info, kLinearWeight)) {}
+
+  void Compute(const Ort::KernelContext& context) const {
+    const Input h = ReadInput(context, kLinearIn), weight = ReadInput(context, kLinearWeight),
+                bias = ReadInput(context, kLinearBias);
+    if (h.shape.size() != 3) Fail("h must be [B, S, k], got " + ShapeText(h.shape), kName);
+    if (weight.shape.size() != 2) Fail("weight must be [E, N], got " + ShapeText(weight.shape), kName);
+    const int64_t embed = weight.shape[0], units = weight.shape[1];
+    ExpectShape(bias, "bias", {embed}, kName);
+    int64_t kept = 0;
+    const int64_t* cols = ReadTokenIndices(context, h.shape[0], h.shape[1], units, kName, &kept);
+    if (kept != h.shape[2])
+      Fail("h has " + std::to_string(h.shape[2]) + " values a token for " + std::to_string(kept) + " indices", kName);
+    const int64_t tokens = h.shape[0] * h.shape[1];
+    if (RepeatsAUnit(cols, tokens, kept, units)) Fail("a token's cols name one column twice; they must be distinct", kName);
+    float* y = context.GetOutput(0, {h.shape[0], h.shape[1], embed}).GetTensorMutableData<float>();
+    std::optional<shadowfx_kernels::UnitOrder> order;  // several tokens read the input-major rows by unit
+    if (tokens > 1 && input_major_) order.emplace(cols, tokens, kept, units);
+    shadowfx_kernels::cols_kernel<float>(OrtThreads{context}, h.data, input_major_ ? input_major_.get() : weight.data,
+                                         cols, order ? &*order : nullptr, y, tokens, kept, units, embed,
+                                         input_major_ != nullptr);
+    if (bias.present) AddBias(y, bias.data, tokens, embed);
+  }
+
+ private:
+  InputMajor input_major_;
+};
+
+// The registration of a float32 kernel class (GatheredMLP, KeptRowsLinear, KeptColsLinear) for element type kType:
+// the class names the node type (kName), its input count (kInputs), the position of its int64 indices (kIndices)
+// and its optional inputs (Optional). onnxruntime checks a node against a schema it builds from all the
+// registrations of the name (not against the function's schema), so besides the float32 kernel there are float16 and
+// bfloat16 registrations that only keep the element types onnx_ops allows: they are declared for an execution
+// provider that no session has, and never run. A float16 node then runs the float32 kernel between the casts that
+// onnxruntime's CPU provider inserts for float16 (as it does for the body's ops); a bfloat16 node finds no CPU
+// kernel, as its body does not.
 constexpr const char* kSchemaOnlyProvider = "ShadowfxSchemaOnly";
 
-template <ONNXTensorElementDataType kType>
-struct GatheredMlpOp : Ort::CustomOpBase<GatheredMlpOp<kType>, MlpKernel, /*WithStatus=*/true> {
+template <typename Kernel, ONNXTensorElementDataType kType>
+struct FloatOp : Ort::CustomOpBase<FloatOp<Kernel, kType>, Kernel, /*WithStatus=*/true> {
   static constexpr bool kComputes = kType == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return AsStatus([&] {
-      if (!kComputes) Fail("no kernel for this element type (the registration only declares the schema's types)");
-      *kernel = new MlpKernel(info);
+      if (!kComputes)
+        Fail("no kernel for this element type (the registration only declares the schema's types)", Kernel::kName);
+      *kernel = new Kernel(info);
     });
   }
-  const char* GetName() const { return "GatheredMLP"; }
+  const char* GetName() const { return Kernel::kName; }
   const char* GetExecutionProviderType() const { return kComputes ? nullptr : kSchemaOnlyProvider; }
-  size_t GetInputTypeCount() const { return kCount; }
+  size_t GetInputTypeCount() const { return Kernel::kInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kNeuronIdx ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : kType;
+    return index == Kernel::kIndices ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : kType;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    const bool required = index == kX || index == kUpWeight || index == kDownWeight;
-    return required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return Kernel::Optional(index) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 };
+
+template <typename Kernel>
+void AddFloatOp(Ort::CustomOpDomain* domain) {
+  domain->Add(new FloatOp<Kernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>());
+  domain->Add(new FloatOp<Kernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>());
+  domain->Add(new FloatOp<Kernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>());
+}
 
 // ---- KeptRows, KeptCols --------------------------------------------------------------------------------------------
 // The one-time gather of a prompt's kept weights (onnx_ops.NODE_TYPES): copies of whole elements, the same for every
@@ -574,9 +690,9 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     // The domain and its ops must outlive every session that uses them; made once, never freed.
     static Ort::CustomOpDomain* const domain = [] {
       auto* made = new Ort::CustomOpDomain(kDomain);
-      made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>());
-      made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>());
-      made->Add(new GatheredMlpOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>());
+      AddFloatOp<MlpKernel>(made);
+      AddFloatOp<KeptRowsLinearKernel>(made);
+      AddFloatOp<KeptColsLinearKernel>(made);
       AddKept<KeptRowsKernel>(made, "KeptRows");
       AddKept<KeptColsKernel>(made, "KeptCols");
       return made;

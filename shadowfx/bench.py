@@ -1,7 +1,8 @@
 """``shadowfx bench``: the transformed model's speed against the dense model, measured in the same run.
 
 For every setting (granularity, sparsity, batch size, sparse runtime) the dense model and ``shadowfx.transform``'s
-model run in alternation on the same random prompt: the prefill (the prompt's pass up to the next token's logits,
+model run in alternation on the same prompt (random token ids, or windows of real text for a checkpoint with a
+tokenizer): the prefill (the prompt's pass up to the next token's logits,
 which the PyTorch runtimes compute for the last position only, as generate does), the time to the first token (the
 dense prefill against :meth:`SparseDecoder.start`, which per prompt also gathers the kept weights) and one decode
 step with the KV cache. A ratio is the median over the alternated pairs; each setting is measured in ``runs``
@@ -50,7 +51,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig,
 from shadowfx import native
 from shadowfx.api import checkpoint_directory, discover, transform
 from shadowfx.capture import positions_from_mask
+from shadowfx.data import DataError, read_text
+from shadowfx.experiment import domain_texts, spread_windows
 from shadowfx.files import atomic_write, atomic_write_text
+from shadowfx.loading import load_tokenizer
 from shadowfx.onnx_export import export_onnx
 from shadowfx.predictor import LayerwisePredictor, ShadowPredictor, load_predictor, saved_predictors
 from shadowfx.runtimes.onnx import OnnxDecoder
@@ -85,6 +89,9 @@ class BenchSettings:
     predictors: tuple[str, ...] = ("shadowllm",)
     scope: str = "per_layer"
     batch_selection: str = "per_row"  # per prompt at batch > 1: "union" keeps one set of units for the batch
+    # None: random token ids; "builtin": the built-in corpus's held-out documentation; else a text file: windows of
+    # real text, one per batch row, tokenized by the checkpoint's tokenizer (what a trained predictor selects for)
+    prompt_text: str | None = None
 
 
 def shape_model(name: str, layers: int | None = None, seed: int = 0) -> nn.Module:
@@ -173,6 +180,31 @@ def _measure_once(dense, sparse, input_ids: torch.Tensor, attention_mask: torch.
             "dense_decode_step_s": dense_step, "decode_step_s": step, "decode_speedup": decode_speedup}
 
 
+def _prompts(model: nn.Module, structure: DecoderStructure, settings: BenchSettings) -> dict[int, torch.Tensor]:
+    """Each batch size's prompt [batch, prompt_tokens]: random token ids, or windows spread over real text
+    (``settings.prompt_text``), one per row."""
+    if settings.prompt_text is None:
+        generator = torch.Generator().manual_seed(1)
+        return {batch: torch.randint(0, structure.vocab_size, (batch, settings.prompt_tokens), generator=generator)
+                for batch in settings.batches}
+    directory = checkpoint_directory(model)
+    if directory is None:
+        raise ValueError("prompts of real text need the model's tokenizer: give a checkpoint directory (the shapes "
+                         "have random weights and no tokenizer), or leave out the prompt text")
+    builtin = settings.prompt_text == "builtin"
+    text = None if builtin else read_text(settings.prompt_text)  # a file it cannot read is named first
+    tokenizer = load_tokenizer(directory)
+    text = domain_texts()["docs"].held_out if builtin else text
+    prompts = {}
+    for batch in settings.batches:
+        windows = spread_windows(tokenizer, text, settings.prompt_tokens, batch, "prompt")
+        if windows.shape[0] < batch:
+            raise DataError(f"the prompt text holds {windows.shape[0]} windows of {settings.prompt_tokens} tokens, "
+                            f"fewer than the batch of {batch}: give a longer text or fewer prompt tokens")
+        prompts[batch] = windows
+    return prompts
+
+
 PREDICTOR_KINDS = ("shadowllm", "dejavu")
 
 
@@ -214,9 +246,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
                "layers": structure.num_layers, "hidden_size": structure.hidden_size,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": asdict(settings),
                "rows": []}
-    generator = torch.Generator().manual_seed(1)
-    prompts = {batch: torch.randint(0, structure.vocab_size, (batch, settings.prompt_tokens), generator=generator)
-               for batch in settings.batches}
+    prompts = _prompts(model, structure, settings)
     step_bytes = {batch: dense_step_bytes(model, structure, batch, settings.prompt_tokens) for batch in prompts}
     kinds = settings.predictors if predictor is None else (_kind(predictor),)
     cases = list(itertools.product(settings.granularities, settings.sparsities, kinds))

@@ -113,7 +113,8 @@ def _bench(args: argparse.Namespace) -> int:
                              batches=tuple(args.batch), runtimes=tuple(args.runtime), dense=args.dense,
                              prompt_tokens=args.prompt, repeats=args.repeats, runs=args.runs,
                              predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope,
-                             batch_selection=args.batch_selection, predictors=tuple(args.predictor))
+                             batch_selection=args.batch_selection, predictors=tuple(args.predictor),
+                             prompt_text=args.prompt_text)
     # made in the call, so that bench holds the only reference: it frees the weights before onnxruntime loads its own
     results = bench(shape_model(args.model, args.layers) if args.model in SHAPES else load_decoder(args.model),
                     settings, name=name)
@@ -464,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_argument("--batch-selection", choices=BATCH_SELECTIONS, default="per_row",
                                help="per prompt at batch > 1: every row its own units, or one union for the batch")
     bench_command.add_argument("--prompt", type=_at_least_one, default=128, help="prompt tokens")
+    bench_command.add_argument("--prompt-text", metavar="builtin|FILE",
+                               help="with a checkpoint: prompts of real text, one window per batch row, from the "
+                               "built-in corpus's held-out documentation or a text file (default: random token ids)")
     bench_command.add_argument("--repeats", type=_at_least_one, default=16, help="alternated decode steps per run")
     bench_command.add_argument("--runs", type=_at_least_one, default=3, help="independent runs per setting")
     bench_command.add_argument("--predictor-hidden", type=_at_least_one, default=1024,

@@ -11,11 +11,14 @@ import torch
 
 from shadowfx import bench
 from shadowfx.cli import main
+from shadowfx.data import DataError
+from shadowfx.experiment import domain_texts, spread_windows
+from shadowfx.loading import load_tokenizer
 from shadowfx.families import build_small
 from shadowfx.predictor import ShadowPredictor
 from shadowfx.runtimes.onnx import OnnxDecoder
 
-from conftest import small_model, structure
+from conftest import save_with_tokenizer, small_model, structure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,6 +87,47 @@ def test_bench_against_a_compiled_dense_model():
     assert results["rows"][0]["dense_decode_step_s"] > 0
 
 
+TEXT = "\n".join(f"Line {i}: the shadow predictor ranks heads and neurons of layer {i % 7}." for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_tokenizer(tmp_path_factory):
+    return save_with_tokenizer(build_small("llama"), tmp_path_factory.mktemp("models") / "llama-tok", [TEXT], 300)
+
+
+def test_bench_prompts_of_real_text_are_windows_of_it_one_per_row(checkpoint_with_tokenizer, tmp_path):
+    """A text file, or the built-in corpus's held-out documentation, tokenized by the checkpoint's tokenizer: each
+    batch size's prompt is that many windows spread over the text; the settings record where they came from."""
+    from shadowfx.loading import load_decoder
+
+    text_file = tmp_path / "prompts.txt"
+    text_file.write_text(TEXT)
+    model = load_decoder(checkpoint_with_tokenizer)
+    tokenizer = load_tokenizer(checkpoint_with_tokenizer)
+    found = structure("llama")
+    settings = bench.BenchSettings(granularities=("prompt",), batches=(1, 3), prompt_text=str(text_file), **QUICK)
+    prompts = bench._prompts(model, found, settings)
+    for batch in (1, 3):
+        assert torch.equal(prompts[batch], spread_windows(tokenizer, TEXT, 6, batch, "prompt"))
+        assert prompts[batch].shape == (batch, 6) and len({tuple(row) for row in prompts[batch].tolist()}) == batch
+    builtin = bench._prompts(model, found, bench.BenchSettings(batches=(2,), prompt_text="builtin", **QUICK))
+    assert torch.equal(builtin[2], spread_windows(tokenizer, domain_texts()["docs"].held_out, 6, 2, "prompt"))
+    results = bench.bench(model, settings, progress=False)
+    assert results["settings"]["prompt_text"] == str(text_file) and len(results["rows"]) == 2
+
+
+def test_bench_refuses_prompt_text_it_cannot_use(checkpoint_with_tokenizer, tmp_path):
+    from shadowfx.loading import load_decoder
+
+    with pytest.raises(ValueError, match="prompts of real text need the model's tokenizer"):
+        bench._prompts(small_model("llama"), structure("llama"), bench.BenchSettings(prompt_text="builtin"))
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:400])
+    settings = bench.BenchSettings(batches=(64,), prompt_text=str(short), **QUICK)
+    with pytest.raises(DataError, match="fewer than the batch of 64"):
+        bench._prompts(load_decoder(checkpoint_with_tokenizer), structure("llama"), settings)
+
+
 def test_shapes_have_the_published_sizes():
     opt, llama = (bench.SHAPES[name]() for name in ("opt-1.3b", "llama-3.2-1b"))
     assert (opt.num_hidden_layers, opt.hidden_size, opt.ffn_dim, opt.num_attention_heads) == (24, 2048, 8192, 32)
@@ -118,6 +162,7 @@ def test_bench_command_uses_the_saved_predictor_and_writes_json_and_plot(tmp_pat
     (["--model", "no/such/dir"], "no/such/dir"),
     (["--layers", "4", "--model", "{checkpoint}"], "--layers shortens the random-weight shapes only"),
     (["--model", "{checkpoint}", "--sparsity", "1.5"], "sparsity"),
+    (["--model", "{checkpoint}", "--prompt-text", "{checkpoint}/no-such.txt"], "no-such.txt"),
 ])
 def test_bench_command_refuses_bad_input(argv, message, tmp_path, capsys):
     checkpoint = tmp_path / "opt"

@@ -385,8 +385,6 @@ def _unpack_layer_outputs(proto: onnx.ModelProto) -> None:
         graph.initializer.remove(tensor)
 
 
-
-
 def _metadata(model: SparseDecoder | _Dense, graph: str) -> dict[str, str]:
     sparse = isinstance(model, SparseDecoder)
     return {

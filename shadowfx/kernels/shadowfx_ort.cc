@@ -470,7 +470,8 @@ class KeptColsLinearKernel : public StatusKernel<KeptColsLinearKernel> {
     if (kept != h.shape[2])
       Fail("h has " + std::to_string(h.shape[2]) + " values a token for " + std::to_string(kept) + " indices", kName);
     const int64_t tokens = h.shape[0] * h.shape[1];
-    if (RepeatsAUnit(cols, tokens, kept, units)) Fail("a token's cols name one column twice; they must be distinct", kName);
+    if (RepeatsAUnit(cols, tokens, kept, units))
+      Fail("a token's cols name one column twice; they must be distinct", kName);
     float* y = context.GetOutput(0, {h.shape[0], h.shape[1], embed}).GetTensorMutableData<float>();
     std::optional<shadowfx_kernels::UnitOrder> order;  // several tokens read the input-major rows by unit
     if (tokens > 1 && input_major_) order.emplace(cols, tokens, kept, units);

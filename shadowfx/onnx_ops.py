@@ -392,8 +392,9 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
     else:
         # the kept heads' q (the other heads' zero, their context unread), in the places of every head's q
         kept_q = body("KeptRowsLinear", "hidden", "q_weight", given("q_bias"), token_q_rows)
-        placed = body("ScatterElements", body.with_zero_slot(body("Expand", body.scalar(0.0, kept_q), body(
-            "Concat", body.dims("hidden", 0, 2), body.ints(q_width), axis=0))), token_q_rows, kept_q, axis=-1)
+        zeros = body("Expand", body.scalar(0.0, kept_q), body("Concat", body.dims("hidden", 0, 2),
+                                                               body.ints(q_width + 1), axis=0))  # and the empty row
+        placed = body("ScatterElements", zeros, token_q_rows, kept_q, axis=-1)
         q = heads(body("Slice", placed, body.ints(0), body.ints(q_width), body.ints(-1)))
     key = heads(body.linear_rows("hidden", "k_weight", given("k_bias"), kv_rows, per_row))
     value = heads(body.linear_rows("hidden", "v_weight", given("v_bias"), kv_rows, per_row))
@@ -433,7 +434,8 @@ def _attention_body(body: _Body, present: set[str], attributes: dict) -> list[st
                                             body.dims(context, 3, 5), axis=0))
     context = body("Reshape", body("Transpose", context, perm=[0, 2, 1, 3]), body.ints(0, 0, -1))
     if token_q_rows is not None:  # the o projection of each token's kept heads' context
-        kept_context = body("GatherElements", body.with_zero_slot(context), token_q_rows, axis=-1)
+        # an empty slot's value is never read (KeptColsLinear skips its index): any in-range index serves
+        kept_context = body("GatherElements", context, body("Min", token_q_rows, body.ints(q_width - 1)), axis=-1)
         out = body("KeptColsLinear", kept_context, "o_weight", given("o_bias"), token_q_rows)
         return [out, key, value]
     if empty is not None:

@@ -192,9 +192,9 @@ def _prompts(model: nn.Module, structure: DecoderStructure, settings: BenchSetti
         raise ValueError("prompts of real text need the model's tokenizer: give a checkpoint directory (the shapes "
                          "have random weights and no tokenizer), or leave out the prompt text")
     builtin = settings.prompt_text == "builtin"
-    text = None if builtin else read_text(settings.prompt_text)  # a file it cannot read is named first
+    file_text = None if builtin else read_text(settings.prompt_text)  # a file it cannot read is named first
     tokenizer = load_tokenizer(directory)
-    text = domain_texts()["docs"].held_out if builtin else text
+    text = domain_texts()["docs"].held_out if builtin else file_text
     prompts = {}
     for batch in settings.batches:
         windows = spread_windows(tokenizer, text, settings.prompt_tokens, batch, "prompt")

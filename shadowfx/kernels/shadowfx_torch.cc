@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
-
 #include "gather_kernels.h"
 
 #include <algorithm>

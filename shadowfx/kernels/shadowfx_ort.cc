@@ -168,6 +168,14 @@ Input ReadInput(const Ort::KernelContext& context, size_t index) {
   return input;
 }
 
+// Each of count indices in [0, size] (size: the empty slot).
+void CheckIndexRange(const int64_t* indices, int64_t count, int64_t size, const char* op) {
+  for (int64_t i = 0; i < count; ++i)
+    if (indices[i] < 0 || indices[i] > size)
+      Fail("index " + std::to_string(indices[i]) + " is outside [0, " + std::to_string(size) + "] (" +
+               std::to_string(size) + " is the empty slot)", op);
+}
+
 void ExpectShape(const Input& input, const char* name, const std::vector<int64_t>& shape,
                  const char* op = "GatheredMLP") {
   if (input.present && input.shape != shape)
@@ -413,10 +421,7 @@ const int64_t* ReadTokenIndices(const Ort::KernelContext& context, int64_t batch
              ShapeText(shape), op);
   *kept = shape[2];
   const int64_t* data = indices.GetTensorData<int64_t>();
-  for (int64_t i = 0; i < batch * seq * *kept; ++i)
-    if (data[i] < 0 || data[i] > units)
-      Fail("index " + std::to_string(data[i]) + " is outside [0, " + std::to_string(units) + "] (" +
-               std::to_string(units) + " is the empty slot)", op);
+  CheckIndexRange(data, batch * seq * *kept, units, op);
   return data;
 }
 
@@ -549,10 +554,7 @@ const int64_t* ReadIndices(const Ort::KernelContext& context, int64_t size, cons
   shape = indices.GetTensorTypeAndShapeInfo().GetShape();
   if (shape.size() != 2) Fail("the indices must be [B, n], got " + ShapeText(shape), op);
   const int64_t* data = indices.GetTensorData<int64_t>();
-  for (int64_t i = 0; i < shape[0] * shape[1]; ++i)
-    if (data[i] < 0 || data[i] > size)
-      Fail("index " + std::to_string(data[i]) + " is outside [0, " + std::to_string(size) + "] (" +
-               std::to_string(size) + " is the empty slot)", op);
+  CheckIndexRange(data, shape[0] * shape[1], size, op);
   return data;
 }
 

@@ -13,6 +13,8 @@ the module returns every position's logits, and ``start`` (a generation) compute
   (large batches whose rows chose differently) the step gathers from the full weights on every call instead, which
   needs no extra memory.
 * Per token, the decode step runs the predictor on the new token and selects again; the KV cache stays complete.
+  With a dense prefill (``transform(prefill="dense")``) the prefill graphs are the model's, as captured: the prompt
+  is computed with every unit, and the decode steps alone select.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from shadowfx.timing import alternating_within
 Granularity = Literal["prompt", "token"]
 Runtime = Literal["eager", "compile", "auto"]
 DecodePath = Literal["pregathered", "gather_per_call", "per_token"]
+Prefill = Literal["sparse", "dense"]
 PROBE_TOKENS, PROBE_SECONDS, PROBE_PAIRS = 64, 2.0, (5, 50)
 """``runtime="auto"``'s probe: the prompt's length, and for each graph the alternated eager and compiled calls, as
 many pairs as fit in about PROBE_SECONDS within PROBE_PAIRS (after three, the first of which compiles)."""
@@ -134,13 +137,15 @@ class GenerationLoop:
     structure: DecoderStructure
     config: SparsityConfig | None
     granularity: Granularity | Literal["dense"]
+    prefill: Prefill  # "dense": the prompt is computed with every unit and selects nothing
     element_bytes: int  # of one weight
     last_selection: Selection | None
 
     def effective_sparsity(self) -> EffectiveSparsity:
         """What the last call's selection skipped, per layer and overall (heads, neurons, weight and KV bytes)."""
         if self.last_selection is None:
-            raise RuntimeError("no selection yet: call the model or generate() first")
+            raise RuntimeError("no selection yet: call the model or generate() first" + (
+                " (a dense prefill selects nothing: the decode steps do)" if self.prefill == "dense" else ""))
         return effective_sparsity(self.structure, self.last_selection, self.config, element_bytes=self.element_bytes,
                                   kv_cache_shrinks=self.granularity == "prompt")
 
@@ -239,13 +244,14 @@ class SparseDecoder(GenerationLoop, nn.Module):
     def __init__(self, model: nn.Module, predictor: nn.Module, config: SparsityConfig,
                  rebuild: Callable[[], RewrittenGraphs], rewritten: RewrittenGraphs, *, granularity: Granularity,
                  runtime: Runtime, max_positions: int | None, max_gathered_bytes: int | None,
-                 batch_selection: BatchSelection = "per_row") -> None:
+                 batch_selection: BatchSelection = "per_row", prefill: Prefill = "sparse") -> None:
         super().__init__()
         self.model = model
         self.predictor = predictor
         self.config = config
         self.granularity = granularity
         self.batch_selection = batch_selection
+        self.prefill = prefill
         self.runtime = runtime
         self.max_positions = max_positions
         self.generation_config = getattr(model, "generation_config", None)

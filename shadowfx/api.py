@@ -30,6 +30,7 @@ from shadowfx.passes.sparsify_mlp import SparsifyMLP
 from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, StaticScores, load_predictor
 from shadowfx.runtimes.pytorch import (
     Granularity,
+    Prefill,
     RewriteReport,
     RewrittenGraphs,
     Runtime,
@@ -51,6 +52,7 @@ from shadowfx.verify import verify_rewrite
 
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+PREFILLS: tuple[Prefill, ...] = get_args(Prefill)
 
 
 def discover(model: nn.Module) -> DecoderStructure:
@@ -134,6 +136,7 @@ def transform(
     runtime: Runtime = "eager",
     max_gathered_bytes: int | None = None,
     batch_selection: BatchSelection = "per_row",
+    prefill: Prefill = "sparse",
     verify: bool = True,
 ) -> SparseDecoder:
     """Rewrite ``model`` so that a shadow predictor picks the heads and neurons each later layer computes.
@@ -148,7 +151,11 @@ def transform(
     (the default) lets every row of a batch keep its own units, independent of the others; "union" (per prompt,
     with the shadow predictor) keeps one set for the batch, so that one copy of the kept weights serves every row:
     the KV heads of the rows' mean head scores, and, for decoding, the union of the neurons the rows kept (the
-    reported sparsity is what the union keeps). With ``predictor=None`` the
+    reported sparsity is what the union keeps). ``prefill`` "dense" (per token only) computes a prompt with every
+    head and neuron, as DejaVu's and TEAL's runtimes do, and selects from the first decode step on: the first token
+    comes as fast as the dense model's, the KV cache of the prompt is the dense model's, and only the generated
+    tokens are sparse (calling the module, a pass over a prompt, is then dense too); "sparse" (the default) selects
+    for every prompt token as well. With ``predictor=None`` the
     predictor saved next to the checkpoint is loaded. ``verify`` (on by default; a prefill on a 2 x 9 probe batch)
     checks that the rewrite with every unit kept equals the model, and raises :class:`RewriteMismatch` if not.
 
@@ -191,16 +198,24 @@ def transform(
     if batch_selection == "union" and (granularity != "prompt" or isinstance(predictor, LayerwisePredictor)):
         raise ValueError("batch_selection='union' needs a per-prompt selection by the shadow predictor (a per-token or "
                          "layerwise selection changes as it decodes); use batch_selection='per_row'")
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
+    if prefill == "dense" and granularity != "token":
+        raise ValueError("prefill='dense' needs granularity='token': per prompt the prefill is where the selection "
+                         "is made and the later layers' KV cache keeps only the kept heads; use granularity='token' "
+                         "(the prompt dense, every generated token selecting its own units) or prefill='sparse'")
     build = partial(_rewrite, model, predictor, config, granularity == "token", verify,
-                    shared_heads=batch_selection == "union")
+                    shared_heads=batch_selection == "union", dense_prefill=prefill == "dense")
     return SparseDecoder(model, predictor, config, build, build(prefill_capture), granularity=granularity,
                          runtime=runtime, max_positions=max_positions(model), max_gathered_bytes=max_gathered_bytes,
-                         batch_selection=batch_selection)
+                         batch_selection=batch_selection, prefill=prefill)
 
 
 def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per_token: bool, verify: bool,
-             prefill_capture: CapturedDecoder | None = None, *, shared_heads: bool = False) -> RewrittenGraphs:
-    """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes."""
+             prefill_capture: CapturedDecoder | None = None, *, shared_heads: bool = False,
+             dense_prefill: bool = False) -> RewrittenGraphs:
+    """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes; with
+    ``dense_prefill`` the prefill graphs stay as captured (per token: the decode graph is rewritten alone)."""
     prefill_capture = prefill_capture or capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     store_input_major(model, structure)  # the graphs hold the model's own parameters, so they see the layout
@@ -234,7 +249,10 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         dense_rewrite, _ = rewrite_prefill(InsertShadowPredictor(structure, everything, Selector(structure, keep_all),
                                                                  per_token=per_token))
         verify_rewrite(prefill_capture, structure, dense_rewrite)
-    prefill, reports["prefill"] = rewrite_prefill(insert_predictor(structure))
+    if dense_prefill:
+        prefill = editable_module(prefill_capture.program)
+    else:
+        prefill, reports["prefill"] = rewrite_prefill(insert_predictor(structure))
     decode_capture = capture(model, step="decode")
     decode_structure = discover_structure(decode_capture)
     decode = editable_module(decode_capture.program)

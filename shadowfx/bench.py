@@ -49,7 +49,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from shadowfx import native
-from shadowfx.api import checkpoint_directory, discover, transform
+from shadowfx.api import PREFILLS, checkpoint_directory, discover, transform
 from shadowfx.capture import positions_from_mask
 from shadowfx.data import DataError, read_text
 from shadowfx.experiment import domain_texts, spread_windows
@@ -92,6 +92,9 @@ class BenchSettings:
     # None: random token ids; "builtin": the built-in corpus's held-out documentation; else a text file: windows of
     # real text, one per batch row, tokenized by the checkpoint's tokenizer (what a trained predictor selects for)
     prompt_text: str | None = None
+    # per token: "sparse" selects for the prompt's tokens too; "dense" computes the prompt with every unit and selects
+    # from the first decode step on (per prompt the prefill always selects, and runs once, sparse)
+    prefills: tuple[str, ...] = ("sparse",)
 
 
 def shape_model(name: str, layers: int | None = None, seed: int = 0) -> nn.Module:
@@ -249,7 +252,13 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
     prompts = _prompts(model, structure, settings)
     step_bytes = {batch: dense_step_bytes(model, structure, batch, settings.prompt_tokens) for batch in prompts}
     kinds = settings.predictors if predictor is None else (_kind(predictor),)
-    cases = list(itertools.product(settings.granularities, settings.sparsities, kinds))
+    unknown = set(settings.prefills) - set(PREFILLS)
+    if unknown or not settings.prefills:
+        raise ValueError(f"prefills must name some of {PREFILLS}, got {settings.prefills}")
+    # per prompt the prefill makes the selection: it runs sparse, whatever the per-token prefills are
+    cases = [(granularity, sparsity, kind, prefill) for granularity, sparsity, kind in itertools.product(
+        settings.granularities, settings.sparsities, kinds)
+        for prefill in (settings.prefills if granularity == "token" else ("sparse",))]
 
     def record(runs: list[dict], sparse, chosen: nn.Module, batch: int, runtime: str, granularity: str,
                sparsity: float, **details: object) -> dict:
@@ -260,17 +269,17 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         row = _summarise(runs, sparse, batch=batch, runtime=runtime, granularity=granularity, sparsity=sparsity,
                          prompt_tokens=settings.prompt_tokens, step_bytes=step_bytes[batch], predictor_bytes=per_step)
         row.update(dense="onnx" if runtime == "onnx" else settings.dense, predictor=_kind(chosen),
-                   predictor_bytes=predictor_bytes, **details)
+                   predictor_bytes=predictor_bytes, prefill=sparse.prefill, **details)
         results["rows"].append(row)
         if progress:
             print(_line(row), file=sys.stderr, flush=True)
         return row
 
-    def transformed(granularity: str, sparsity: float, kind: str, runtime: str, batch_selection: str):
+    def transformed(granularity: str, sparsity: float, kind: str, prefill: str, runtime: str, batch_selection: str):
         chosen = predictor or _predictor_for(model, structure, settings, kind, granularity)
         union = batch_selection == "union" and granularity == "prompt" and _kind(chosen) == "shadowllm"
         return chosen, transform(model, chosen, sparsity=sparsity, granularity=granularity, scope=settings.scope,
-                                 runtime=runtime, batch_selection="union" if union else "per_row")
+                                 runtime=runtime, batch_selection="union" if union else "per_row", prefill=prefill)
 
     with contextlib.ExitStack() as cleanup:
         exports = None
@@ -280,8 +289,8 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         dense_forward = torch.compile(model, dynamic=True) if settings.dense == "compile" else model
         for batch, input_ids in prompts.items():
             dense = DenseDecoder(model, dense_forward)
-            for runtime, (granularity, sparsity, kind) in itertools.product(torch_runtimes, cases):
-                chosen, sparse = transformed(granularity, sparsity, kind, runtime, settings.batch_selection)
+            for runtime, (granularity, sparsity, kind, prefill) in itertools.product(torch_runtimes, cases):
+                chosen, sparse = transformed(granularity, sparsity, kind, prefill, runtime, settings.batch_selection)
                 runs = [_measure_once(dense, sparse, input_ids, torch.ones_like(input_ids), settings.repeats)
                         for _ in range(settings.runs)]
                 # which runtime ran each graph ("auto" chooses per graph)
@@ -291,8 +300,8 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         if exports is None:
             return _finish(results)
         exported = []
-        for index, (granularity, sparsity, kind) in enumerate(cases):
-            chosen, sparse = transformed(granularity, sparsity, kind, "eager", "per_row")  # the one exported
+        for index, (granularity, sparsity, kind, prefill) in enumerate(cases):
+            chosen, sparse = transformed(granularity, sparsity, kind, prefill, "eager", "per_row")  # the one exported
             exported.append((chosen, _export(sparse, exports / f"sparse-{index}", progress)))
             del sparse
         # onnxruntime holds its own copies of the weights: the PyTorch model's memory is freed for them first
@@ -304,7 +313,7 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
         dense_onnx = OnnxDecoder(exports / "dense", structure=structure, session_options=options)
         measured = []
-        for (chosen, directory), (granularity, sparsity, _) in zip(exported, cases):
+        for (chosen, directory), (granularity, sparsity, _, _) in zip(exported, cases):
             sparse_onnx = OnnxDecoder(directory, structure=structure, session_options=options, kernels="auto")
             for batch, input_ids in prompts.items():
                 runs = [_measure_once(dense_onnx, sparse_onnx, input_ids, torch.ones_like(input_ids),
@@ -318,7 +327,8 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
                                                           max(3, settings.repeats // 4))
             if progress:
                 alone = row["first_token_alone"]
-                print(f"batch {row['batch']} onnx {row['granularity']:6s} {row['sparsity']:.2f}: first token with "
+                print(f"batch {row['batch']} onnx {row['granularity']:6s} {row['sparsity']:.2f} prefill "
+                      f"{row['prefill']}: first token with "
                       f"one export loaded at a time {alone['first_token_s']:.3f} s against dense "
                       f"{alone['dense_first_token_s']:.3f} s ({alone['first_token_vs_dense']:.2f}x dense's time)",
                       file=sys.stderr, flush=True)
@@ -363,13 +373,13 @@ def _predictor_cost(rows: list[dict]) -> list[dict]:
     the dense model timed alongside it) and DejaVu's predictor bytes over ShadowLLM's."""
     by_setting: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        key = (row["batch"], row["runtime"], row["granularity"], row["sparsity"])
+        key = (row["batch"], row["runtime"], row["granularity"], row["sparsity"], row["prefill"])
         by_setting.setdefault(key, {})[row["predictor"]] = row
-    return [{"batch": batch, "runtime": runtime, "granularity": granularity, "sparsity": sparsity,
+    return [{"batch": batch, "runtime": runtime, "granularity": granularity, "sparsity": sparsity, "prefill": prefill,
              "shadowllm_over_dejavu_decode": kinds["shadowllm"]["decode_speedup"] / kinds["dejavu"]["decode_speedup"],
              "dejavu_over_shadowllm_predictor_bytes": kinds["dejavu"]["predictor_bytes"]
              / kinds["shadowllm"]["predictor_bytes"]}
-            for (batch, runtime, granularity, sparsity), kinds in by_setting.items() if len(kinds) == 2]
+            for (batch, runtime, granularity, sparsity, prefill), kinds in by_setting.items() if len(kinds) == 2]
 
 
 def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularity: str, sparsity: float,
@@ -400,7 +410,7 @@ def _summarise(runs: list[dict], sparse, *, batch: int, runtime: str, granularit
 def _line(row: dict) -> str:
     low, high = row["decode_speedup_range"]
     return (f"batch {row['batch']} {row['runtime']:7s} {row['granularity']:6s} {row['sparsity']:.2f} "
-            f"{row['predictor']}: decode "
+            f"{row['predictor']}{', dense prefill' if row['prefill'] == 'dense' else ''}: decode "
             f"{row['decode_speedup']:.2f}x ({low:.2f}-{high:.2f}; bound {row['decode_amdahl_bound']:.2f}x, "
             f"path {row['decode_path']}), prefill {row['prefill_speedup']:.2f}x, first token "
             f"{row['first_token_vs_dense']:.2f}x dense's time, {row['tokens_per_s']:.1f} tokens/s vs "
@@ -423,7 +433,8 @@ def _plot(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    labels = [f"B{r['batch']} {r['runtime']}\n{r['granularity']} {r['sparsity']:.2f}\n{r['predictor']}" for r in rows]
+    labels = [f"B{r['batch']} {r['runtime']}\n{r['granularity']} {r['sparsity']:.2f}\n{r['predictor']}"
+              + ("\ndense prefill" if r["prefill"] == "dense" else "") for r in rows]
     x = list(range(len(rows)))
     figure, axis = plt.subplots(figsize=(1.8 * len(rows) + 2, 4.2))
     measured = [r["decode_speedup"] for r in rows]

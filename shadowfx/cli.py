@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from shadowfx.api import GRANULARITIES, discover, transform
+from shadowfx.api import GRANULARITIES, PREFILLS, discover, transform
 from shadowfx.calibrate import calibrate, load_traces, refuse_other_traces, trace_bytes
 from shadowfx.capture import CaptureError, PrefillStep, capture
 from shadowfx.criteria import CRITERIA
@@ -114,7 +114,7 @@ def _bench(args: argparse.Namespace) -> int:
                              prompt_tokens=args.prompt, repeats=args.repeats, runs=args.runs,
                              predictor_hidden=args.predictor_hidden, neuron_block=args.neuron_block, scope=args.scope,
                              batch_selection=args.batch_selection, predictors=tuple(args.predictor),
-                             prompt_text=args.prompt_text)
+                             prompt_text=args.prompt_text, prefills=tuple(args.prefill))
     # made in the call, so that bench holds the only reference: it frees the weights before onnxruntime loads its own
     results = bench(shape_model(args.model, args.layers) if args.model in SHAPES else load_decoder(args.model),
                     settings, name=name)
@@ -274,11 +274,13 @@ def _export(args: argparse.Namespace) -> int:
     model = load_decoder(args.model, dtype=args.dtype)
     structure = discover(model)
     predictor = load_predictor(predictors, structure, kind=args.kind, granularity=args.granularity)
-    sparse = transform(model, predictor, sparsity=args.sparsity, scope=args.scope, granularity=args.granularity)
+    sparse = transform(model, predictor, sparsity=args.sparsity, scope=args.scope, granularity=args.granularity,
+                       prefill=args.prefill)
     directory = export_onnx(sparse, args.out, overwrite=args.overwrite)
     plan = planned_sparsity(sparse.structure, sparse.config)
     files = ", ".join(sorted(path.name for path in directory.iterdir()))
-    print(f"{predictor.kind} predictor per {sparse.granularity}, scope {args.scope}: skips "
+    print(f"{predictor.kind} predictor per {sparse.granularity}"
+          f"{' (the prompt with every unit)' if sparse.prefill == 'dense' else ''}, scope {args.scope}: skips "
           f"{plan['heads']['achieved']:.0%} of the KV groups and {plan['neurons']['achieved']:.0%} of the neurons of "
           f"layers 1..{structure.num_layers - 1}; wrote {files} to {directory}")
     return 0
@@ -295,7 +297,7 @@ def _eval(args: argparse.Namespace) -> int:
                      prompt_length=args.prompt_length, continuation=args.continuation,
                      calibration_samples=args.calibration_samples, criterion=args.criterion, hidden=args.hidden,
                      predictor_dtype=torch_dtype(args.predictor_dtype), batch_size=args.batch_size,
-                     run_missing=not args.report_only)
+                     token_prefill=args.token_prefill, run_missing=not args.report_only)
     print(comparison_table(report))
     if report["missing_runs"]:
         print(f"{len(report['missing_runs'])} runs are not finished yet (the report's missing_runs); the same "
@@ -308,7 +310,9 @@ def comparison_table(report: dict) -> str:
     """Perplexity / dense per method and sparsity, a block per scope, with the sparsity each method affords."""
     dense = report["dense"]
     lines = [f"dense perplexity {dense['perplexity']:.3f} over {dense['windows']} windows "
-             f"({report['settings']['protocol']} protocol; ratio to dense, * where the 95% interval excludes 1)"]
+             f"({report['settings']['protocol']} protocol"
+             f"{'; per-token methods with a dense prompt' if report['settings'].get('token_prefill') else ''}"
+             "; ratio to dense, * where the 95% interval excludes 1)"]
     for scope, methods in report["methods"].items():
         sparsities = sorted({s for by_sparsity in methods.values() for s in by_sparsity}, key=float)
         lines.append(f"scope {scope:9s} " + " ".join(f"{s:>8s}" for s in sparsities) + "   within 5%  within 20%")
@@ -395,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--scope", default="per_layer", choices=SCOPES,
                         help="rank the kept units within each layer (per_layer, default: every predictor kind) or "
                         "across layers (global: not the dejavu kind)")
+    export.add_argument("--prefill", choices=PREFILLS, default="sparse",
+                        help="per token: the prompt selects for its tokens too (sparse, default), or runs with every "
+                        "unit, and the decode steps alone select (dense)")
     export.add_argument("--dense", action="store_true", help="export the model as it is (no predictor, no "
                         "sparsity): the baseline to run and time beside the sparse export")
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
@@ -420,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     evaluation.add_argument("--protocol", choices=PROTOCOLS, default="leak_free", help="leak_free: select from the "
                             "prompt, score the continuation; paper: select from the whole window it scores")
+    evaluation.add_argument("--token-prefill", choices=PREFILLS, default="sparse", help="the per-token methods' "
+                            "prompt: selected token by token (sparse) or computed with every unit (dense), the "
+                            "continuation selecting per token either way (leak_free only)")
     evaluation.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
     evaluation.add_argument("--prompt-length", type=int, default=128, help="prompt tokens (and calibration window)")
     evaluation.add_argument("--continuation", type=int, default=32, help="scored tokens after each prompt")
@@ -464,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_argument("--scope", choices=SCOPES, default="per_layer")
     bench_command.add_argument("--batch-selection", choices=BATCH_SELECTIONS, default="per_row",
                                help="per prompt at batch > 1: every row its own units, or one union for the batch")
+    bench_command.add_argument("--prefill", nargs="+", choices=PREFILLS, default=["sparse"],
+                               help="per token: select for the prompt's tokens too (sparse), or compute the prompt "
+                               "with every unit and select from the first decode step on (dense), or both")
     bench_command.add_argument("--prompt", type=_at_least_one, default=128, help="prompt tokens")
     bench_command.add_argument("--prompt-text", metavar="builtin|FILE",
                                help="with a checkpoint: prompts of real text, one window per batch row, from the "

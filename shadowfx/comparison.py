@@ -18,6 +18,10 @@ Methods, each a source of scores for layers 1..L-1 fed to the same selection:
 * ``budget_only``: the ShadowLLM predictor's per-layer counts, each layer filled by the static ranking (global scope
   only; at per-layer scope the counts are fixed, and it is static).
 
+With ``token_prefill="dense"`` the per-token methods compute each prompt with every unit (``transform(prefill=
+"dense")``, as DejaVu's and TEAL's runtimes do) and select for the continuation's tokens only (leak-free protocol
+only: under "paper" the scored tokens are the prompt's).
+
 Each finished run is saved at once (``out/runs.json``), so an interrupted comparison resumes where it stopped.
 """
 
@@ -43,7 +47,7 @@ from shadowfx.capture import PrefillStep
 from shadowfx.criteria import Criterion, CriterionHooks
 from shadowfx.files import ArtifactError, atomic_write, atomic_write_text, writable_directory
 from shadowfx.predictor import Scores, StaticScores
-from shadowfx.runtimes.pytorch import SparseDecoder
+from shadowfx.runtimes.pytorch import Prefill, SparseDecoder
 from shadowfx.selection import SCOPES, Scope, SparsityConfig, planned_sparsity
 from shadowfx.structure import DecoderStructure, check_fingerprint
 from shadowfx.training import CriterionSums, normalise_targets
@@ -312,7 +316,14 @@ def _run(context: _Context, sparse: nn.Module | SparseDecoder, rows: RowScores |
     return result
 
 
-def _check_plan(methods: Sequence[str], protocol: str, scopes: Sequence[str], sparsities: Sequence[float]) -> None:
+def check_plan(methods: Sequence[str], protocol: str, scopes: Sequence[str], sparsities: Sequence[float],
+                token_prefill: str) -> None:
+    """Refuse a comparison plan it cannot run, before anything slow."""
+    if token_prefill not in get_args(Prefill):
+        raise ComparisonError(f"token_prefill must be one of {get_args(Prefill)}, got {token_prefill!r}")
+    if token_prefill == "dense" and protocol == "paper":
+        raise ComparisonError("token_prefill='dense' needs the leak_free protocol: under 'paper' the scored tokens are "
+                              "part of the prefill, which would then be the dense model")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ComparisonError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
@@ -330,10 +341,12 @@ def _plan(scopes: Sequence[str], sparsities: Sequence[float]) -> list[tuple[str,
 
 
 def _checked_settings(structure: DecoderStructure, windows: EvalWindows, protocol: str, criterion: str,
-                      random_seeds: Sequence[int]) -> dict:
-    """The settings a saved run must share to be reused (the caller adds its baselines and model)."""
+                      random_seeds: Sequence[int], token_prefill: str) -> dict:
+    """The settings a saved run must share to be reused (the caller adds its baselines and model). A dense
+    per-token prefill is recorded; the sparse one, which every run made before the choice existed used, is not."""
     return {"fingerprint": structure.fingerprint, "protocol": protocol, "criterion": criterion,
-            "windows": windows.describe(), "random_seeds": list(random_seeds)}
+            "windows": windows.describe(), "random_seeds": list(random_seeds)} | (
+        {"token_prefill": token_prefill} if token_prefill == "dense" else {})
 
 
 def _read_runs(out: Path) -> dict:
@@ -363,7 +376,8 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
              predictors: dict[str, nn.Module] | None = None, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
              scopes: Sequence[Scope] = SCOPES, methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free",
              random_seeds: Sequence[int] = (0, 1, 2), batch_size: int = 8, bootstrap_samples: int = 2000,
-             out: str | Path | None = None, settings: dict | None = None, progress: bool = True) -> dict:
+             out: str | Path | None = None, settings: dict | None = None, token_prefill: Prefill = "sparse",
+             progress: bool = True) -> dict:
     """Perplexity of ``model`` dense and under every method, sparsity and scope, on the same held-out windows.
 
     ``predictors`` maps ``shadowllm_prompt``, ``shadowllm_token``, ``dejavu_prompt``, ``dejavu_token`` to trained
@@ -371,10 +385,11 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     measures: the predictors' training criterion. With ``out``, each finished run is saved there and a rerun with the
     same settings resumes; the report (``comparison.json``) and its plot (``comparison.png``) are written there too.
     ``settings`` adds what the caller wants recorded (and checked on resume) to the report's settings.
+    ``token_prefill`` "dense": the per-token methods compute the prompt with every unit (see the module docstring).
     :func:`report_runs` writes the report of the runs made so far without running any.
     """
     predictors = dict(predictors or {})
-    _check_plan(methods, protocol, scopes, sparsities)
+    check_plan(methods, protocol, scopes, sparsities, token_prefill)
     if batch_size < 1:
         raise ComparisonError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
@@ -382,7 +397,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     for name, module in [*predictors.items(), ("the static baseline", baselines.static)]:
         check_fingerprint(module.fingerprint, structure, what=name)
     directory = writable_directory(out) if out is not None else None
-    recorded = _checked_settings(structure, windows, protocol, criterion, random_seeds) | {
+    recorded = _checked_settings(structure, windows, protocol, criterion, random_seeds, token_prefill) | {
         "baselines": _digest(baselines.static)} | (settings or {})
     runs = _load_runs(directory, recorded)
     context = _Context(model, structure, windows, protocol, batch_size, progress)
@@ -410,6 +425,7 @@ def evaluate(model: nn.Module, windows: EvalWindows, baselines: Baselines, *, cr
     def sparse_model(predictor: nn.Module, sparsity: float, scope: str, granularity: str) -> nn.Module:
         # the rewrite's self-check depends on the model and granularity only: once each is enough
         sparse = transform(model, predictor, sparsity=sparsity, scope=scope, granularity=granularity,
+                           prefill=token_prefill if granularity == "token" else "sparse",
                            verify=granularity not in verified)
         verified.add(granularity)
         return sparse
@@ -450,18 +466,19 @@ def report_runs(model: nn.Module, windows: EvalWindows, out: str | Path, *, crit
                 sparsities: Sequence[float] = DEFAULT_SPARSITIES, scopes: Sequence[Scope] = SCOPES,
                 methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free",
                 random_seeds: Sequence[int] = (0, 1, 2), bootstrap_samples: int = 2000,
-                settings: dict | None = None) -> dict:
+                settings: dict | None = None, token_prefill: Prefill = "sparse") -> dict:
     """The report of the runs :func:`evaluate` saved in ``out`` so far, running nothing: no calibration traces or
     predictors are needed. The runs must be of this model, these windows, protocol and criterion (and ``settings``);
     the report lists the runs still missing (every method that runs at its scope, predictors assumed given)."""
-    _check_plan(methods, protocol, scopes, sparsities)
+    check_plan(methods, protocol, scopes, sparsities, token_prefill)
     structure = discover(model)
     directory = writable_directory(out)
     if not (directory / RUNS_FILE).is_file():
         raise ComparisonError(f"{directory} holds no finished runs yet; run the comparison first")
     saved = _read_runs(directory)
-    expected = _checked_settings(structure, windows, protocol, criterion, random_seeds) | (settings or {})
-    if any(saved["settings"].get(key) != value for key, value in expected.items()):
+    expected = _checked_settings(structure, windows, protocol, criterion, random_seeds, token_prefill) | (settings or {})
+    if any(saved["settings"].get(key) != value for key, value in expected.items()) or (
+            "token_prefill" in saved["settings"]) != ("token_prefill" in expected):
         raise ComparisonError(f"{directory} holds runs of other settings (model, windows, protocol or criterion); "
                               "pass the settings they were made with")
     runs, plan = saved["runs"], _plan(scopes, sparsities)

@@ -27,6 +27,7 @@ from shadowfx.comparison import (
     Baselines,
     EvalWindows,
     Protocol,
+    check_plan,
     evaluate,
     report_runs,
 )
@@ -34,6 +35,7 @@ from shadowfx.criteria import Criterion
 from shadowfx.data import DataError, build_corpus, read_text, token_windows
 from shadowfx.files import writable_directory
 from shadowfx.predictor import SavedPredictor, load_predictor, saved_predictors
+from shadowfx.runtimes.pytorch import Prefill
 from shadowfx.selection import SCOPES, Scope
 from shadowfx.structure import DecoderStructure
 from shadowfx.training import save_trained, train_predictor
@@ -127,7 +129,7 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
             methods: Sequence[str] = METHODS, protocol: Protocol = "leak_free", windows: int = 64,
             prompt_length: int = 128, continuation: int = 32, calibration_samples: int = 512,
             criterion: Criterion = "plainact", hidden: int = 1024, predictor_dtype: torch.dtype | None = None,
-            random_seeds: Sequence[int] = (0, 1, 2),
+            random_seeds: Sequence[int] = (0, 1, 2), token_prefill: Prefill = "sparse",
             batch_size: int = 8, run_missing: bool = True, progress: bool = True) -> dict:
     """Calibrate ``model`` on each domain's text, train the predictors, and compare every method on each domain's
     held-out windows; the report and plot go to ``out``.
@@ -136,8 +138,10 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
     missing ones are trained on the calibration traces and saved there. Calibration windows are as long as the
     prompts, so the predictors learn from contexts like the ones they select from. Returns the report
     (``out/comparison.json``). ``run_missing=False`` runs nothing (no calibration or training either): the report
-    covers the runs ``out`` holds so far and lists the missing ones.
+    covers the runs ``out`` holds so far and lists the missing ones. ``token_prefill``: see
+    :func:`shadowfx.comparison.evaluate`.
     """
+    check_plan(methods, protocol, scopes, sparsities, token_prefill)
     out = writable_directory(out)  # before anything slow
     structure = discover(model)
     texts = domain_texts(wikitext=wikitext, text_files=text_files, builtin=builtin)
@@ -148,7 +152,8 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
     model_settings = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if not run_missing:
         return report_runs(model, eval_windows, out, criterion=criterion, sparsities=sparsities, scopes=scopes,
-                           methods=methods, protocol=protocol, random_seeds=random_seeds, settings=model_settings)
+                           methods=methods, protocol=protocol, random_seeds=random_seeds, settings=model_settings,
+                           token_prefill=token_prefill)
     calibration = {domain: spread_windows(tokenizer, text.calibration, prompt_length, calibration_samples,
                                           f"calibration {domain}") for domain, text in texts.items()}
     traces = calibrate_domains(model, structure, calibration, out / "traces", criterion=criterion,
@@ -161,4 +166,4 @@ def compare(model: nn.Module, tokenizer, out: str | Path, *, model_name: str, wi
     return evaluate(model, eval_windows, Baselines.from_traces(traces), criterion=criterion, predictors=trained,
                     sparsities=sparsities, scopes=scopes, methods=methods, protocol=protocol,
                     random_seeds=random_seeds, batch_size=batch_size, out=out, settings=settings,
-                    progress=progress)
+                    token_prefill=token_prefill, progress=progress)

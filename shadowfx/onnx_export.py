@@ -8,6 +8,7 @@ A directory holds, per granularity:
   gives them) and ``decode.onnx`` (one token, mask, cache, kept weights -> logits, cache): the kept weights are
   gathered once per prompt and become state that every decode step reads, as in the PyTorch runtime.
 * token: ``prefill.onnx`` and ``decode.onnx`` (one token, mask, complete cache -> logits, cache, its selection).
+  A model transformed with ``prefill="dense"`` has the dense model's prefill (no selection output).
 * dense (a model that was not transformed, the baseline): ``prefill.onnx`` and ``decode.onnx`` as captured.
 
 Every prefill takes ``logit_positions`` (int64 ``[P]``, :mod:`shadowfx.passes.logit_positions`) and returns those
@@ -59,8 +60,8 @@ from shadowfx.runtimes.pytorch import SparseDecoder
 from shadowfx.selection import Selection
 from shadowfx.structure import DecoderStructure
 
-FORMAT = 2  # the layout of an export directory and its metadata; a reader refuses any other
-# (2: the prefill's logit_positions input)
+FORMAT = 3  # the layout of an export directory and its metadata; a reader refuses any other
+# (2: the prefill's logit_positions input; 3: the "prefill" metadata, "dense" where the prompt selects nothing)
 WEIGHTS_FILE = "weights.bin"
 DENSE = "dense"  # the granularity an export of the model as it is names
 GRAPH_FILES = {"prompt": ("prefill", "gather", "decode"), "token": ("prefill", "decode"), DENSE: ("prefill", "decode")}
@@ -312,13 +313,13 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
     batch, seq, past = _length_dims(sparse.model)
     input_ids, attention_mask = _example(sparse.model)
     state = sparse.start(input_ids, attention_mask, decode=False)
-    selection = _example_selection(sparse, sparse.last_selection)
-    chosen = [*selection.kv_heads, *selection.neurons]
     selection_out = _selection_names(layers)
     with torch.inference_mode(False), torch.no_grad(), _predictor_as_nodes(sparse.predictor):
         exported = _prefill_with_positions(sparse.graphs.prefill, sparse.structure, input_ids, attention_mask, batch,
                                            seq, shared=True)
-        yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers), *selection_out])
+        selects = sparse.prefill == "sparse"  # a dense prefill is the model's, as captured: it selects nothing
+        yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers),
+                                                        *(selection_out if selects else [])])
         del exported
         cache = [*state.keys, *state.values]
         decode_in = ["input_ids", "attention_mask", *_cache_names("past", layers)]
@@ -328,6 +329,8 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
             yield "decode", _to_onnx(progress, sparse.graphs.decode, step, tuple(step_shapes), decode_in,
                                      decode_out + selection_out)
             return
+        selection = _example_selection(sparse, sparse.last_selection)
+        chosen = [*selection.kv_heads, *selection.neurons]
         compact_names = [name for name in _placeholder_names(sparse.graphs.decode_pregathered)
                          if name.startswith("compact_")]
         compact = _example_compact(sparse, selection)
@@ -389,7 +392,8 @@ def _metadata(model: SparseDecoder | _Dense, graph: str) -> dict[str, str]:
     sparse = isinstance(model, SparseDecoder)
     return {
         "format": str(FORMAT), "version": shadowfx_version(), "graph": graph,
-        "granularity": model.granularity if sparse else DENSE, "fingerprint": model.structure.fingerprint,
+        "granularity": model.granularity if sparse else DENSE, "prefill": model.prefill if sparse else DENSE,
+        "fingerprint": model.structure.fingerprint,
         "sparsity": json.dumps(asdict(model.config) if sparse else None),
         "predictor": getattr(model.predictor, "kind", type(model.predictor).__name__) if sparse else "none",
         "structure": model.structure.to_json(indent=None), "max_positions": json.dumps(model.max_positions),

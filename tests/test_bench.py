@@ -26,11 +26,14 @@ QUICK = dict(prompt_tokens=6, repeats=2, runs=2, predictor_hidden=16)
 
 
 def test_bench_measures_every_setting_against_dense():
-    settings = bench.BenchSettings(sparsities=(0.5,), granularities=("prompt", "token"), batches=(1, 2), **QUICK)
+    settings = bench.BenchSettings(sparsities=(0.5,), granularities=("prompt", "token"), batches=(1, 2),
+                                   prefills=("sparse", "dense"), **QUICK)
     results = bench.bench(small_model("llama"), settings, name="tiny llama", progress=False)
     rows = results["rows"]
-    assert [(r["batch"], r["granularity"]) for r in rows] == [(1, "prompt"), (1, "token"), (2, "prompt"),
-                                                               (2, "token")]
+    # per prompt the prefill selects: one row, whatever the per-token prefills
+    assert [(r["batch"], r["granularity"], r["prefill"]) for r in rows] == [
+        (batch, granularity, prefill) for batch in (1, 2)
+        for granularity, prefill in (("prompt", "sparse"), ("token", "sparse"), ("token", "dense"))]
     assert results["threads"] == 1 and results["layers"] == structure("llama").num_layers
     for row in rows:
         for key in ("prefill_speedup", "decode_speedup", "first_token_vs_dense"):
@@ -48,7 +51,9 @@ def test_bench_measures_every_setting_against_dense():
     # per token the predictor runs every step and is counted; per prompt it is not
     predictor = rows[0]["predictor_bytes"]
     assert predictor > 0 and {r["predictor"] for r in rows} == {"shadowllm"}
-    assert [r["predictor_bytes_per_step"] for r in rows] == [0, predictor, 0, predictor]
+    assert [r["predictor_bytes_per_step"] for r in rows] == [0, predictor, predictor] * 2
+    with pytest.raises(ValueError, match="prefills must name some of"):
+        bench.bench(small_model("llama"), bench.BenchSettings(prefills=("half",), **QUICK), progress=False)
 
 
 def test_bench_compares_the_predictor_kinds_per_token():

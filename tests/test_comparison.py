@@ -239,6 +239,35 @@ def test_a_rerun_resumes_and_other_settings_are_refused(report, llama, baselines
         EvalWindows(_windows().tokens, _windows().domains, WINDOW)
 
 
+def test_a_dense_token_prefill_scores_the_continuation_after_a_dense_prompt(report, llama, baselines, tmp_path):
+    """token_prefill="dense": the per-token methods run the transform with the prompt dense (leak-free only), the
+    setting is recorded, and runs of the other prefill are never mixed in."""
+    result, out, predictors = report
+    dense_prefill = evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors,
+                             methods=("shadowllm_token",), scopes=("per_layer",), sparsities=(0.5,), batch_size=4,
+                             bootstrap_samples=200, out=tmp_path, token_prefill="dense", progress=False)
+    assert dense_prefill["settings"]["token_prefill"] == "dense"
+    sparse = shadowfx.transform(llama, predictors["shadowllm_token"], sparsity=0.5, scope="per_layer",
+                                granularity="token", prefill="dense")
+    tokens = _windows().tokens
+    expected = torch.cat([continuation_nll(sparse, tokens[i:i + 4], PROMPT, "leak_free") for i in range(0, 6, 4)])
+    runs = json.loads((tmp_path / comparison.RUNS_FILE).read_text())["runs"]
+    torch.testing.assert_close(torch.tensor(runs["per_layer/0.5/shadowllm_token"]["nll"]), expected)
+    sparse_prefill = json.loads((out / comparison.RUNS_FILE).read_text())["runs"]["per_layer/0.5/shadowllm_token"]
+    assert runs["per_layer/0.5/shadowllm_token"]["nll"] != sparse_prefill["nll"]
+    with pytest.raises(ComparisonError, match="other settings"):
+        evaluate(llama, _windows(), baselines, criterion="plainact", predictors=predictors, sparsities=(0.5,),
+                 methods=("shadowllm_token",), out=out, token_prefill="dense", progress=False)
+    for directory, prefill in ((out, "dense"), (tmp_path, "sparse")):
+        with pytest.raises(ComparisonError, match="other settings"):
+            report_runs(llama, _windows(), directory, criterion="plainact", token_prefill=prefill)
+    with pytest.raises(ComparisonError, match="needs the leak_free protocol"):
+        evaluate(llama, _windows(), baselines, criterion="plainact", protocol="paper", token_prefill="dense",
+                 progress=False)
+    with pytest.raises(ComparisonError, match="token_prefill must be one of"):
+        evaluate(llama, _windows(), baselines, criterion="plainact", token_prefill="half", progress=False)
+
+
 def test_a_predictor_of_another_model_is_refused(llama, baselines):
     foreign = StaticScores.random(structure("llama"), 0)
     foreign.fingerprint = structure("opt").fingerprint
@@ -283,6 +312,10 @@ def test_eval_command_calibrates_trains_and_prints_the_table(tmp_path, capsys, m
     assert set(reported["missing_runs"]) == {"global/0.25/static", "global/0.25/shadowllm_prompt",
                                              *(f"global/0.25/random/seed{seed}" for seed in range(3))}
     assert "5 runs are not finished yet" in capsys.readouterr().out
+    # a plan it cannot run is refused before anything slow (calibration is refused from here on)
+    assert main(["eval", *argv[:1], "--out", str(tmp_path / "paper"), *argv[3:], "--protocol", "paper",
+                 "--token-prefill", "dense"]) == 2
+    assert "token_prefill='dense' needs the leak_free protocol" in capsys.readouterr().err
 
 
 def test_demo_runs_the_method_end_to_end(tmp_path, capsys, one_thread):

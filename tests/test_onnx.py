@@ -156,6 +156,30 @@ def test_onnxruntime_matches_pytorch(family, granularity, sparsity, kind, scope,
         assert torch.equal(tokens, want_tokens)
 
 
+def test_a_dense_prefill_exports_the_models_prefill_and_a_selecting_decode(tmp_path):
+    """prefill="dense": prefill.onnx is the model's (no shadowfx node, no selection output), the decode selects per
+    token, and onnxruntime generates what PyTorch does; the runtime reads the prefill kind from the metadata."""
+    sparse = shadowfx.transform(small_model("qwen2"), PREDICTORS["shadowllm"]("qwen2"), sparsity=0.5,
+                                scope="per_layer", granularity="token", prefill="dense")
+    directory = export_onnx(sparse, tmp_path / "dense-prefill")
+    prefill = onnx.load(str(directory / "prefill.onnx"), load_external_data=False)
+    assert not [node for node in prefill.graph.node if node.domain == DOMAIN]
+    assert [o.name for o in prefill.graph.output] == ["logits"] + [
+        f"present_{kind}_{i}" for kind in ("keys", "values") for i in range(sparse.structure.num_layers)]
+    onnx_model = runtime(directory, structure=sparse.structure)
+    assert onnx_model.prefill == "dense" and onnx_model.granularity == "token"
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=6)
+    real = attention_mask.bool()
+    torch.testing.assert_close(onnx_model(input_ids, attention_mask)[real], sparse(input_ids, attention_mask)[real],
+                               rtol=1e-4, atol=1e-4)
+    assert onnx_model.last_selection is None
+    tokens, logits = onnx_model.generate(input_ids, attention_mask, max_new_tokens=4, return_logits=True)
+    want_tokens, want_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=4, return_logits=True)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+    assert [t.shape[:2] for t in onnx_model.last_selection.neurons] == [(2, 1)] * (sparse.structure.num_layers - 1)
+
+
 def test_weights_are_stored_once():
     sparse, directory = exported("opt", "prompt", 0.5, "shadowllm")
     parameter_bytes = sum(p.numel() * p.element_size() for p in sparse.model.parameters())
@@ -276,6 +300,8 @@ def test_the_export_command_writes_what_the_runtime_loads(tmp_path, capsys):
     assert "overwrite" in capsys.readouterr().err
     assert main(["export", str(model_dir), "--out", str(tmp_path / "bad"), "--sparsity", "1.5"]) == 2
     assert "sparsity" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "bad"), "--prefill", "dense"]) == 2
+    assert "prefill='dense' needs granularity='token'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_dense_export_equals_the_model(tmp_path, capsys, monkeypatch):

@@ -520,6 +520,57 @@ def test_token_granularity_decode_equals_recompute(family):
     torch.testing.assert_close(torch.stack(step_logits, 1), expected[:, -3:], rtol=1e-4, atol=1e-4)
 
 
+def test_dense_prefill_computes_the_prompt_as_the_model_and_selects_per_decode_step(family):
+    """prefill="dense": the prompt's pass is the model's own graph (no sparse op, nothing selected), its logits and
+    cache the dense model's; every decode step then selects its own units, as a masked recompute of the sequence
+    with the prompt's positions keeping every unit and each new token its step's selection gives."""
+    model = small_model(family)
+    sparse = shadowfx.transform(model, predictor(family), sparsity=0.5, scope="per_layer", granularity="token",
+                                prefill="dense")
+    assert sparse.prefill == "dense" and set(sparse.rewrites.counts()) == {"decode", "prefill_next"}
+    targets = {node.target for graph in (sparse.graphs.prefill, sparse.graphs.prefill_next)
+               for node in graph.graph.nodes}
+    # no selection and no sparse op; the LM head of a generation's start may run on the native GEMV
+    assert {t for t in targets if str(t).startswith("shadowfx.")} <= {torch.ops.shadowfx.dense_linear.default}
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=45)
+    with torch.no_grad():
+        dense = PrefillStep(model)(input_ids, attention_mask)
+    real = attention_mask.bool()
+    torch.testing.assert_close(sparse(input_ids, attention_mask)[real], dense[real], rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="a dense prefill selects nothing"):
+        sparse.effective_sparsity()
+    state = sparse.start(input_ids, attention_mask)
+    torch.testing.assert_close(state.logits, dense[:, -1], rtol=0, atol=1e-5)
+    layers = structure(family).layers[1:]
+    units = [layer.attention.num_kv_heads for layer in layers], [layer.mlp.intermediate_size for layer in layers]
+    # the prompt's positions keep every unit; a step's selection is padded to that width by repeating its first unit
+    chosen = [[torch.arange(n).expand(2, 7, n) for n in kind] for kind in units]
+    tokens, step_logits = input_ids, []
+    for _ in range(3):
+        next_token = state.logits.argmax(-1)
+        tokens = torch.cat([tokens, next_token[:, None]], 1)
+        step_logits.append(sparse.step(state, next_token))
+        selection = sparse.last_selection
+        for kind, stepped, widths in zip(chosen, (selection.kv_heads, selection.neurons), units):
+            for layer, (kept, n) in enumerate(zip(stepped, widths)):
+                assert kept.shape[:2] == (2, 1) and kept.shape[2] < n  # this step's own selection
+                kind[layer] = torch.cat([kind[layer], torch.cat([kept, kept[..., :1].expand(2, 1, n - kept.shape[2])],
+                                                                -1)], 1)
+    assert sparse.effective_sparsity().neurons > 0
+    with MaskedReference(model, structure(family)) as reference:
+        reference.set_selection({l + 1: t for l, t in enumerate(chosen[0])}, {l + 1: t for l, t in enumerate(chosen[1])})
+        expected = reference.logits(tokens, torch.cat([attention_mask, torch.ones(2, 3, dtype=torch.long)], 1))
+    torch.testing.assert_close(torch.stack(step_logits, 1), expected[:, -3:], rtol=1e-4, atol=1e-4)
+
+
+def test_dense_prefill_is_refused_per_prompt_and_unknown_prefills_are_named():
+    model, chosen = small_model("llama"), predictor("llama")
+    with pytest.raises(ValueError, match="prefill='dense' needs granularity='token'"):
+        shadowfx.transform(model, chosen, granularity="prompt", prefill="dense")
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        shadowfx.transform(model, chosen, granularity="token", prefill="half")
+
+
 def test_token_decode_reads_the_kept_weights_natively(family, native_calls):
     """Per token, the later layers' output projections are stored input-major, every decode step runs each sparse
     op's kept rows and columns through the native kernels, and the generation equals the PyTorch path's."""

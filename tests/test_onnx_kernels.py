@@ -182,76 +182,95 @@ def test_kernel_refuses_an_index_past_the_empty_slot(library, tmp_path):
         run_once(model, feeds, tmp_path, library)
 
 
-# ---- KeptRowsLinear and KeptColsLinear: a per-token attention's q and o projections -----------------------------
+# ---- TokenSparseAttention: a per-token attention node --------------------------------------------------------------
 
-def linear_model(op_type: str, indices: np.ndarray, inputs: int, outputs: int, *, bias: bool, constant: bool):
-    """One KeptRowsLinear (x [B, S, inputs] by weight [outputs, inputs]) or KeptColsLinear (h [B, S, k] by weight
-    [outputs, inputs]) node with its body, random values, the weight an input or an initializer."""
-    batch, seq, kept = indices.shape
-    rng = np.random.default_rng(2)
-    rows = op_type == "KeptRowsLinear"
-    weight = rng.standard_normal((inputs, outputs) if rows else (outputs, inputs)).astype(np.float32)
-    feeds = {"a": rng.standard_normal((batch, seq, outputs if rows else kept)).astype(np.float32), "indices": indices}
-    if bias:
-        feeds["bias"] = rng.standard_normal(inputs if rows else outputs).astype(np.float32)
-    node = helper.make_node(op_type, ["a", "weight", "bias" if bias else "", "indices"], ["y"], domain=DOMAIN)
-    graph_inputs = [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "indices" else TensorProto.FLOAT,
-                                                  None) for name in feeds]
-    if constant:
-        initializers = [helper.make_tensor("weight", TensorProto.FLOAT, weight.shape, weight.tobytes(), raw=True)]
-    else:
-        initializers, feeds["weight"] = [], weight
-        graph_inputs.append(helper.make_tensor_value_info("weight", TensorProto.FLOAT, None))
-    graph = helper.make_graph([node], op_type, graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                                           None)],
+HEADS, KV_HEADS, HEAD_DIM, WIDTH = 6, 3, 8, 20  # two query heads per KV group
+
+
+def attention_model(seq: int, past: int, options: set[str], *, mask_kind: str, o_constant: bool,
+                    kv_head_idx: np.ndarray | None = None):
+    """One TokenSparseAttention node with its body and random values for a batch of 2: each token keeps 2 of the 3
+    KV groups (one token an empty slot instead of its second), ``past`` cached positions, and the options: "bias"
+    (every projection's), "rope" (on 4 of 8 dims of each head; with "interleaved" on neighbouring pairs), "norms"
+    (per-head q/k norms), "alibi", "softcap". The mask is causal, row 0 left-padded by one position (under a bool
+    mask its first query then attends to nothing), as a bool or an HF-style finite float mask."""
+    rng = np.random.default_rng(seq * 10 + past)
+    batch, total = 2, past + seq
+    if kv_head_idx is None:
+        kv_head_idx = np.sort(np.stack([rng.permutation(KV_HEADS)[:2] for _ in range(batch * seq)]), -1)
+        kv_head_idx = kv_head_idx.reshape(batch, seq, 2)
+        kv_head_idx[1, -1, 1] = KV_HEADS
+    values = {"hidden": [batch, seq, WIDTH], "q_weight": [HEADS * HEAD_DIM, WIDTH],
+              "k_weight": [KV_HEADS * HEAD_DIM, WIDTH], "v_weight": [KV_HEADS * HEAD_DIM, WIDTH],
+              "o_weight": [WIDTH, HEADS * HEAD_DIM]}
+    if "bias" in options:
+        values |= {"q_bias": [HEADS * HEAD_DIM], "k_bias": [KV_HEADS * HEAD_DIM], "v_bias": [KV_HEADS * HEAD_DIM],
+                   "o_bias": [WIDTH]}
+    if past:
+        values |= {"past_key": [batch, KV_HEADS, past, HEAD_DIM], "past_value": [batch, KV_HEADS, past, HEAD_DIM]}
+    if "norms" in options:
+        values |= {"q_norm": [HEAD_DIM], "k_norm": [HEAD_DIM]}
+    if "alibi" in options:
+        values["alibi_slopes"] = [HEADS]
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in values.items()}
+    if "rope" in options:
+        angles = rng.uniform(0, 6, (1, seq, 4)).astype(np.float32)
+        feeds["cos"], feeds["sin"] = np.cos(angles), np.sin(angles)
+    allowed = np.tril(np.ones((seq, total), dtype=bool), past)[None, None].repeat(batch, 0)
+    allowed[0, :, :, 0] = False
+    feeds["attention_mask"] = allowed if mask_kind == "bool" else np.where(allowed, 0, -3.4e38).astype(np.float32)
+    feeds["kv_head_idx"] = kv_head_idx
+    names = ["hidden", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias",
+             "kv_head_idx", "cos", "sin", "attention_mask", "past_key", "past_value", "q_norm", "k_norm",
+             "alibi_slopes"]
+    node = helper.make_node(
+        "TokenSparseAttention", [name if name in feeds else "" for name in names], ["out", "key", "value"],
+        domain=DOMAIN, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, scaling=HEAD_DIM ** -0.5,
+        norm_eps=1e-6, softcap=5.0 if "softcap" in options else 0.0, mask_kind=mask_kind,
+        rotary_interleaved=int("interleaved" in options), selection="tokens")
+    initializers = []
+    if o_constant:
+        o_weight = feeds.pop("o_weight")
+        initializers.append(helper.make_tensor("o_weight", TensorProto.FLOAT, o_weight.shape, o_weight.tobytes(),
+                                               raw=True))
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+              for name, array in feeds.items()]
+    graph = helper.make_graph([node], "attention", inputs, [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                                                            for name in ("out", "key", "value")],
                               initializer=initializers)
     model = helper.make_model(graph, functions=functions_for([node]),
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     return model, feeds
 
 
-def head_rows(batch: int, seq: int, groups: int, kept: int, width: int, seed: int) -> np.ndarray:
-    """Each token's rows of ``kept`` of ``groups`` KV groups of ``width`` rows, [B, S, kept * width], as a per-token
-    attention's q rows; one token keeps a group less (its last rows the empty row, groups * width)."""
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(np.stack([rng.permutation(groups)[:kept] for _ in range(batch * seq)]), axis=-1)
-    rows = (chosen[..., None] * width + np.arange(width)).reshape(batch, seq, -1)
-    rows[-1, -1, -width:] = groups * width
-    return rows
+@pytest.mark.parametrize("seq, past, options, mask_kind", [
+    (1, 5, {"bias", "rope"}, "bool"),  # a decode step
+    (5, 0, {"rope", "interleaved", "norms"}, "bool"),  # a prefill
+    (3, 4, {"alibi", "softcap", "bias"}, "additive"),
+    (4, 2, set(), "additive"),
+], ids=["decode", "prefill-norms-interleaved", "alibi-softcap", "plain"])
+@pytest.mark.parametrize("o_constant", [False, True], ids=["o-input", "o-initializer"])
+def test_attention_kernel_runs_instead_of_the_body_and_matches_it(library, tmp_path, seq, past, options, mask_kind,
+                                                                  o_constant):
+    """Every option of the node against its body: the kept heads' q and o, K/V of every group after the past,
+    per-head norms, RoPE (halves or neighbours, partial), ALiBi, soft cap, bool or float masks, an empty slot and a
+    query with nothing to attend to; the o weight an input or an initializer (copied input-major)."""
+    model, feeds = attention_model(seq, past, options, mask_kind=mask_kind, o_constant=o_constant)
+    native, native_ops = run_once(model, feeds, tmp_path, library, threads=2 if o_constant else 1)
+    body, body_ops = run_once(model, feeds, tmp_path, None)
+    assert native_ops == {"TokenSparseAttention": 1} and "TokenSparseAttention" not in body_ops
+    assert native[1].shape == (2, KV_HEADS, past + seq, HEAD_DIM)
+    for got, want in zip(native, body, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("op_type", ["KeptRowsLinear", "KeptColsLinear"])
-@pytest.mark.parametrize("seq", [1, 9], ids=["decode", "tokens"])
-@pytest.mark.parametrize("constant", [False, True], ids=["input", "initializer"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_linear_kernels_run_instead_of_the_bodies_and_match_them(library, tmp_path, op_type, seq, constant, threads):
-    """A decode step and several tokens (the register tiles), groups of 16 rows with an empty one, with and without a
-    bias, the weight an input or an initializer (KeptColsLinear: copied input-major when the session makes the
-    kernel)."""
-    indices = head_rows(2, seq, groups=6, kept=3, width=16, seed=seq)
-    for bias in (False, True):
-        model, feeds = linear_model(op_type, indices, 6 * 16, 40, bias=bias, constant=constant)
-        (native,), native_ops = run_once(model, feeds, tmp_path, library, threads)
-        (body,), body_ops = run_once(model, feeds, tmp_path, None, threads)
-        assert native_ops == {op_type: 1} and op_type not in body_ops and body_ops
-        assert native.shape == (2, seq, 48 if op_type == "KeptRowsLinear" else 40)
-        np.testing.assert_allclose(native, body, rtol=1e-4, atol=1e-5 * np.abs(body).max())
-        if op_type == "KeptRowsLinear":
-            assert not native[-1, -1, -16:].any()  # the empty rows
-
-
-def test_linear_kernels_refuse_repeated_cols_and_an_index_past_the_empty_slot(library, tmp_path):
-    indices = head_rows(1, 2, groups=4, kept=2, width=2, seed=0)
-    repeated = indices.copy()
-    repeated[0, 1, 1] = repeated[0, 1, 0]
-    model, feeds = linear_model("KeptColsLinear", repeated, 8, 5, bias=False, constant=False)
-    with pytest.raises(InvalidArgument, match="shadowfx KeptColsLinear: a token's cols name one column twice"):
-        run_once(model, feeds, tmp_path, library)
-    past = indices.copy()
-    past[0, 0, 0] = 9
-    model, feeds = linear_model("KeptRowsLinear", past, 8, 5, bias=False, constant=False)
-    with pytest.raises(InvalidArgument, match=r"shadowfx KeptRowsLinear: index 9 is outside \[0, 8\]"):
-        run_once(model, feeds, tmp_path, library)
+def test_attention_kernel_refuses_a_group_kept_twice_and_an_index_past_the_empty_slot(library, tmp_path):
+    for index, message in ((np.array([[[1, 1]]]), "a token's kv_head_idx names one KV group twice"),
+                           (np.array([[[0, 4]]]), r"index 4 is outside \[0, 3\] \(3 is the empty slot\)")):
+        model, feeds = attention_model(1, 2, set(), mask_kind="bool", o_constant=False,
+                                       kv_head_idx=index.repeat(2, 0))
+        with pytest.raises(InvalidArgument, match=f"shadowfx TokenSparseAttention: {message}"):
+            run_once(model, feeds, tmp_path, library)
 
 
 # ---- KeptRows and KeptCols: a prompt's one-time gather ------------------------------------------------------------
@@ -342,7 +361,7 @@ def mlp_nodes(directory: Path, graph: str) -> int:
 
 
 def per_token_attention_nodes(directory: Path, graph: str) -> int:
-    """The attention nodes whose bodies project through KeptRowsLinear and KeptColsLinear (selection "tokens")."""
+    """The per-token attention nodes (selection "tokens"), which the library's kernel runs."""
     proto = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
     return sum(node.op_type in ("GatheredAttention", "TokenSparseAttention") and any(
         a.name == "selection" and a.s == b"tokens" for a in node.attribute) for node in proto.graph.node)
@@ -374,9 +393,11 @@ def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(libr
             # prefill runs twice (the call and generate's start), decode once per new token after the first
             runs = {"prefill": 2, "decode": 2}.get(graph, 0)
             assert ran["GatheredMLP"] == (mlp_nodes(directory, graph) * runs if kernels else 0), graph
-            projections = per_token_attention_nodes(directory, graph) * runs if kernels else 0
-            assert ran["KeptRowsLinear"] == ran["KeptColsLinear"] == projections, graph
-            assert bool(projections) == (kernels is not None and granularity == "token" and graph != "gather")
+            attention = per_token_attention_nodes(directory, graph) * runs if kernels else 0
+            assert ran["TokenSparseAttention"] == attention, graph  # the node itself, not its body
+            assert bool(attention) == (kernels is not None and granularity == "token" and graph != "gather")
+            if kernels:  # the body's projections never run
+                assert ran["KeptRowsLinear"] == ran["KeptColsLinear"] == 0, graph
             if graph == "gather":  # once, in generate's start
                 copies = graph_nodes(directory, graph, "KeptRows", "KeptCols")
                 assert copies and ran["KeptRows"] + ran["KeptCols"] == copies

@@ -6,9 +6,8 @@
 // the OrtApiBase given there (ORT_API_MANUAL_INIT), so the library links nothing of onnxruntime and loads in any
 // onnxruntime whose C API is at least ORT_API_VERSION of the headers.
 //
-// Implemented: GatheredMLP in float32, every activation and selection mode of its bodies, and KeptRowsLinear /
-// KeptColsLinear (the q and o projections inside a per-token attention's body) in float32 (see FloatOp for the other
-// element types), by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op threads;
+// Implemented: GatheredMLP in float32, every activation and selection mode of its bodies, and TokenSparseAttention
+// (a per-token attention node, with every option of its body) in float32 (see FloatOp for the other element types), by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op threads;
 // KeptRows and KeptCols (a prompt's one-time gather of its kept weights) in every element type, as row copies on the
 // same threads. The node types not implemented here keep their function bodies: registering the domain does not hide
 // them, and a body's nodes of the domain run the kernels where there are some.
@@ -27,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "gather_kernels.h"
@@ -64,6 +64,11 @@ template <typename Kernel>
 struct StatusKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     return AsStatus([&] { static_cast<Kernel*>(this)->Compute(Ort::KernelContext(raw_context)); });
+  }
+  // FloatOp's defaults: one output; every input of the registration's element type but the int64 indices
+  static constexpr size_t kOutputs = 1;
+  static ONNXTensorElementDataType InputType(size_t index, ONNXTensorElementDataType type) {
+    return index == Kernel::kIndices ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : type;
   }
 };
 
@@ -404,93 +409,268 @@ class MlpKernel : public StatusKernel<MlpKernel> {
   InputMajor down_input_major_{nullptr, &std::free};  // a constant down weight's copy (InputMajorCopy), else null
 };
 
-// ---- KeptRowsLinear, KeptColsLinear -------------------------------------------------------------------------------
-// The q and o projections of a per-token attention body (onnx_ops.NODE_TYPES), by the shared gather kernels: each
-// token's kept rows of q, its kept input features of o. Indices [B, S, k]; N (the weight's unit count) is the empty
-// slot.
+// ---- TokenSparseAttention ------------------------------------------------------------------------------------------
+// A per-token attention node (onnx_ops.NODE_TYPES, selection "tokens") in one kernel, in place of its body's ~100
+// nodes a layer: each token's kept KV groups' q rows (the shared rows kernel), K and V of every group for the
+// complete cache, the per-head norms and RoPE, the attention of each kept query head over the cache, and the o
+// projection of the kept heads' context (the shared cols kernel; a constant o weight from its input-major copy).
 
-enum LinearInput : size_t { kLinearIn, kLinearWeight, kLinearBias, kLinearIndices, kLinearCount };
-
-// The indices [B, S, k] of a linear node for input [B, S, ...], each in [0, units].
-const int64_t* ReadTokenIndices(const Ort::KernelContext& context, int64_t batch, int64_t seq, int64_t units,
-                                const char* op, int64_t* kept) {
-  Ort::ConstValue indices = context.GetInput(kLinearIndices);
-  const std::vector<int64_t> shape = indices.GetTensorTypeAndShapeInfo().GetShape();
-  if (shape.size() != 3 || shape[0] != batch || shape[1] != seq)
-    Fail("the indices must be [B, S, k] = [" + std::to_string(batch) + ", " + std::to_string(seq) + ", k], got " +
-             ShapeText(shape), op);
-  *kept = shape[2];
-  const int64_t* data = indices.GetTensorData<int64_t>();
-  CheckIndexRange(data, batch * seq * *kept, units, op);
-  return data;
-}
-
-// y [B, S, k] = x [B, S, E] . weight[rows] + bias[rows], weight [N, E], bias [N].
-struct KeptRowsLinearKernel : StatusKernel<KeptRowsLinearKernel> {
-  static constexpr const char* kName = "KeptRowsLinear";
-  static constexpr size_t kInputs = kLinearCount, kIndices = kLinearIndices;
-  static bool Optional(size_t index) { return index == kLinearBias; }
-
-  explicit KeptRowsLinearKernel(const OrtKernelInfo*) {}
-
-  static void Compute(const Ort::KernelContext& context) {
-    const Input x = ReadInput(context, kLinearIn), weight = ReadInput(context, kLinearWeight),
-                bias = ReadInput(context, kLinearBias);
-    if (x.shape.size() != 3) Fail("x must be [B, S, E], got " + ShapeText(x.shape), kName);
-    if (weight.shape.size() != 2 || weight.shape[1] != x.shape[2])
-      Fail("weight must be [N, E] with E = " + std::to_string(x.shape[2]) + ", got " + ShapeText(weight.shape), kName);
-    const int64_t units = weight.shape[0];
-    ExpectShape(bias, "bias", {units}, kName);
-    int64_t kept = 0;
-    const int64_t* rows = ReadTokenIndices(context, x.shape[0], x.shape[1], units, kName, &kept);
-    float* y = context.GetOutput(0, {x.shape[0], x.shape[1], kept}).GetTensorMutableData<float>();
-    const int64_t tokens = x.shape[0] * x.shape[1];
-    std::optional<shadowfx_kernels::UnitOrder> order;  // several tokens read the rows by unit, sorted once
-    if (tokens > 1) order.emplace(rows, tokens, kept, units);
-    shadowfx_kernels::rows_kernel<float>(OrtThreads{context}, x.data, weight.data, bias.present ? bias.data : nullptr,
-                                         rows, order ? &*order : nullptr, y, tokens, kept, units, x.shape[2]);
-  }
+enum AttentionInput : size_t {
+  kHidden, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOWeight, kOBias, kKvHeadIdx, kCos, kSin,
+  kAttentionMask, kPastKey, kPastValue, kQNorm, kKNorm, kAlibiSlopes, kAttentionCount
 };
 
-// y [B, S, E] = sum_j h[.., j] * weight[:, cols[.., j]] + bias, weight [E, N], bias [E]; the cols of a token must
-// be distinct (the body's scatter of h into N places is undefined where two slots name one place). A constant weight
-// is read from its input-major copy (InputMajorCopy), else as given, row by row.
-class KeptColsLinearKernel : public StatusKernel<KeptColsLinearKernel> {
- public:
-  static constexpr const char* kName = "KeptColsLinear";
-  static constexpr size_t kInputs = kLinearCount, kIndices = kLinearIndices;
-  static bool Optional(size_t index) { return index == kLinearBias; }
+// RMSNorm of one head's D values in place, times scale [D].
+void HeadNorm(float* v, const float* scale, int64_t dim, float eps) {
+  float sum = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) sum += v[d] * v[d];
+  const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  for (int64_t d = 0; d < dim; ++d) v[d] = v[d] * inverse * scale[d];
+}
 
-  explicit KeptColsLinearKernel(const OrtKernelInfo* info) : input_major_(InputMajorCopy(info, kLinearWeight)) {}
+// RoPE on the first rot values of one head in place: the two halves paired (rotate_half), or neighbours.
+void Rotate(float* v, const float* cos, const float* sin, int64_t rot, bool interleaved) {
+  if (interleaved) {
+    for (int64_t i = 0; i < rot; i += 2) {
+      const float even = v[i], odd = v[i + 1];
+      v[i] = even * cos[i] - odd * sin[i];
+      v[i + 1] = odd * cos[i + 1] + even * sin[i + 1];
+    }
+    return;
+  }
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float first = v[i], second = v[i + half];
+    v[i] = first * cos[i] - second * sin[i];
+    v[i + half] = second * cos[i + half] + first * sin[i + half];
+  }
+}
+
+class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
+ public:
+  static constexpr const char* kName = "TokenSparseAttention";
+  static constexpr size_t kInputs = kAttentionCount, kIndices = kKvHeadIdx, kOutputs = 3;
+  static bool Optional(size_t index) {
+    return index != kHidden && index != kQWeight && index != kKWeight && index != kVWeight && index != kOWeight &&
+           index != kKvHeadIdx;
+  }
+  // the mask is bool or float; the norms' scales and the slopes are float32 where the model computes them so
+  // (checked in Compute)
+  static ONNXTensorElementDataType InputType(size_t index, ONNXTensorElementDataType type) {
+    if (index == kKvHeadIdx) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (index == kAttentionMask || index == kQNorm || index == kKNorm || index == kAlibiSlopes)
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    return type;
+  }
+
+  explicit TokenAttentionKernel(const OrtKernelInfo* info) : o_input_major_(InputMajorCopy(info, kOWeight)) {
+    Ort::ConstKernelInfo kernel_info(info);
+    heads_ = kernel_info.GetAttribute<int64_t>("num_heads");
+    kv_heads_ = kernel_info.GetAttribute<int64_t>("num_kv_heads");
+    head_dim_ = kernel_info.GetAttribute<int64_t>("head_dim");
+    scaling_ = kernel_info.GetAttribute<float>("scaling");
+    norm_eps_ = kernel_info.GetAttribute<float>("norm_eps");
+    softcap_ = kernel_info.GetAttribute<float>("softcap");
+    interleaved_ = kernel_info.GetAttribute<int64_t>("rotary_interleaved") != 0;
+    const std::string mask_kind = kernel_info.GetAttribute<std::string>("mask_kind");
+    if (mask_kind != "bool" && mask_kind != "additive") Fail("unknown mask_kind " + mask_kind, kName);
+    bool_mask_ = mask_kind == "bool";
+    if (heads_ < 1 || kv_heads_ < 1 || head_dim_ < 1 || heads_ % kv_heads_)
+      Fail("num_heads, num_kv_heads and head_dim must be >= 1, num_heads a multiple of num_kv_heads", kName);
+    if (kernel_info.GetAttribute<std::string>("selection") != "tokens")
+      Fail("the kernel computes selection 'tokens' only", kName);
+  }
 
   void Compute(const Ort::KernelContext& context) const {
-    const Input h = ReadInput(context, kLinearIn), weight = ReadInput(context, kLinearWeight),
-                bias = ReadInput(context, kLinearBias);
-    if (h.shape.size() != 3) Fail("h must be [B, S, k], got " + ShapeText(h.shape), kName);
-    if (weight.shape.size() != 2) Fail("weight must be [E, N], got " + ShapeText(weight.shape), kName);
-    const int64_t embed = weight.shape[0], units = weight.shape[1];
-    ExpectShape(bias, "bias", {embed}, kName);
-    int64_t kept = 0;
-    const int64_t* cols = ReadTokenIndices(context, h.shape[0], h.shape[1], units, kName, &kept);
-    if (kept != h.shape[2])
-      Fail("h has " + std::to_string(h.shape[2]) + " values a token for " + std::to_string(kept) + " indices", kName);
-    const int64_t tokens = h.shape[0] * h.shape[1];
-    if (RepeatsAUnit(cols, tokens, kept, units))
-      Fail("a token's cols name one column twice; they must be distinct", kName);
-    float* y = context.GetOutput(0, {h.shape[0], h.shape[1], embed}).GetTensorMutableData<float>();
-    std::optional<shadowfx_kernels::UnitOrder> order;  // several tokens read the input-major rows by unit
-    if (tokens > 1 && input_major_) order.emplace(cols, tokens, kept, units);
-    shadowfx_kernels::cols_kernel<float>(OrtThreads{context}, h.data, input_major_ ? input_major_.get() : weight.data,
-                                         cols, order ? &*order : nullptr, y, tokens, kept, units, embed,
-                                         input_major_ != nullptr);
-    if (bias.present) AddBias(y, bias.data, tokens, embed);
+    const Input hidden = ReadInput(context, kHidden), q_weight = ReadInput(context, kQWeight),
+                q_bias = ReadInput(context, kQBias), k_weight = ReadInput(context, kKWeight),
+                k_bias = ReadInput(context, kKBias), v_weight = ReadInput(context, kVWeight),
+                v_bias = ReadInput(context, kVBias), o_weight = ReadInput(context, kOWeight),
+                o_bias = ReadInput(context, kOBias), cos = ReadInput(context, kCos), sin = ReadInput(context, kSin),
+                past_key = ReadInput(context, kPastKey), past_value = ReadInput(context, kPastValue),
+                q_norm = ReadFloat32(context, kQNorm), k_norm = ReadFloat32(context, kKNorm),
+                slopes = ReadFloat32(context, kAlibiSlopes);
+    if (hidden.shape.size() != 3) Fail("hidden must be [B, S, E], got " + ShapeText(hidden.shape), kName);
+    const int64_t batch = hidden.shape[0], seq = hidden.shape[1], embed = hidden.shape[2], dim = head_dim_;
+    const int64_t group = heads_ / kv_heads_, q_width = heads_ * dim, kv_width = kv_heads_ * dim;
+    const int64_t group_rows = group * dim, tokens = batch * seq;
+    ExpectShape(q_weight, "q_weight", {q_width, embed}, kName);
+    ExpectShape(k_weight, "k_weight", {kv_width, embed}, kName);
+    ExpectShape(v_weight, "v_weight", {kv_width, embed}, kName);
+    ExpectShape(o_weight, "o_weight", {embed, q_width}, kName);
+    ExpectShape(q_bias, "q_bias", {q_width}, kName);
+    ExpectShape(k_bias, "k_bias", {kv_width}, kName);
+    ExpectShape(v_bias, "v_bias", {kv_width}, kName);
+    ExpectShape(o_bias, "o_bias", {embed}, kName);
+    ExpectShape(q_norm, "q_norm", {dim}, kName);
+    ExpectShape(k_norm, "k_norm", {dim}, kName);
+    ExpectShape(slopes, "alibi_slopes", {heads_}, kName);
+    const int64_t past = past_key.present ? past_key.shape[2] : 0, total = past + seq;
+    ExpectShape(past_key, "past_key", {batch, kv_heads_, past, dim}, kName);
+    ExpectShape(past_value, "past_value", {batch, kv_heads_, past, dim}, kName);
+    if (past_key.present != past_value.present) Fail("past_key and past_value go together", kName);
+    const int64_t rot = cos.present ? cos.shape.back() : 0;
+    if (cos.present) {
+      if (cos.shape.size() != 3 || (cos.shape[0] != 1 && cos.shape[0] != batch) || cos.shape[1] != seq ||
+          rot % 2 || rot > dim || !sin.present || sin.shape != cos.shape)
+        Fail("cos and sin must be [B or 1, S, rot] with an even rot <= head_dim, got " + ShapeText(cos.shape), kName);
+    }
+
+    Ort::ConstValue index_value = context.GetInput(kKvHeadIdx);
+    const std::vector<int64_t> index_shape = index_value.GetTensorTypeAndShapeInfo().GetShape();
+    if (index_shape.size() != 3 || index_shape[0] != batch || index_shape[1] != seq)
+      Fail("kv_head_idx must be [B, S, k] = [" + std::to_string(batch) + ", " + std::to_string(seq) + ", k], got " +
+               ShapeText(index_shape), kName);
+    const int64_t kept = index_shape[2];
+    const int64_t* groups = index_value.GetTensorData<int64_t>();
+    CheckIndexRange(groups, tokens * kept, kv_heads_, kName);
+    if (RepeatsAUnit(groups, tokens, kept, kv_heads_))
+      Fail("a token's kv_head_idx names one KV group twice; they must be distinct", kName);
+    const Mask mask = ReadMask(context, batch, seq, total);
+
+    // each kept group's r * D q rows (and o inputs); an empty slot's all the empty row q_width
+    const int64_t q_kept = kept * group_rows;
+    std::vector<int64_t> q_rows(static_cast<size_t>(tokens * q_kept));
+    for (int64_t slot = 0; slot < tokens * kept; ++slot)
+      for (int64_t i = 0; i < group_rows; ++i)
+        q_rows[slot * group_rows + i] = groups[slot] == kv_heads_ ? q_width : groups[slot] * group_rows + i;
+    std::vector<int64_t> kv_rows(static_cast<size_t>(tokens * kv_width));
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t i = 0; i < kv_width; ++i) kv_rows[t * kv_width + i] = i;
+    std::optional<shadowfx_kernels::UnitOrder> q_order, kv_order;  // several tokens read the rows by unit
+    if (tokens > 1) {
+      q_order.emplace(q_rows.data(), tokens, q_kept, q_width);
+      kv_order.emplace(kv_rows.data(), tokens, kv_width, kv_width);
+    }
+    const OrtThreads threads{context};
+    std::vector<float> q(static_cast<size_t>(tokens * q_kept)), key(static_cast<size_t>(tokens * kv_width)),
+        value(static_cast<size_t>(tokens * kv_width));
+    shadowfx_kernels::rows_kernel<float>(threads, hidden.data, q_weight.data, Data(q_bias), q_rows.data(),
+                                         q_order ? &*q_order : nullptr, q.data(), tokens, q_kept, q_width, embed);
+    for (auto [weight, bias, out] : {std::tuple{&k_weight, &k_bias, &key}, std::tuple{&v_weight, &v_bias, &value}})
+      shadowfx_kernels::rows_kernel<float>(threads, hidden.data, weight->data, Data(*bias), kv_rows.data(),
+                                           kv_order ? &*kv_order : nullptr, out->data(), tokens, kv_width, kv_width,
+                                           embed);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t row = cos.shape.empty() || cos.shape[0] == 1 ? t % seq : t;  // of cos/sin [B or 1, S, rot]
+      for (int64_t g = 0; g < kv_heads_; ++g) Transform(key.data() + t * kv_width + g * dim, k_norm, cos, sin, row, rot);
+      for (int64_t j = 0; j < kept; ++j)
+        if (groups[t * kept + j] < kv_heads_)
+          for (int64_t i = 0; i < group; ++i)
+            Transform(q.data() + (t * kept + j) * group_rows + i * dim, q_norm, cos, sin, row, rot);
+    }
+
+    // the present cache [B, Hkv, P + S, D]: the past, then the new keys and values
+    const std::vector<int64_t> cache_shape{batch, kv_heads_, total, dim};
+    float* present_key = context.GetOutput(1, cache_shape).GetTensorMutableData<float>();
+    float* present_value = context.GetOutput(2, cache_shape).GetTensorMutableData<float>();
+    for (auto [present, past_values, fresh] : {std::tuple{present_key, &past_key, &key},
+                                               std::tuple{present_value, &past_value, &value}})
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t g = 0; g < kv_heads_; ++g) {
+          float* at = present + (b * kv_heads_ + g) * total * dim;
+          if (past) std::memcpy(at, past_values->data + (b * kv_heads_ + g) * past * dim, past * dim * sizeof(float));
+          for (int64_t s = 0; s < seq; ++s)
+            std::memcpy(at + (past + s) * dim, fresh->data() + (b * seq + s) * kv_width + g * dim, dim * sizeof(float));
+        }
+
+    // each kept query head of each token over the cache; an empty slot's context stays 0 (and is not read by o)
+    std::vector<float> context_values(static_cast<size_t>(tokens * q_kept), 0.0f);
+    const int64_t items = tokens * kept * group;
+    InChunks(context, items, std::max<int64_t>(1, items / (4 * threads.count())), [&](int64_t first, int64_t last) {
+      std::vector<float> scores(static_cast<size_t>(total));
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t slot = item / group, i = item % group, t = slot / kept, b = t / seq, s = t % seq;
+        const int64_t g = groups[slot];
+        if (g == kv_heads_) continue;
+        const int64_t offset = slot * group_rows + i * dim;
+        const float* query = q.data() + offset;
+        const float* keys = present_key + (b * kv_heads_ + g) * total * dim;
+        const float* values = present_value + (b * kv_heads_ + g) * total * dim;
+        const float slope = slopes.present ? slopes.data[g * group + i] : 0.0f;
+        float most = -INFINITY;
+        for (int64_t p = 0; p < total; ++p) {
+          float score = shadowfx_kernels::dot(keys + p * dim, query, dim) * scaling_;
+          if (softcap_ > 0.0f) score = softcap_ * std::tanh(score / softcap_);
+          score += mask.Add(b, s, p) + slope * static_cast<float>(p);
+          scores[p] = score;
+          most = std::max(most, score);
+        }
+        if (most == -INFINITY) continue;  // a query with nothing to attend to: zero context, not NaN
+        float sum = 0.0f;
+        for (int64_t p = 0; p < total; ++p) sum += scores[p] = std::exp(scores[p] - most);
+        float* out = context_values.data() + offset;
+        for (int64_t p = 0; p < total; ++p) shadowfx_kernels::axpy(scores[p] / sum, values + p * dim, out, dim);
+      }
+    });
+
+    float* y = context.GetOutput(0, {batch, seq, embed}).GetTensorMutableData<float>();
+    shadowfx_kernels::cols_kernel<float>(
+        threads, context_values.data(), o_input_major_ ? o_input_major_.get() : o_weight.data, q_rows.data(),
+        tokens > 1 && o_input_major_ ? &*q_order : nullptr, y, tokens, q_kept, q_width, embed, o_input_major_ != nullptr);
+    if (o_bias.present) AddBias(y, o_bias.data, tokens, embed);
   }
 
  private:
-  InputMajor input_major_;
+  // The attention mask [B or 1, 1, S, P + S]: bool (false: blocked) or float (added to the scores).
+  struct Mask {
+    const bool* allowed = nullptr;
+    const float* added = nullptr;
+    int64_t batch_stride = 0, seq, total;
+    float Add(int64_t b, int64_t s, int64_t p) const {
+      const int64_t at = b * batch_stride + s * total + p;
+      if (allowed) return allowed[at] ? 0.0f : -INFINITY;
+      return added ? added[at] : (p <= total - seq + s ? 0.0f : -INFINITY);  // none: causal
+    }
+  };
+
+  Mask ReadMask(const Ort::KernelContext& context, int64_t batch, int64_t seq, int64_t total) const {
+    Mask mask;
+    mask.seq = seq;
+    mask.total = total;
+    if (context.GetInputCount() <= kAttentionMask || context.GetInput(kAttentionMask) == nullptr) return mask;
+    Ort::ConstValue value = context.GetInput(kAttentionMask);
+    const auto info = value.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = info.GetShape();
+    if (shape.size() != 4 || (shape[0] != 1 && shape[0] != batch) || shape[1] != 1 || shape[2] != seq ||
+        shape[3] != total)
+      Fail("attention_mask must be [B or 1, 1, " + std::to_string(seq) + ", " + std::to_string(total) + "], got " +
+               ShapeText(shape), kName);
+    mask.batch_stride = shape[0] == 1 ? 0 : seq * total;
+    const ONNXTensorElementDataType type = info.GetElementType();
+    if (bool_mask_ && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL)
+      mask.allowed = value.GetTensorData<bool>();
+    else if (!bool_mask_ && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      mask.added = value.GetTensorData<float>();
+    else
+      Fail(std::string("attention_mask must be ") + (bool_mask_ ? "bool" : "float32") + " (mask_kind), got type " +
+               std::to_string(type), kName);
+    return mask;
+  }
+
+  static Input ReadFloat32(const Ort::KernelContext& context, size_t index) {
+    const Input input = ReadInput(context, index);
+    if (input.present &&
+        context.GetInput(index).GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      Fail("the per-head norms' scales and the ALiBi slopes must be float32", kName);
+    return input;
+  }
+
+  static const float* Data(const Input& input) { return input.present ? input.data : nullptr; }
+
+  // one head's norm (when given) and RoPE (when given), at row `row` of cos/sin
+  void Transform(float* head, const Input& norm, const Input& cos, const Input& sin, int64_t row, int64_t rot) const {
+    if (norm.present) HeadNorm(head, norm.data, head_dim_, norm_eps_);
+    if (cos.present) Rotate(head, cos.data + row * rot, sin.data + row * rot, rot, interleaved_);
+  }
+
+  int64_t heads_ = 0, kv_heads_ = 0, head_dim_ = 0;
+  float scaling_ = 1.0f, norm_eps_ = 0.0f, softcap_ = 0.0f;
+  bool interleaved_ = false, bool_mask_ = true;
+  InputMajor o_input_major_;
 };
 
-// The registration of a float32 kernel class (GatheredMLP, KeptRowsLinear, KeptColsLinear) for element type kType:
+// The registration of a float32 kernel class (GatheredMLP, TokenSparseAttention) for element type kType:
 // the class names the node type (kName), its input count (kInputs), the position of its int64 indices (kIndices)
 // and its optional inputs (Optional). onnxruntime checks a node against a schema it builds from all the
 // registrations of the name (not against the function's schema), so besides the float32 kernel there are float16 and
@@ -514,13 +694,11 @@ struct FloatOp : Ort::CustomOpBase<FloatOp<Kernel, kType>, Kernel, /*WithStatus=
   const char* GetName() const { return Kernel::kName; }
   const char* GetExecutionProviderType() const { return kComputes ? nullptr : kSchemaOnlyProvider; }
   size_t GetInputTypeCount() const { return Kernel::kInputs; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == Kernel::kIndices ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : kType;
-  }
+  ONNXTensorElementDataType GetInputType(size_t index) const { return Kernel::InputType(index, kType); }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return Kernel::Optional(index) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
+  size_t GetOutputTypeCount() const { return Kernel::kOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 };
 
@@ -694,8 +872,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     static Ort::CustomOpDomain* const domain = [] {
       auto* made = new Ort::CustomOpDomain(kDomain);
       AddFloatOp<MlpKernel>(made);
-      AddFloatOp<KeptRowsLinearKernel>(made);
-      AddFloatOp<KeptColsLinearKernel>(made);
+      AddFloatOp<TokenAttentionKernel>(made);
       AddKept<KeptRowsKernel>(made, "KeptRows");
       AddKept<KeptColsKernel>(made, "KeptCols");
       return made;

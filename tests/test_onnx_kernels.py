@@ -406,6 +406,30 @@ def test_exported_model_runs_the_kernel_and_the_bodies_give_the_same_logits(libr
     torch.testing.assert_close(native_generated, body_generated, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["opt-eager", "qwen3", "gemma2", "mpt", "gptj", "phi"])
+def test_per_token_exports_of_every_attention_variant_run_the_attention_kernel(library, tmp_path, model_type):
+    """The attention kernel on real model classes, per token: OPT under eager attention (a float mask, biases),
+    per-head norms (Qwen3), soft cap (Gemma 2), ALiBi (MPT), interleaved rotary (GPT-J), partial rotary (Phi); the
+    logits and generation of the PyTorch runtime."""
+    from shadowfx.family_matrix import build
+
+    model = small_model("opt", "eager") if model_type == "opt-eager" else build(model_type)
+    predictor = ShadowPredictor.for_structure(shadowfx.discover(model), hidden=32, seed=1)
+    sparse = shadowfx.transform(model, predictor, sparsity=0.5, scope="per_layer", granularity="token")
+    directory = export_onnx(sparse, tmp_path / model_type)
+    onnx_model = OnnxDecoder(directory, session_options=session_options(tmp_path / "profile"), kernels=library)
+    input_ids, attention_mask = padded_batch(2, 7, 512, seed=2)
+    real = attention_mask.bool()
+    torch.testing.assert_close(onnx_model(input_ids, attention_mask)[real], sparse(input_ids, attention_mask)[real],
+                               rtol=1e-4, atol=1e-4)
+    tokens, logits = onnx_model.generate(input_ids, attention_mask, max_new_tokens=3, return_logits=True)
+    want_tokens, want_logits = sparse.generate(input_ids, attention_mask, max_new_tokens=3, return_logits=True)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+    layers = sparse.structure.num_layers - 1
+    assert executed_ops(onnx_model.sessions["decode"])["TokenSparseAttention"] == 2 * layers  # two steps
+
+
 def test_one_session_options_serves_several_decoders_and_is_left_as_it_was(library, tmp_path):
     sparse, directory = exported("opt", "prompt")
     options = session_options(tmp_path / "shared")

@@ -463,7 +463,8 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
     return type;
   }
 
-  explicit TokenAttentionKernel(const OrtKernelInfo* info) : o_input_major_(InputMajorCopy(info, kOWeight)) {
+  explicit TokenAttentionKernel(const OrtKernelInfo* info)
+      : o_input_major_(InputMajorCopy(info, kOWeight)), gemm_(DenseGemm(info, 2)), gemm_bias_(DenseGemm(info, 3)) {
     Ort::ConstKernelInfo kernel_info(info);
     heads_ = kernel_info.GetAttribute<int64_t>("num_heads");
     kv_heads_ = kernel_info.GetAttribute<int64_t>("num_kv_heads");
@@ -534,23 +535,23 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
     for (int64_t slot = 0; slot < tokens * kept; ++slot)
       for (int64_t i = 0; i < group_rows; ++i)
         q_rows[slot * group_rows + i] = groups[slot] == kv_heads_ ? q_width : groups[slot] * group_rows + i;
-    std::vector<int64_t> kv_rows(static_cast<size_t>(tokens * kv_width));
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t i = 0; i < kv_width; ++i) kv_rows[t * kv_width + i] = i;
-    std::optional<shadowfx_kernels::UnitOrder> q_order, kv_order;  // several tokens read the rows by unit
-    if (tokens > 1) {
-      q_order.emplace(q_rows.data(), tokens, q_kept, q_width);
-      kv_order.emplace(kv_rows.data(), tokens, kv_width, kv_width);
-    }
+    std::vector<int64_t> kv_rows(static_cast<size_t>(kv_width));  // a decode step's K/V: every row
+    for (int64_t i = 0; i < kv_width; ++i) kv_rows[i] = i;
+    std::optional<shadowfx_kernels::UnitOrder> q_order;  // several tokens read the rows by unit
+    if (tokens > 1) q_order.emplace(q_rows.data(), tokens, q_kept, q_width);
     const OrtThreads threads{context};
     std::vector<float> q(static_cast<size_t>(tokens * q_kept)), key(static_cast<size_t>(tokens * kv_width)),
         value(static_cast<size_t>(tokens * kv_width));
     shadowfx_kernels::rows_kernel<float>(threads, hidden.data, q_weight.data, Data(q_bias), q_rows.data(),
                                          q_order ? &*q_order : nullptr, q.data(), tokens, q_kept, q_width, embed);
-    for (auto [weight, bias, out] : {std::tuple{&k_weight, &k_bias, &key}, std::tuple{&v_weight, &v_bias, &value}})
-      shadowfx_kernels::rows_kernel<float>(threads, hidden.data, weight->data, Data(*bias), kv_rows.data(),
-                                           kv_order ? &*kv_order : nullptr, out->data(), tokens, kv_width, kv_width,
-                                           embed);
+    for (auto [weight, bias, out] : {std::tuple{&k_weight, &k_bias, &key}, std::tuple{&v_weight, &v_bias, &value}}) {
+      if (tokens > 1) {  // every row for several tokens: onnxruntime's own GEMM, faster there than the tiles
+        Project(context, hidden, *weight, *bias, out->data(), tokens);
+        continue;
+      }
+      shadowfx_kernels::rows_kernel<float>(threads, hidden.data, weight->data, Data(*bias), kv_rows.data(), nullptr,
+                                           out->data(), tokens, kv_width, kv_width, embed);
+    }
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t row = cos.shape.empty() || cos.shape[0] == 1 ? t % seq : t;  // of cos/sin [B or 1, S, rot]
       for (int64_t g = 0; g < kv_heads_; ++g) Transform(key.data() + t * kv_width + g * dim, k_norm, cos, sin, row, rot);
@@ -590,9 +591,14 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
         const float slope = slopes.present ? slopes.data[g * group + i] : 0.0f;
         float most = -INFINITY;
         for (int64_t p = 0; p < total; ++p) {
+          const float added = mask.Add(b, s, p);
+          if (added == -INFINITY) {  // blocked (a causal prefill's later keys): no product to compute
+            scores[p] = -INFINITY;
+            continue;
+          }
           float score = shadowfx_kernels::dot(keys + p * dim, query, dim) * scaling_;
           if (softcap_ > 0.0f) score = softcap_ * std::tanh(score / softcap_);
-          score += mask.Add(b, s, p) + slope * static_cast<float>(p);
+          score += added + slope * static_cast<float>(p);
           scores[p] = score;
           most = std::max(most, score);
         }
@@ -600,7 +606,8 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
         float sum = 0.0f;
         for (int64_t p = 0; p < total; ++p) sum += scores[p] = std::exp(scores[p] - most);
         float* out = context_values.data() + offset;
-        for (int64_t p = 0; p < total; ++p) shadowfx_kernels::axpy(scores[p] / sum, values + p * dim, out, dim);
+        for (int64_t p = 0; p < total; ++p)
+          if (scores[p] != 0.0f) shadowfx_kernels::axpy(scores[p] / sum, values + p * dim, out, dim);
       }
     });
 
@@ -658,6 +665,38 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
 
   static const float* Data(const Input& input) { return input.present ? input.data : nullptr; }
 
+  // onnxruntime's Gemm (B transposed) with `inputs` inputs (a bias or not), invoked from Compute
+  static Ort::Op DenseGemm(const OrtKernelInfo* info, size_t inputs) {
+    const char* names[] = {"T"};
+    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    const int64_t plain = 0, transposed = 1;
+    const float one = 1.0f;
+    // every attribute given: an invoked op gets no schema defaults
+    const Ort::OpAttr attributes[] = {Ort::OpAttr("transA", &plain, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+                                      Ort::OpAttr("transB", &transposed, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+                                      Ort::OpAttr("alpha", &one, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+                                      Ort::OpAttr("beta", &one, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT)};
+    return Ort::Op::Create(info, "Gemm", "", 13, names, types, 1, attributes, 4, inputs, 1);
+  }
+
+  // out [T, N] = x [T, E] . weight [N, E]^T + bias [N], by onnxruntime's Gemm on the session's threads
+  void Project(const Ort::KernelContext& context, const Input& x, const Input& weight, const Input& bias, float* out,
+               int64_t tokens) const {
+    const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    auto wrap = [&](const float* data, std::vector<int64_t> shape) {
+      size_t count = 1;
+      for (int64_t d : shape) count *= static_cast<size_t>(d);
+      return Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(data), count, shape.data(), shape.size());
+    };
+    const int64_t units = weight.shape[0], embed = weight.shape[1];
+    Ort::Value values[] = {wrap(x.data, {tokens, embed}), wrap(weight.data, {units, embed}),
+                           bias.present ? wrap(bias.data, {units}) : Ort::Value(nullptr)};
+    Ort::Value result = wrap(out, {tokens, units});
+    const OrtValue* inputs[] = {values[0], values[1], values[2]};
+    OrtValue* outputs[] = {result};
+    (bias.present ? gemm_bias_ : gemm_).Invoke(context.GetOrtKernelContext(), inputs, bias.present ? 3 : 2, outputs, 1);
+  }
+
   // one head's norm (when given) and RoPE (when given), at row `row` of cos/sin
   void Transform(float* head, const Input& norm, const Input& cos, const Input& sin, int64_t row, int64_t rot) const {
     if (norm.present) HeadNorm(head, norm.data, head_dim_, norm_eps_);
@@ -668,6 +707,7 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
   float scaling_ = 1.0f, norm_eps_ = 0.0f, softcap_ = 0.0f;
   bool interleaved_ = false, bool_mask_ = true;
   InputMajor o_input_major_;
+  mutable Ort::Op gemm_, gemm_bias_;
 };
 
 // The registration of a float32 kernel class (GatheredMLP, TokenSparseAttention) for element type kType:

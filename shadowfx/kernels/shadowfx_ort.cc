@@ -464,7 +464,10 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
   }
 
   explicit TokenAttentionKernel(const OrtKernelInfo* info)
-      : o_input_major_(InputMajorCopy(info, kOWeight)), gemm_(DenseGemm(info, 2)), gemm_bias_(DenseGemm(info, 3)) {
+      : o_input_major_(InputMajorCopy(info, kOWeight)),
+        gemm_(DenseGemm(info, 2)),
+        gemm_bias_(DenseGemm(info, 3)),
+        gemm_plain_(DenseGemm(info, 2, false)) {
     Ort::ConstKernelInfo kernel_info(info);
     heads_ = kernel_info.GetAttribute<int64_t>("num_heads");
     kv_heads_ = kernel_info.GetAttribute<int64_t>("num_kv_heads");
@@ -546,7 +549,8 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
                                          q_order ? &*q_order : nullptr, q.data(), tokens, q_kept, q_width, embed);
     for (auto [weight, bias, out] : {std::tuple{&k_weight, &k_bias, &key}, std::tuple{&v_weight, &v_bias, &value}}) {
       if (tokens > 1) {  // every row for several tokens: onnxruntime's own GEMM, faster there than the tiles
-        Project(context, hidden, *weight, *bias, out->data(), tokens);
+        Multiply(context, bias->present ? gemm_bias_ : gemm_, true, hidden.data, weight->data, Data(*bias), out->data(),
+                 tokens, embed, kv_width);
         continue;
       }
       shadowfx_kernels::rows_kernel<float>(threads, hidden.data, weight->data, Data(*bias), kv_rows.data(), nullptr,
@@ -577,39 +581,11 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
 
     // each kept query head of each token over the cache; an empty slot's context stays 0 (and is not read by o)
     std::vector<float> context_values(static_cast<size_t>(tokens * q_kept), 0.0f);
-    const int64_t items = tokens * kept * group;
-    InChunks(context, items, std::max<int64_t>(1, items / (4 * threads.count())), [&](int64_t first, int64_t last) {
-      std::vector<float> scores(static_cast<size_t>(total));
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t slot = item / group, i = item % group, t = slot / kept, b = t / seq, s = t % seq;
-        const int64_t g = groups[slot];
-        if (g == kv_heads_) continue;
-        const int64_t offset = slot * group_rows + i * dim;
-        const float* query = q.data() + offset;
-        const float* keys = present_key + (b * kv_heads_ + g) * total * dim;
-        const float* values = present_value + (b * kv_heads_ + g) * total * dim;
-        const float slope = slopes.present ? slopes.data[g * group + i] : 0.0f;
-        float most = -INFINITY;
-        for (int64_t p = 0; p < total; ++p) {
-          const float added = mask.Add(b, s, p);
-          if (added == -INFINITY) {  // blocked (a causal prefill's later keys): no product to compute
-            scores[p] = -INFINITY;
-            continue;
-          }
-          float score = shadowfx_kernels::dot(keys + p * dim, query, dim) * scaling_;
-          if (softcap_ > 0.0f) score = softcap_ * std::tanh(score / softcap_);
-          score += added + slope * static_cast<float>(p);
-          scores[p] = score;
-          most = std::max(most, score);
-        }
-        if (most == -INFINITY) continue;  // a query with nothing to attend to: zero context, not NaN
-        float sum = 0.0f;
-        for (int64_t p = 0; p < total; ++p) sum += scores[p] = std::exp(scores[p] - most);
-        float* out = context_values.data() + offset;
-        for (int64_t p = 0; p < total; ++p)
-          if (scores[p] != 0.0f) shadowfx_kernels::axpy(scores[p] / sum, values + p * dim, out, dim);
-      }
-    });
+    const Heads heads{groups, slopes, mask, kept, seq, total, group, group_rows};
+    if (tokens > 1)
+      AttendByGroup(context, heads, q.data(), present_key, present_value, batch, context_values.data());
+    else
+      AttendOne(context, heads, q.data(), present_key, present_value, context_values.data());
 
     float* y = context.GetOutput(0, {batch, seq, embed}).GetTensorMutableData<float>();
     shadowfx_kernels::cols_kernel<float>(
@@ -665,11 +641,101 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
 
   static const float* Data(const Input& input) { return input.present ? input.data : nullptr; }
 
-  // onnxruntime's Gemm (B transposed) with `inputs` inputs (a bias or not), invoked from Compute
-  static Ort::Op DenseGemm(const OrtKernelInfo* info, size_t inputs) {
+  // What the attention of the kept query heads reads besides q and the cache.
+  struct Heads {
+    const int64_t* groups;  // [T, kept], kv_heads_ the empty slot
+    const Input& slopes;
+    const Mask& mask;
+    int64_t kept, seq, total, group, group_rows;
+  };
+
+  // scores [P + S] of query head `head` at batch row b, position s: q.k dot products (any value where the mask
+  // blocks) -> softmax probabilities after the scaling, soft cap, mask and ALiBi; all 0 (zero context, not NaN)
+  // where no key is allowed
+  void Probabilities(float* scores, const Heads& heads, int64_t b, int64_t s, int64_t head) const {
+    const float slope = heads.slopes.present ? heads.slopes.data[head] : 0.0f;
+    float most = -INFINITY;
+    for (int64_t p = 0; p < heads.total; ++p) {
+      const float added = heads.mask.Add(b, s, p);
+      float score = scores[p] * scaling_;
+      if (softcap_ > 0.0f) score = softcap_ * std::tanh(score / softcap_);
+      scores[p] = added == -INFINITY ? -INFINITY : score + added + slope * static_cast<float>(p);
+      most = std::max(most, scores[p]);
+    }
+    if (most == -INFINITY) {
+      std::fill(scores, scores + heads.total, 0.0f);
+      return;
+    }
+    float sum = 0.0f;
+    for (int64_t p = 0; p < heads.total; ++p) sum += scores[p] = std::exp(scores[p] - most);
+    for (int64_t p = 0; p < heads.total; ++p) scores[p] /= sum;
+  }
+
+  // A decode step: each kept head's dot products with the keys (the blocked ones skipped) and weighted sum of values.
+  void AttendOne(const Ort::KernelContext& context, const Heads& heads, const float* q, const float* keys,
+                 const float* values, float* out) const {
+    const int64_t dim = head_dim_, items = heads.kept * heads.group, total = heads.total;
+    InChunks(context, items, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> scores(static_cast<size_t>(total));
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t slot = item / heads.group, i = item % heads.group, b = slot / heads.kept;
+        const int64_t g = heads.groups[slot];
+        if (g == kv_heads_) continue;
+        const int64_t offset = slot * heads.group_rows + i * dim;
+        const float* group_keys = keys + (b * kv_heads_ + g) * total * dim;
+        for (int64_t p = 0; p < total; ++p)
+          scores[p] = heads.mask.Add(b, 0, p) == -INFINITY ? 0.0f
+                                                           : shadowfx_kernels::dot(group_keys + p * dim, q + offset, dim);
+        Probabilities(scores.data(), heads, b, 0, g * heads.group + i);
+        for (int64_t p = 0; p < total; ++p)
+          if (scores[p] != 0.0f)
+            shadowfx_kernels::axpy(scores[p], values + ((b * kv_heads_ + g) * total + p) * dim, out + offset, dim);
+      }
+    });
+  }
+
+  // Several tokens: per batch row and KV group, the query heads of the tokens that keep the group, gathered, against
+  // the group's keys and values by onnxruntime's Gemm (scores, then context), the softmax between them.
+  void AttendByGroup(const Ort::KernelContext& context, const Heads& heads, const float* q, const float* keys,
+                     const float* values, int64_t batch, float* out) const {
+    const int64_t dim = head_dim_, total = heads.total;
+    std::vector<int64_t> slots;
+    std::vector<float> queries, scores, gathered;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t g = 0; g < kv_heads_; ++g) {
+        slots.clear();
+        for (int64_t slot = b * heads.seq * heads.kept; slot < (b + 1) * heads.seq * heads.kept; ++slot)
+          if (heads.groups[slot] == g) slots.push_back(slot);
+        const int64_t rows = static_cast<int64_t>(slots.size()) * heads.group;
+        if (rows == 0) continue;
+        queries.resize(static_cast<size_t>(rows * dim));
+        for (size_t n = 0; n < slots.size(); ++n)
+          std::memcpy(queries.data() + n * heads.group_rows, q + slots[n] * heads.group_rows,
+                      heads.group_rows * sizeof(float));
+        scores.resize(static_cast<size_t>(rows * total));
+        gathered.resize(static_cast<size_t>(rows * dim));
+        const float* group_keys = keys + (b * kv_heads_ + g) * total * dim;
+        const float* group_values = values + (b * kv_heads_ + g) * total * dim;
+        Multiply(context, gemm_, true, queries.data(), group_keys, nullptr, scores.data(), rows, dim, total);
+        InChunks(context, rows, std::max<int64_t>(1, rows / 8), [&](int64_t first, int64_t last) {
+          for (int64_t row = first; row < last; ++row) {
+            const int64_t slot = slots[row / heads.group], s = (slot / heads.kept) % heads.seq;
+            Probabilities(scores.data() + row * total, heads, b, s, g * heads.group + row % heads.group);
+          }
+        });
+        Multiply(context, gemm_plain_, false, scores.data(), group_values, nullptr, gathered.data(), rows, total, dim);
+        for (size_t n = 0; n < slots.size(); ++n)
+          std::memcpy(out + slots[n] * heads.group_rows, gathered.data() + n * heads.group_rows,
+                      heads.group_rows * sizeof(float));
+      }
+  }
+
+
+  // onnxruntime's Gemm (B transposed or not) with `inputs` inputs (a bias or not), invoked from Compute
+  static Ort::Op DenseGemm(const OrtKernelInfo* info, size_t inputs, bool b_transposed = true) {
     const char* names[] = {"T"};
     const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    const int64_t plain = 0, transposed = 1;
+    const int64_t plain = 0, transposed = b_transposed ? 1 : 0;
     const float one = 1.0f;
     // every attribute given: an invoked op gets no schema defaults
     const Ort::OpAttr attributes[] = {Ort::OpAttr("transA", &plain, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
@@ -679,22 +745,22 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
     return Ort::Op::Create(info, "Gemm", "", 13, names, types, 1, attributes, 4, inputs, 1);
   }
 
-  // out [T, N] = x [T, E] . weight [N, E]^T + bias [N], by onnxruntime's Gemm on the session's threads
-  void Project(const Ort::KernelContext& context, const Input& x, const Input& weight, const Input& bias, float* out,
-               int64_t tokens) const {
+  // out [M, N] = a [M, K] . b (+ bias [N]) by onnxruntime's Gemm `gemm` on the session's threads: b [N, K] for the
+  // ops made with B transposed (gemm_, gemm_bias_), [K, N] for gemm_plain_
+  static void Multiply(const Ort::KernelContext& context, Ort::Op& gemm, bool b_transposed, const float* a,
+                       const float* b, const float* bias, float* out, int64_t m, int64_t k, int64_t n) {
     const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     auto wrap = [&](const float* data, std::vector<int64_t> shape) {
       size_t count = 1;
       for (int64_t d : shape) count *= static_cast<size_t>(d);
       return Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(data), count, shape.data(), shape.size());
     };
-    const int64_t units = weight.shape[0], embed = weight.shape[1];
-    Ort::Value values[] = {wrap(x.data, {tokens, embed}), wrap(weight.data, {units, embed}),
-                           bias.present ? wrap(bias.data, {units}) : Ort::Value(nullptr)};
-    Ort::Value result = wrap(out, {tokens, units});
+    Ort::Value values[] = {wrap(a, {m, k}), wrap(b, b_transposed ? std::vector<int64_t>{n, k} : std::vector<int64_t>{k, n}),
+                           bias ? wrap(bias, {n}) : Ort::Value(nullptr)};
+    Ort::Value result = wrap(out, {m, n});
     const OrtValue* inputs[] = {values[0], values[1], values[2]};
     OrtValue* outputs[] = {result};
-    (bias.present ? gemm_bias_ : gemm_).Invoke(context.GetOrtKernelContext(), inputs, bias.present ? 3 : 2, outputs, 1);
+    gemm.Invoke(context.GetOrtKernelContext(), inputs, bias ? 3 : 2, outputs, 1);
   }
 
   // one head's norm (when given) and RoPE (when given), at row `row` of cos/sin
@@ -707,7 +773,7 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
   float scaling_ = 1.0f, norm_eps_ = 0.0f, softcap_ = 0.0f;
   bool interleaved_ = false, bool_mask_ = true;
   InputMajor o_input_major_;
-  mutable Ort::Op gemm_, gemm_bias_;
+  mutable Ort::Op gemm_, gemm_bias_, gemm_plain_;
 };
 
 // The registration of a float32 kernel class (GatheredMLP, TokenSparseAttention) for element type kType:

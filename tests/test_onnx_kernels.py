@@ -239,7 +239,8 @@ def attention_model(seq: int, past: int, options: set[str], *, mask_kind: str, o
                                                             for name in ("out", "key", "value")],
                               initializer=initializers)
     model = helper.make_model(graph, functions=functions_for([node]),
-                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+                              opset_imports=[helper.make_opsetid("", OPSET),
+                                             helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     return model, feeds
 
 

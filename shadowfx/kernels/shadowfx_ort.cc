@@ -7,7 +7,8 @@
 // onnxruntime whose C API is at least ORT_API_VERSION of the headers.
 //
 // Implemented: GatheredMLP in float32, every activation and selection mode of its bodies, and TokenSparseAttention
-// (a per-token attention node, with every option of its body) in float32 (see FloatOp for the other element types), by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op threads;
+// (a per-token attention node, with every option of its body) in float32 (see FloatOp for the other element types),
+// by the gather kernels the PyTorch ops use (gather_kernels.h) on the session's intra-op threads;
 // KeptRows and KeptCols (a prompt's one-time gather of its kept weights) in every element type, as row copies on the
 // same threads. The node types not implemented here keep their function bodies: registering the domain does not hide
 // them, and a body's nodes of the domain run the kernels where there are some.
@@ -558,7 +559,8 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
     }
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t row = cos.shape.empty() || cos.shape[0] == 1 ? t % seq : t;  // of cos/sin [B or 1, S, rot]
-      for (int64_t g = 0; g < kv_heads_; ++g) Transform(key.data() + t * kv_width + g * dim, k_norm, cos, sin, row, rot);
+      for (int64_t g = 0; g < kv_heads_; ++g)
+        Transform(key.data() + t * kv_width + g * dim, k_norm, cos, sin, row, rot);
       for (int64_t j = 0; j < kept; ++j)
         if (groups[t * kept + j] < kv_heads_)
           for (int64_t i = 0; i < group; ++i)
@@ -590,7 +592,8 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
     float* y = context.GetOutput(0, {batch, seq, embed}).GetTensorMutableData<float>();
     shadowfx_kernels::cols_kernel<float>(
         threads, context_values.data(), o_input_major_ ? o_input_major_.get() : o_weight.data, q_rows.data(),
-        tokens > 1 && o_input_major_ ? &*q_order : nullptr, y, tokens, q_kept, q_width, embed, o_input_major_ != nullptr);
+        tokens > 1 && o_input_major_ ? &*q_order : nullptr, y, tokens, q_kept, q_width, embed,
+        o_input_major_ != nullptr);
     if (o_bias.present) AddBias(y, o_bias.data, tokens, embed);
   }
 
@@ -683,9 +686,10 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
         if (g == kv_heads_) continue;
         const int64_t offset = slot * heads.group_rows + i * dim;
         const float* group_keys = keys + (b * kv_heads_ + g) * total * dim;
-        for (int64_t p = 0; p < total; ++p)
-          scores[p] = heads.mask.Add(b, 0, p) == -INFINITY ? 0.0f
-                                                           : shadowfx_kernels::dot(group_keys + p * dim, q + offset, dim);
+        for (int64_t p = 0; p < total; ++p)  // a blocked key's product is not needed
+          scores[p] = heads.mask.Add(b, 0, p) == -INFINITY
+                          ? 0.0f
+                          : shadowfx_kernels::dot(group_keys + p * dim, q + offset, dim);
         Probabilities(scores.data(), heads, b, 0, g * heads.group + i);
         for (int64_t p = 0; p < total; ++p)
           if (scores[p] != 0.0f)
@@ -755,8 +759,8 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
       for (int64_t d : shape) count *= static_cast<size_t>(d);
       return Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(data), count, shape.data(), shape.size());
     };
-    Ort::Value values[] = {wrap(a, {m, k}), wrap(b, b_transposed ? std::vector<int64_t>{n, k} : std::vector<int64_t>{k, n}),
-                           bias ? wrap(bias, {n}) : Ort::Value(nullptr)};
+    const std::vector<int64_t> b_shape = b_transposed ? std::vector<int64_t>{n, k} : std::vector<int64_t>{k, n};
+    Ort::Value values[] = {wrap(a, {m, k}), wrap(b, b_shape), bias ? wrap(bias, {n}) : Ort::Value(nullptr)};
     Ort::Value result = wrap(out, {m, n});
     const OrtValue* inputs[] = {values[0], values[1], values[2]};
     OrtValue* outputs[] = {result};

@@ -145,7 +145,8 @@ class GenerationLoop:
         """What the last call's selection skipped, per layer and overall (heads, neurons, weight and KV bytes)."""
         if self.last_selection is None:
             raise RuntimeError("no selection yet: call the model or generate() first" + (
-                " (a dense prefill selects nothing: the decode steps do)" if self.prefill == "dense" else ""))
+                " (a dense prefill selects nothing: the decode steps do)"
+                if self.prefill == "dense" and self.granularity == "token" else ""))
         return effective_sparsity(self.structure, self.last_selection, self.config, element_bytes=self.element_bytes,
                                   kv_cache_shrinks=self.granularity == "prompt")
 

@@ -179,6 +179,8 @@ def transform(
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     if max_gathered_bytes is not None and max_gathered_bytes < 0:
         raise ValueError(f"max_gathered_bytes must be >= 0, got {max_gathered_bytes}")
     model.eval()
@@ -198,8 +200,6 @@ def transform(
     if batch_selection == "union" and (granularity != "prompt" or isinstance(predictor, LayerwisePredictor)):
         raise ValueError("batch_selection='union' needs a per-prompt selection by the shadow predictor (a per-token or "
                          "layerwise selection changes as it decodes); use batch_selection='per_row'")
-    if prefill not in PREFILLS:
-        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     if prefill == "dense" and granularity != "token":
         raise ValueError("prefill='dense' needs granularity='token': per prompt the prefill is where the selection "
                          "is made and the later layers' KV cache keeps only the kept heads; use granularity='token' "

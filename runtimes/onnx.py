@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -30,7 +30,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from shadowfx.onnx_export import FORMAT, GRAPH_FILES, LOGIT_POSITIONS, METADATA_PREFIX
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.ort_kernels import KernelBuildError, kernel_library
-from shadowfx.runtimes.pytorch import DecodePath, GenerationLoop, Granularity, InputError, Prefill
+from shadowfx.runtimes.pytorch import PREFILLS, DecodePath, GenerationLoop, Granularity, InputError, Prefill
 from shadowfx.selection import Selection, SparsityConfig, attention_and_mlp_bytes, per_row_copy_bytes
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
@@ -169,7 +169,7 @@ class OnnxDecoder(GenerationLoop):
         if granularity not in GRAPH_FILES:
             raise OnnxLoadError(f"{probe} names granularity {granularity!r}; export it again")
         self.granularity: Granularity | Literal["dense"] = granularity  # type: ignore[assignment]
-        if metadata.get("prefill") not in get_args(Prefill):
+        if metadata.get("prefill") not in PREFILLS:
             raise OnnxLoadError(f"{probe} names prefill {metadata.get('prefill')!r}; export it again")
         self.prefill: Prefill = metadata["prefill"]  # type: ignore[assignment]
         graphs = {name: _read_graph(self.directory / f"{name}.onnx", kernels is not None)[1]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ Granularity = Literal["prompt", "token"]
 Runtime = Literal["eager", "compile", "auto"]
 DecodePath = Literal["pregathered", "gather_per_call", "per_token"]
 Prefill = Literal["sparse", "dense"]
+PREFILLS: tuple[Prefill, ...] = get_args(Prefill)
 PROBE_TOKENS, PROBE_SECONDS, PROBE_PAIRS = 64, 2.0, (5, 50)
 """``runtime="auto"``'s probe: the prompt's length, and for each graph the alternated eager and compiled calls, as
 many pairs as fit in about PROBE_SECONDS within PROBE_PAIRS (after three, the first of which compiles)."""

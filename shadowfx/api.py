@@ -29,6 +29,7 @@ from shadowfx.passes.sparsify_attention import SparsifyAttention
 from shadowfx.passes.sparsify_mlp import SparsifyMLP
 from shadowfx.predictor import LayerwisePredictor, PredictorError, Scores, SparseShape, StaticScores, load_predictor
 from shadowfx.runtimes.pytorch import (
+    PREFILLS,
     Granularity,
     Prefill,
     RewriteReport,
@@ -52,7 +53,6 @@ from shadowfx.verify import verify_rewrite
 
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
-PREFILLS: tuple[Prefill, ...] = get_args(Prefill)
 
 
 def discover(model: nn.Module) -> DecoderStructure:

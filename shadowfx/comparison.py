@@ -47,7 +47,7 @@ from shadowfx.capture import PrefillStep
 from shadowfx.criteria import Criterion, CriterionHooks
 from shadowfx.files import ArtifactError, atomic_write, atomic_write_text, writable_directory
 from shadowfx.predictor import Scores, StaticScores
-from shadowfx.runtimes.pytorch import Prefill, SparseDecoder
+from shadowfx.runtimes.pytorch import PREFILLS, Prefill, SparseDecoder
 from shadowfx.selection import SCOPES, Scope, SparsityConfig, planned_sparsity
 from shadowfx.structure import DecoderStructure, check_fingerprint
 from shadowfx.training import CriterionSums, normalise_targets
@@ -319,8 +319,8 @@ def _run(context: _Context, sparse: nn.Module | SparseDecoder, rows: RowScores |
 def check_plan(methods: Sequence[str], protocol: str, scopes: Sequence[str], sparsities: Sequence[float],
                 token_prefill: str) -> None:
     """Refuse a comparison plan it cannot run, before anything slow."""
-    if token_prefill not in get_args(Prefill):
-        raise ComparisonError(f"token_prefill must be one of {get_args(Prefill)}, got {token_prefill!r}")
+    if token_prefill not in PREFILLS:
+        raise ComparisonError(f"token_prefill must be one of {PREFILLS}, got {token_prefill!r}")
     if token_prefill == "dense" and protocol == "paper":
         raise ComparisonError("token_prefill='dense' needs the leak_free protocol: under 'paper' the scored tokens are "
                               "part of the prefill, which would then be the dense model")

@@ -156,7 +156,7 @@ float Activate(Activation activation, float v) {
 // Input positions of the node (onnx_ops.NODE_TYPES["GatheredMLP"]).
 enum MlpInput : size_t { kX, kUpWeight, kUpBias, kGateWeight, kGateBias, kDownWeight, kDownBias, kNeuronIdx, kCount };
 
-// One float tensor input, or not present: an optional input the node does not give.
+// One float tensor input, or not present (an optional input the node does not give: data null, shape empty).
 struct Input {
   bool present = false;
   const float* data = nullptr;
@@ -296,8 +296,7 @@ class MlpKernel : public StatusKernel<MlpKernel> {
     }
 
     float* y = context.GetOutput(0, x.shape).GetTensorMutableData<float>();
-    const Weights weights{up.data, up_bias.present ? up_bias.data : nullptr, gate.present ? gate.data : nullptr,
-                          gate_bias.present ? gate_bias.data : nullptr, down.data, false};
+    const Weights weights{up.data, up_bias.data, gate.data, gate_bias.data, down.data, false};  // absent: null
     const OrtThreads threads{context};
     if (selection_ == Selection::kPregathered) {
       // each batch row's own kept weights, every unit of them, for the row's tokens: its down weight [E, F] is read
@@ -539,22 +538,22 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
     for (int64_t slot = 0; slot < tokens * kept; ++slot)
       for (int64_t i = 0; i < group_rows; ++i)
         q_rows[slot * group_rows + i] = groups[slot] == kv_heads_ ? q_width : groups[slot] * group_rows + i;
-    std::vector<int64_t> kv_rows(static_cast<size_t>(kv_width));  // a decode step's K/V: every row
-    for (int64_t i = 0; i < kv_width; ++i) kv_rows[i] = i;
     std::optional<shadowfx_kernels::UnitOrder> q_order;  // several tokens read the rows by unit
     if (tokens > 1) q_order.emplace(q_rows.data(), tokens, q_kept, q_width);
     const OrtThreads threads{context};
     std::vector<float> q(static_cast<size_t>(tokens * q_kept)), key(static_cast<size_t>(tokens * kv_width)),
         value(static_cast<size_t>(tokens * kv_width));
-    shadowfx_kernels::rows_kernel<float>(threads, hidden.data, q_weight.data, Data(q_bias), q_rows.data(),
+    shadowfx_kernels::rows_kernel<float>(threads, hidden.data, q_weight.data, q_bias.data, q_rows.data(),
                                          q_order ? &*q_order : nullptr, q.data(), tokens, q_kept, q_width, embed);
     for (auto [weight, bias, out] : {std::tuple{&k_weight, &k_bias, &key}, std::tuple{&v_weight, &v_bias, &value}}) {
       if (tokens > 1) {  // every row for several tokens: onnxruntime's own GEMM, faster there than the tiles
-        Multiply(context, bias->present ? gemm_bias_ : gemm_, true, hidden.data, weight->data, Data(*bias), out->data(),
-                 tokens, embed, kv_width);
+        Multiply(context, bias->present ? gemm_bias_ : gemm_, true, hidden.data, weight->data, bias->data,
+                 out->data(), tokens, embed, kv_width);
         continue;
       }
-      shadowfx_kernels::rows_kernel<float>(threads, hidden.data, weight->data, Data(*bias), kv_rows.data(), nullptr,
+      std::vector<int64_t> every_row(static_cast<size_t>(kv_width));  // a decode step's K/V: every row
+      for (int64_t i = 0; i < kv_width; ++i) every_row[i] = i;
+      shadowfx_kernels::rows_kernel<float>(threads, hidden.data, weight->data, bias->data, every_row.data(), nullptr,
                                            out->data(), tokens, kv_width, kv_width, embed);
     }
     for (int64_t t = 0; t < tokens; ++t) {
@@ -641,8 +640,6 @@ class TokenAttentionKernel : public StatusKernel<TokenAttentionKernel> {
       Fail("the per-head norms' scales and the ALiBi slopes must be float32", kName);
     return input;
   }
-
-  static const float* Data(const Input& input) { return input.present ? input.data : nullptr; }
 
   // What the attention of the kept query heads reads besides q and the cache.
   struct Heads {

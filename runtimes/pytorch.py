@@ -35,6 +35,7 @@ from shadowfx.selection import (
     Selection,
     SparsityConfig,
     effective_sparsity,
+    full_selection,
     union_of_neurons,
 )
 from shadowfx.structure import DecoderStructure
@@ -290,6 +291,12 @@ class SparseDecoder(GenerationLoop, nn.Module):
             name: self.runtime_timings[name].chosen if name in self.runtime_timings
             else "compile" if self.runtime == "compile" else "eager" for name in graphs}
 
+    @property
+    def prefill_selects(self) -> bool:
+        """Whether the prefill graphs output a selection: not where they are the model's own graph, with a dense
+        prefill or with every unit kept."""
+        return self.prefill == "sparse" and not self.config.keeps_every_unit
+
     def _apply(self, fn: Callable, recurse: bool = True) -> SparseDecoder:
         super()._apply(fn, recurse)
         parameter = next(self.model.parameters())
@@ -307,11 +314,21 @@ class SparseDecoder(GenerationLoop, nn.Module):
         selection = Selection(kv_heads=tuple(chosen[:later]), neurons=tuple(chosen[later:])) if chosen else None
         return logits, list(cache[:layers]), list(cache[layers:]), selection
 
+    def _prefill(self, graph: str, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, list, list, Selection | None]:
+        """``_unpack`` of a prefill graph's outputs. With every unit kept the prefill is the model's own graph, which
+        selects nothing: the selection is every unit."""
+        logits, keys, values, selection = self._unpack(self._runs[graph](input_ids, attention_mask))
+        if selection is None and self.config.keeps_every_unit:
+            selection = full_selection(self.structure, input_ids.shape[0], input_ids.device,
+                                       tokens=input_ids.shape[1] if self.granularity == "token" else None)
+        return logits, keys, values, selection
+
     # ---- running -----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         attention_mask = self._check(input_ids, attention_mask)
-        logits, _, _, self.last_selection = self._unpack(self._runs["prefill"](input_ids, attention_mask))
+        logits, _, _, self.last_selection = self._prefill("prefill", input_ids, attention_mask)
         return logits
 
     @torch.inference_mode()
@@ -332,7 +349,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
             self.last_gathered_bytes = sum(t.numel() * t.element_size() for t in kept if t.dim() > 1)
             run, inputs = self._runs["decode_pregathered"], kept
         else:
-            logits, keys, values, selection = self._unpack(self._runs["prefill_next"](input_ids, attention_mask))
+            logits, keys, values, selection = self._prefill("prefill_next", input_ids, attention_mask)
             if decode and self.batch_selection == "union":
                 selection = union_of_neurons(selection, self.structure)  # one copy of the kept weights for all rows
             run, inputs = self._decode_step(selection) if decode else (self._runs["decode"], [])

@@ -166,7 +166,8 @@ def transform(
     module's ``graph_runtimes`` says which each graph runs, and ``runtime_timings`` what the probe measured.
 
     With every unit kept (sparsity 0 for heads and neurons) the predictor does not run, since no score could change
-    the selection; the rewritten layers still do, reading the model's own weights without a copy.
+    the selection, and a pass over a prompt (the prefill) is the model's own graph, the selection being every unit;
+    the rewritten layers run in the decode steps, reading the model's own weights without a copy.
 
     The later layers' attention-output and MLP-down weights of ``model`` are stored input-major in place (the same
     values, laid out so that a kept input's weights are one contiguous run, as the gathers and decode kernels read
@@ -215,7 +216,8 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
              prefill_capture: CapturedDecoder | None = None, *, shared_heads: bool = False,
              dense_prefill: bool = False) -> RewrittenGraphs:
     """Capture ``model`` (as it is now: its dtype and device are baked into the graphs) and run the passes; with
-    ``dense_prefill`` the prefill graphs stay as captured (per token: the decode graph is rewritten alone)."""
+    ``dense_prefill``, or with every unit kept, the prefill graphs stay as captured (the decode graphs are rewritten
+    alone)."""
     prefill_capture = prefill_capture or capture(model, step="prefill_cache")
     structure = discover_structure(prefill_capture)
     store_input_major(model, structure)  # the graphs hold the model's own parameters, so they see the layout
@@ -249,8 +251,13 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         dense_rewrite, _ = rewrite_prefill(InsertShadowPredictor(structure, everything, Selector(structure, keep_all),
                                                                  per_token=per_token))
         verify_rewrite(prefill_capture, structure, dense_rewrite)
+    # every unit kept, the prefill has nothing to select: it runs as captured, without the rewritten ops' own work
+    # (the rewrite with every unit kept is what ``verify`` compares with it)
+    dense_prefill = dense_prefill or config.keeps_every_unit
     if dense_prefill:
         prefill = editable_module(prefill_capture.program)
+        # without export's assertions and the copies of each layer's cache onto an empty one (as in the rewritten)
+        cleaned = run_passes(prefill, [Cleanup(structure)])
     else:
         prefill, reports["prefill"] = rewrite_prefill(insert_predictor(structure))
     decode_capture = capture(model, step="decode")
@@ -277,11 +284,13 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         ])
     for graph, report in reports.items():
         _require_all(report, structure, graph)
+    if dense_prefill:
+        reports["prefill"] = cleaned
     # the rewritten prefill's graph again, on the same parameters, for a generation's start: the next token's logits
     prefill_next = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
     reports["prefill_next"] = run_passes(prefill_next, [LogitPositions(structure, "last"),
                                                         DenseLinears(structure, only={structure.lm_head.node})])
-    if not per_token:
+    if not per_token and not dense_prefill:
         # and one that also returns the weights it gathers
         prefill_gathering = torch.fx.GraphModule(prefill_next, copy.deepcopy(prefill_next.graph))
         reports["prefill_gathering"] = run_passes(prefill_gathering, [GatheredWeightOutputs(structure),

@@ -9,6 +9,8 @@ A directory holds, per granularity:
   gathered once per prompt and become state that every decode step reads, as in the PyTorch runtime.
 * token: ``prefill.onnx`` and ``decode.onnx`` (one token, mask, complete cache -> logits, cache, its selection).
   A model transformed with ``prefill="dense"`` has the dense model's prefill (no selection output).
+* every unit kept (sparsity 0), either granularity: the prefill is the dense model's too, and the runtime gives the
+  gather graph every unit.
 * dense (a model that was not transformed, the baseline): ``prefill.onnx`` and ``decode.onnx`` as captured.
 
 Every prefill takes ``logit_positions`` (int64 ``[P]``, :mod:`shadowfx.passes.logit_positions`) and returns those
@@ -317,9 +319,8 @@ def _graphs(sparse: SparseDecoder, progress: tqdm) -> Iterator[tuple[str, onnx.M
     with torch.inference_mode(False), torch.no_grad(), _predictor_as_nodes(sparse.predictor):
         exported = _prefill_with_positions(sparse.graphs.prefill, sparse.structure, input_ids, attention_mask, batch,
                                            seq, shared=True)
-        selects = sparse.prefill == "sparse"  # a dense prefill is the model's, as captured: it selects nothing
         yield "prefill", _to_onnx(progress, *exported, ["logits", *_cache_names("present", layers),
-                                                        *(selection_out if selects else [])])
+                                                        *(selection_out if sparse.prefill_selects else [])])
         del exported
         cache = [*state.keys, *state.values]
         decode_in = ["input_ids", "attention_mask", *_cache_names("past", layers)]

@@ -180,12 +180,15 @@ def union_of_neurons(selection: Selection, structure: DecoderStructure) -> Selec
     return Selection(kv_heads=selection.kv_heads, neurons=tuple(neurons))
 
 
-def full_selection(structure: DecoderStructure, batch: int, device: torch.device | None = None) -> Selection:
-    """Every unit of every later layer kept (what sparsity 0 selects)."""
+def full_selection(structure: DecoderStructure, batch: int, device: torch.device | None = None, *,
+                   tokens: int | None = None) -> Selection:
+    """Every unit of every later layer kept (what sparsity 0 selects): per row [B, k], or per token [B, S, k] for
+    ``tokens`` = S."""
+    lead = (batch, -1) if tokens is None else (batch, tokens, -1)
     later = structure.layers[1:]
     return Selection(
-        kv_heads=tuple(torch.arange(l.attention.num_kv_heads, device=device).expand(batch, -1) for l in later),
-        neurons=tuple(torch.arange(l.mlp.intermediate_size, device=device).expand(batch, -1) for l in later),
+        kv_heads=tuple(torch.arange(l.attention.num_kv_heads, device=device).expand(*lead) for l in later),
+        neurons=tuple(torch.arange(l.mlp.intermediate_size, device=device).expand(*lead) for l in later),
     )
 
 

@@ -100,7 +100,8 @@ def test_the_final_norm_is_the_one_nearest_the_head_whichever_step_is_captured()
 
 def test_the_self_check_catches_what_discovery_lets_through(monkeypatch):
     """With discovery's proof switched off, olmo2's query/key norms are dropped by the rewrite: transform's own
-    check at sparsity 0 names the first layer and the keys, and without the check the model silently differs."""
+    check (of the rewrite with every unit kept) names the first layer and the keys, and without the check the model
+    silently differs: at sparsity 0 the prompt runs as captured, and the decode steps, rewritten, differ."""
     monkeypatch.setattr(discovery, "require_carried", lambda *args: None)
     monkeypatch.setattr(discovery, "head_norm", lambda *args: (None, set()))
     model = family_matrix.build("olmo2")
@@ -110,8 +111,12 @@ def test_the_self_check_catches_what_discovery_lets_through(monkeypatch):
     unchecked = shadowfx.transform(model, predictor, sparsity=0.0, verify=False)
     input_ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(input_ids)
+    state = unchecked.start(input_ids, mask)
+    next_token = state.logits.argmax(-1)
+    stepped = unchecked.step(state, next_token)
+    sequence = torch.cat([input_ids, next_token[:, None]], 1)
     with torch.no_grad():
-        assert not torch.allclose(unchecked(input_ids, mask), PrefillStep(model)(input_ids, mask), atol=1e-3)
+        assert not torch.allclose(stepped, PrefillStep(model)(sequence, torch.ones_like(sequence))[:, -1], atol=1e-3)
 
 
 def test_a_soft_cap_of_the_scores_is_read_and_dropping_it_is_caught(monkeypatch):

@@ -42,7 +42,8 @@ PREDICTORS = {
 # sparsity x kind at per-layer scope, and every family x granularity at global scope (the layerwise kind ranks one
 # layer at a time, so it has no global scope).
 CASES = [("opt", "prompt", 0.5, "shadowllm", "per_layer"), ("llama", "token", 0.5, "dejavu", "per_layer"),
-         ("qwen2", "token", 0.0, "static", "per_layer"), ("llama", "prompt", 0.5, "shadowllm", "global"),
+         ("qwen2", "token", 0.0, "static", "per_layer"), ("mistral", "prompt", 0.0, "shadowllm", "per_layer"),
+         ("llama", "prompt", 0.5, "shadowllm", "global"),
          ("gpt2", "token", 0.5, "static", "global")]
 if os.environ.get("SHADOWFX_ONNX_MATRIX") == "1":
     CASES = [(family, granularity, sparsity, kind, "per_layer") for family in FAMILIES
@@ -88,8 +89,8 @@ def expected_nodes(layers: int, granularity: str, kind: str, scope: str, graph: 
                   "TokenSparseAttention" if granularity == "token" else "GatheredAttention": later}
     if graph == "decode" and granularity == "prompt":
         return sparse_ops
-    if sparsity == 0.0:  # every unit kept: no predictor runs and nothing is ranked
-        return sparse_ops
+    if sparsity == 0.0:  # every unit kept: the prefill is the model's own graph, no predictor runs, nothing is ranked
+        return {} if graph == "prefill" else sparse_ops
     predictor = {"shadowllm": 2, "dejavu": 2 * later, "static": 0}[kind]
     selection = {"GlobalTopkIndices": 2} if scope == "global" else {"TopkIndices": 2 * later}
     return {**sparse_ops, **selection, **({"ShadowMLP": predictor} if predictor else {})}

@@ -18,7 +18,7 @@ from shadowfx.families import build_small
 from shadowfx.passes.graph import output_node
 from shadowfx.predictor import LayerwisePredictor, PredictorError, ShadowPredictor, SparseShape
 from shadowfx.runtimes.pytorch import InputError
-from shadowfx.selection import SparsityError
+from shadowfx.selection import SparsityError, full_selection
 from shadowfx.structure import FingerprintMismatch
 from torch._inductor.utils import run_and_get_code
 
@@ -71,8 +71,9 @@ def test_sparsity_zero_generates_like_hf(family, granularity):
 
 @pytest.mark.parametrize("granularity", ["prompt", "token"])
 def test_sparsity_zero_runs_no_predictor_and_copies_no_weight(family, granularity):
-    """Every unit kept: no score can change the selection, so the predictor does not run, the decode reads the
-    model's own weights (views, no copy), and no DynamicCache copy or autograd-only node is left in the graphs."""
+    """Every unit kept: no score can change the selection, so the predictor does not run, the prefill is the
+    model's own graph (no sparse op, no selection made: every unit is the selection), the decode reads the model's
+    own weights (views, no copy), and no DynamicCache copy or autograd-only node is left in the graphs."""
     model = small_model(family)
     shadow = ShadowPredictor.for_structure(structure(family), hidden=32, seed=1)
     sparse = shadowfx.transform(model, shadow, sparsity=0.0, granularity=granularity)
@@ -88,6 +89,15 @@ def test_sparsity_zero_runs_no_predictor_and_copies_no_weight(family, granularit
     assert torch.equal(ours, hf) and calls == []
     assert sparse.last_decode_path == ("pregathered" if granularity == "prompt" else "per_token")
     assert sparse.last_gathered_bytes == 0
+    assert sparse.graphs.prefill_gathering is None and not sparse.prefill_selects
+    prefill_ops = {str(node.target) for graph in (sparse.graphs.prefill, sparse.graphs.prefill_next)
+                   for node in graph.graph.nodes if str(node.target).startswith("shadowfx.")}
+    assert prefill_ops <= {"shadowfx.dense_linear.default"}  # the LM head of a generation's start on the native GEMV
+    sparse.start(*padded_batch(2, 5, 512, seed=6), decode=False)
+    every = full_selection(structure(family), 2, tokens=5 if granularity == "token" else None)
+    for kept, expected in zip((*sparse.last_selection.kv_heads, *sparse.last_selection.neurons),
+                              (*every.kv_heads, *every.neurons)):
+        assert torch.equal(kept, expected)
     for graph in (sparse.graphs.prefill, sparse.graphs.decode, sparse.graphs.decode_pregathered):
         if graph is not None:
             assert not [node for node in graph.graph.nodes
@@ -527,7 +537,10 @@ def test_dense_prefill_computes_the_prompt_as_the_model_and_selects_per_decode_s
     model = small_model(family)
     sparse = shadowfx.transform(model, predictor(family), sparsity=0.5, scope="per_layer", granularity="token",
                                 prefill="dense")
-    assert sparse.prefill == "dense" and set(sparse.rewrites.counts()) == {"decode", "prefill_next"}
+    # the prompt's graph as captured, cleaned of export's assertions and empty-cache copies only
+    counts = sparse.rewrites.counts()
+    assert sparse.prefill == "dense" and set(counts) == {"prefill", "decode", "prefill_next"}
+    assert set(counts["prefill"]) == {"cleanup"} and counts["prefill"]["cleanup"] > 0
     targets = {node.target for graph in (sparse.graphs.prefill, sparse.graphs.prefill_next)
                for node in graph.graph.nodes}
     # no selection and no sparse op; the LM head of a generation's start may run on the native GEMV

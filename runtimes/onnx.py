@@ -104,16 +104,23 @@ def _kernel_library(kernels: str | Path | None) -> Path | None:
         return None
 
 
+CARRIED_CONFIG_ENTRIES = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning",
+                          "session.disable_prepacking", "session.set_denormal_as_zero")
+"""The session config entries a decoder's sessions with the kernel library take from the caller's options: how the
+threads wait and how the products run (onnxruntime lists no entries, so the known ones are asked for by name)."""
+
+
 def _with_library(options: ort.SessionOptions | None, library: Path) -> ort.SessionOptions:
     """A new SessionOptions with ``library`` registered, carrying every setting of ``options`` that onnxruntime
     exposes as an attribute (threads, graph optimisation level, execution mode and order, profiling, logging, memory
     arena and patterns, deterministic compute); ``options`` itself is left as it is.
 
-    onnxruntime's SessionOptions cannot be copied (it does not pickle) and cannot list what its methods set: session
-    config entries, added initializers, free-dimension overrides, providers and custom op libraries registered on
-    ``options`` do not carry over. Registering on the caller's object instead would change it for its other uses
-    (sessions made with it later would run the kernels), and a second decoder given it with kernels would fail
-    (onnxruntime refuses a session whose options register the domain twice).
+    onnxruntime's SessionOptions cannot be copied (it does not pickle) and cannot list what its methods set: of the
+    session config entries, those of :data:`CARRIED_CONFIG_ENTRIES` carry over where set; the others, added
+    initializers, free-dimension overrides, providers and custom op libraries registered on ``options`` do not.
+    Registering on the caller's object instead would change it for its other uses (sessions made with it later would
+    run the kernels), and a second decoder given it with kernels would fail (onnxruntime refuses a session whose
+    options register the domain twice).
     """
     fresh = ort.SessionOptions()
     if options is not None:
@@ -122,6 +129,12 @@ def _with_library(options: ort.SessionOptions | None, library: Path) -> ort.Sess
                 value = getattr(options, name)
                 if value != getattr(fresh, name):
                     setattr(fresh, name, value)
+        for key in CARRIED_CONFIG_ENTRIES:
+            try:
+                value = options.get_session_config_entry(key)
+            except RuntimeError:  # not set
+                continue
+            fresh.add_session_config_entry(key, value)
     try:
         fresh.register_custom_ops_library(str(library))
     except Exception as error:  # onnxruntime raises its own exception types, not one base class

@@ -311,6 +311,10 @@ def bench(model: nn.Module, settings: BenchSettings = BenchSettings(), *, predic
         native.release_gathered_buffers()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        # every session has its own threads, and a pool whose session has just run spins for more work by default,
+        # taking the cores from the session that runs next: alternated with the other export, a SmolLM2 decode step
+        # took twice its time alone, on either side. Without spinning each session runs as it does alone.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         dense_onnx = OnnxDecoder(exports / "dense", structure=structure, session_options=options)
         measured = []
         for (chosen, directory), (granularity, sparsity, _, _) in zip(exported, cases):

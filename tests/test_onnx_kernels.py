@@ -435,6 +435,7 @@ def test_one_session_options_serves_several_decoders_and_is_left_as_it_was(libra
     sparse, directory = exported("opt", "prompt")
     options = session_options(tmp_path / "shared")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # not the default
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # carried to the kernels' sessions
 
     def settings() -> dict:
         return {name: getattr(options, name) for name, attribute in vars(type(options)).items()
@@ -451,6 +452,7 @@ def test_one_session_options_serves_several_decoders_and_is_left_as_it_was(libra
         assert torch.equal(onnx_model.generate(input_ids, attention_mask, max_new_tokens=2), want_tokens)
         prefill = onnx_model.sessions["prefill"]
         assert prefill.get_session_options().graph_optimization_level == options.graph_optimization_level
+        assert prefill.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         # prefill ran twice (the call and generate's start): with the kernels, in every decoder given them
         ran = executed_ops(prefill)["GatheredMLP"]
         assert ran == (2 * mlp_nodes(directory, "prefill") if onnx_model.kernels else 0)

@@ -286,7 +286,7 @@ def _rewrite(model: nn.Module, predictor: nn.Module, config: SparsityConfig, per
         _require_all(report, structure, graph)
     if dense_prefill:
         reports["prefill"] = cleaned
-    # the rewritten prefill's graph again, on the same parameters, for a generation's start: the next token's logits
+    # the prefill's graph again, on the same parameters, for a generation's start: the next token's logits
     prefill_next = torch.fx.GraphModule(prefill, copy.deepcopy(prefill.graph))
     reports["prefill_next"] = run_passes(prefill_next, [LogitPositions(structure, "last"),
                                                         DenseLinears(structure, only={structure.lm_head.node})])

@@ -31,13 +31,7 @@ from shadowfx.onnx_export import FORMAT, GRAPH_FILES, LOGIT_POSITIONS, METADATA_
 from shadowfx.onnx_ops import DOMAIN
 from shadowfx.ort_kernels import KernelBuildError, kernel_library
 from shadowfx.runtimes.pytorch import PREFILLS, DecodePath, GenerationLoop, Granularity, InputError, Prefill
-from shadowfx.selection import (
-    Selection,
-    SparsityConfig,
-    attention_and_mlp_bytes,
-    full_selection,
-    per_row_copy_bytes,
-)
+from shadowfx.selection import Selection, SparsityConfig, attention_and_mlp_bytes, per_row_copy_bytes
 from shadowfx.structure import DecoderStructure, check_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -269,8 +263,7 @@ class OnnxDecoder(GenerationLoop):
         self.last_selection = self._selection(chosen) if chosen else None
         if not chosen and self.config is not None and self.config.keeps_every_unit:
             # every unit kept: the prefill is the model's own graph, which selects nothing; the selection is every unit
-            self.last_selection = full_selection(self.structure, input_ids.shape[0],
-                                                 tokens=input_ids.shape[1] if self.granularity == "token" else None)
+            self.last_selection = self._every_unit(input_ids)
             if self.granularity == "prompt":  # what the gather graph takes
                 chosen = [ort.OrtValue.ortvalue_from_numpy(units.contiguous().numpy())
                           for units in (*self.last_selection.kv_heads, *self.last_selection.neurons)]

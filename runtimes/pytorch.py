@@ -152,6 +152,12 @@ class GenerationLoop:
         return effective_sparsity(self.structure, self.last_selection, self.config, element_bytes=self.element_bytes,
                                   kv_cache_shrinks=self.granularity == "prompt")
 
+    def _every_unit(self, input_ids: torch.Tensor) -> Selection:
+        """The selection of a prefill with every unit kept, whose graph (the model's own) selects nothing: every unit,
+        per row, or per token of ``input_ids``."""
+        return full_selection(self.structure, input_ids.shape[0], input_ids.device,
+                              tokens=input_ids.shape[1] if self.granularity == "token" else None)
+
     # ---- inputs ------------------------------------------------------------------------------------------------------
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                new_tokens: int = 0) -> torch.Tensor:
@@ -320,8 +326,7 @@ class SparseDecoder(GenerationLoop, nn.Module):
         selects nothing: the selection is every unit."""
         logits, keys, values, selection = self._unpack(self._runs[graph](input_ids, attention_mask))
         if selection is None and self.config.keeps_every_unit:
-            selection = full_selection(self.structure, input_ids.shape[0], input_ids.device,
-                                       tokens=input_ids.shape[1] if self.granularity == "token" else None)
+            selection = self._every_unit(input_ids)
         return logits, keys, values, selection
 
     # ---- running -----------------------------------------------------------------------------------------------------
